@@ -1,0 +1,160 @@
+"""What every model family shares: the per-layer interface and the layer math.
+
+A model is a flat list of `Layer`s (input embedding, then attention and MLP for each block, then
+the output head). Each layer names its weight tensors, their shapes and the checkpoint tensors
+they come from, and has a `forward(weights, hidden, step, cache)` that takes the weights as
+plain arguments. That is all an engine needs to place, move and schedule weights layer by layer
+without knowing the family; nothing here knows where a tensor lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Weights = Mapping[str, Tensor]
+LayerKind = Literal["embed", "attention", "mlp", "head"]
+
+# Rows of vocabulary logits materialised at once by the head (bounds its working memory).
+HEAD_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Param:
+    """One weight tensor of a layer: its shape and the checkpoint tensors it is built from.
+
+    Several sources are concatenated along dim 0 (how q/k/v and gate/up projections fuse).
+    """
+
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return torch.Size(self.shape).numel() * dtype.itemsize
+
+
+@dataclass
+class KVCache:
+    """The keys and values of one attention layer for a padded batch; columns are time steps."""
+
+    k: Tensor  # (b, kv_heads, max_len, head_dim)
+    v: Tensor  # (b, kv_heads, max_len, head_dim)
+
+    def write(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new keys/values at columns [start, start + s) and return everything up to there."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+@dataclass
+class Step:
+    """One forward pass over a left-padded batch: everything a layer needs besides its weights."""
+
+    ids: Tensor  # (b, s) token ids
+    positions: Tensor  # (b, s) position of each token within its own sequence
+    attn_mask: Tensor | None  # (b, 1, s, cache_start + s) bool, True = may attend; None = plain causal
+    cache_start: int  # column of the first token of this step in the KV cache
+    head_rows: Tensor  # (n,) indices into the flattened (b * s) tokens that need logits
+    readout: Callable[[Tensor, slice], Tensor]  # (logits (m, vocab) for head_rows[slice]) -> (m,)
+    rope: tuple[Tensor, Tensor] | None = None  # cos, sin: (b, s, head_dim), for rotary families
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str  # e.g. "layers.3.attention"; unique within the model
+    kind: LayerKind
+    params: Mapping[str, Param]
+    forward: Callable[[Weights, Tensor | None, Step, KVCache | None], Tensor]
+    block: int | None = None  # the transformer block an attention layer's KV cache belongs to
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return sum(p.nbytes(dtype) for p in self.params.values())
+
+
+@dataclass(frozen=True)
+class Model:
+    """A family's model as data: its layers plus the few facts an engine needs to run them."""
+
+    family: str
+    layers: tuple[Layer, ...]
+    num_blocks: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    sliding_window: int | None = None
+    rotary: Callable[[Tensor, torch.dtype], tuple[Tensor, Tensor]] | None = None
+    ignored_sources: frozenset[str] = frozenset()  # checkpoint tensors we deliberately leave out
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return sum(layer.nbytes(dtype) for layer in self.layers)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm computed in fp32 and scaled in the input dtype, as the Llama reference does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rotary_tables(positions: Tensor, inv_freq: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for rotary embeddings at the given positions: (b, s) -> (b, s, head_dim)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (b, s, head_dim / 2)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (b, h, s, d) queries or keys by (b, s, d) tables, half-split convention."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def split_heads(x: Tensor, head_dim: int) -> Tensor:
+    """(b, s, h * d) -> (b, h, s, d)"""
+    b, s, _ = x.shape
+    return x.view(b, s, -1, head_dim).transpose(1, 2)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, scale: float | None = None) -> Tensor:
+    """Masked attention of this step's queries over the cached and new keys; returns (b, s, h * d).
+
+    q is (b, h, s, d); k and v are (b, kv_heads, s, d) for this step's tokens only. Without a
+    cache (scoring), the step attends to its own keys.
+    """
+    if cache is not None:
+        k, v = cache.write(step.cache_start, k, v)  # (b, kv_heads, cache_start + s, d)
+    causal = step.attn_mask is None and q.shape[2] > 1  # None with one query: it sees every key
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=step.attn_mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out.transpose(1, 2).flatten(2)  # (b, s, h * d)
+
+
+def read_out(x: Tensor, project: Callable[[Tensor], Tensor], vocab_size: int, step: Step) -> Tensor:
+    """Project the rows that need logits to the vocabulary a chunk at a time and reduce each chunk.
+
+    x is (n, d) for `step.head_rows`; full-vocabulary logits for all n rows would not fit in
+    memory at evaluation batch sizes, so only `HEAD_CHUNK_BYTES` of them exist at once.
+    """
+    rows = max(1, HEAD_CHUNK_BYTES // (vocab_size * 4))
+    chunks = (slice(i, i + rows) for i in range(0, x.shape[0], rows))
+    out = [step.readout(project(x[chunk]).float(), chunk) for chunk in chunks]
+    return torch.cat(out) if out else x.new_empty(0)
+
+
+def gather_rows(h: Tensor, step: Step) -> Tensor:
+    """(b, s, d) -> (n, d): the hidden states of the tokens that need logits."""
+    return h.flatten(0, 1).index_select(0, step.head_rows)

@@ -1,0 +1,62 @@
+"""Tiny random-initialised models of every supported family, for tests that must run offline.
+
+Each is built by transformers itself from a small config (so it is a real checkpoint of that
+family, written with safetensors), deterministically from a seed, with a byte-level tokenizer
+that needs no download: every byte is one token, plus `<s>` and `</s>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+BOS, EOS = 256, 257
+VOCAB = 258
+# Larger than transformers' 0.02 so that random logits are far from uniform and greedy
+# decoding is not decided by rounding noise.
+INIT_STD = 0.2
+
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
+_LLAMA = dict(_COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, initializer_range=INIT_STD)
+_OPT = dict(_COMMON, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, init_std=INIT_STD)
+
+CONFIGS = {
+    "tiny-opt": lambda: OPTConfig(**_OPT, word_embed_proj_dim=64, do_layer_norm_before=True),
+    "tiny-opt-350m": lambda: OPTConfig(**_OPT, word_embed_proj_dim=32, do_layer_norm_before=False),
+    "tiny-llama": lambda: LlamaConfig(**_LLAMA, num_key_value_heads=4, tie_word_embeddings=False),
+    "tiny-llama-gqa": lambda: LlamaConfig(
+        **_LLAMA, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    ),
+    "tiny-qwen2": lambda: Qwen2Config(
+        **_LLAMA, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 64},
+    ),
+    "tiny-mistral": lambda: MistralConfig(**_LLAMA, num_key_value_heads=2, sliding_window=16),
+}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}  # token id == byte value
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def write_tiny(name: str, directory: Path, seed: int = 0) -> None:
+    """Write the tiny model `name` (a key of CONFIGS), initialised from `seed`, as a checkpoint."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32)
+    model.save_pretrained(directory)
+    tokenizer = byte_tokenizer()
+    assert len(tokenizer) == VOCAB, len(tokenizer)
+    tokenizer.save_pretrained(directory)
