@@ -1,0 +1,82 @@
+"""Padding sequences of different lengths into one batch, and the masks and positions that follow.
+
+Sequences are left-padded: every sequence ends in the last column, so decoding appends one
+column for the whole batch and the KV cache stays rectangular. Positions count only real
+tokens, so a padded sequence computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flexeval.errors import FlexevalError
+
+TokenSeq = Sequence[int] | Tensor
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    ids: Tensor  # (b, s)
+    valid: Tensor  # (b, s) bool; False on left padding
+    lengths: Tensor  # (b,)
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+
+def as_token_lists(sequences: Sequence[TokenSeq], vocab_size: int, what: str) -> list[Tensor]:
+    """Validate user input: a non-empty list of non-empty sequences of in-vocabulary ids."""
+    if isinstance(sequences, Tensor) or not isinstance(sequences, Sequence) or isinstance(sequences, str):
+        raise FlexevalError(f"{what} takes a list of token-id sequences, got {type(sequences).__name__}")
+    if len(sequences) == 0:
+        raise FlexevalError(f"{what} got no sequences: pass at least one list of token ids")
+    out = []
+    for i, seq in enumerate(sequences):
+        ids = torch.as_tensor(seq, dtype=torch.long).flatten()
+        if ids.numel() == 0:
+            raise FlexevalError(f"{what}: sequence {i} is empty; every sequence needs at least one token")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise FlexevalError(f"{what}: sequence {i} has token ids outside the vocabulary [0, {vocab_size})")
+        out.append(ids)
+    return out
+
+
+def left_pad(sequences: Sequence[Tensor], device: torch.device, pad_id: int = 0) -> PaddedBatch:
+    lengths = torch.tensor([len(s) for s in sequences])
+    width = int(lengths.max())
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = seq
+    valid = torch.arange(width) >= (width - lengths)[:, None]
+    return PaddedBatch(ids.to(device), valid.to(device), lengths.to(device))
+
+
+def positions(valid: Tensor) -> Tensor:
+    """(b, s) bool -> (b, s) position of each real token in its sequence; 0 on padding."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def attention_mask(valid: Tensor, queries: int, window: int | None = None) -> Tensor | None:
+    """(b, k) valid keys -> (b, 1, queries, k) bool mask for the last `queries` columns.
+
+    A query sees real keys at or before its own column (and within `window` columns when a
+    sliding window applies). Every query also sees itself, so rows of padding queries are not
+    empty (their outputs are never read, but an empty row would produce NaNs). None means plain
+    causal attention without padding, which attention kernels run faster without a mask.
+    """
+    k = valid.shape[1]
+    if (window is None or window >= k) and queries in (1, k) and bool(valid.all()):
+        return None
+    q_col = torch.arange(k - queries, k, device=valid.device)[:, None]  # (q, 1)
+    k_col = torch.arange(k, device=valid.device)[None, :]  # (1, k)
+    allowed = k_col <= q_col
+    if window is not None:
+        allowed &= q_col - k_col < window
+    mask = allowed[None] & valid[:, None, :]  # (b, q, k)
+    mask |= k_col == q_col
+    return mask[:, None]
