@@ -1,0 +1,114 @@
+"""Engine behaviour beyond parity: padding invariance, stopping, sampling, dtypes, cache reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexeval import Engine
+from flexeval.engine.batch import attention_mask, left_pad, positions
+from flexeval.models import registry, tiny
+from tests.test_models import reference_logprobs
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.load("tiny-llama-gqa")
+
+
+def random_seqs(lengths, seed=0, vocab=tiny.VOCAB - 2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+def test_padding_does_not_change_results(engine: Engine) -> None:
+    seqs = random_seqs((7, 50, 23))
+    together = engine.logprobs(seqs)
+    for seq, lp in zip(seqs, together):
+        (alone,) = engine.logprobs([seq])
+        torch.testing.assert_close(lp, alone, rtol=0, atol=1e-5)
+    batched = engine.generate(seqs, max_new_tokens=12)
+    assert batched == [engine.generate([s], max_new_tokens=12)[0] for s in seqs]
+
+
+def test_left_padding_masks_and_positions() -> None:
+    batch = left_pad([torch.tensor([5, 6, 7]), torch.tensor([9])], torch.device("cpu"))
+    assert batch.ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert positions(batch.valid).tolist() == [[0, 1, 2], [0, 0, 0]]
+    mask = attention_mask(batch.valid, 3)[:, 0]
+    assert mask[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert mask[1].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    windowed = attention_mask(torch.ones(1, 4, dtype=torch.bool), 4, window=2)[0, 0]
+    assert windowed[3].tolist() == [False, False, True, True]
+    assert attention_mask(torch.ones(2, 5, dtype=torch.bool), 5) is None  # unpadded: plain causal
+
+
+def test_one_token_sequences_have_no_logprobs(engine: Engine) -> None:
+    out = engine.logprobs([[3], [4, 5], [6]])
+    assert [len(x) for x in out] == [0, 1, 0]
+    assert [len(x) for x in engine.logprobs([[3], [4]])] == [0, 0]
+
+
+def test_logprobs_are_log_probabilities(engine: Engine) -> None:
+    (lp,) = engine.logprobs(random_seqs((30,)))
+    assert lp.dtype == torch.float32 and (lp <= 0).all() and torch.isfinite(lp).all()
+
+
+def test_per_prompt_budgets_and_stop_tokens(engine: Engine) -> None:
+    prompts = random_seqs((5, 9, 3), seed=1)
+    out = engine.generate(prompts, max_new_tokens=[0, 3, 6], stop_token_ids=[])
+    assert [len(o) for o in out] == [0, 3, 6]
+    free = engine.generate(prompts, max_new_tokens=8, stop_token_ids=[])
+    stop = free[1][2]
+    stopped = engine.generate(prompts, max_new_tokens=8, stop_token_ids=[stop])
+    assert stopped[1] == free[1][: free[1].index(stop) + 1]  # the stop token ends, and is included
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(engine: Engine) -> None:
+    prompts = random_seqs((4, 11, 6, 20), seed=2)
+    kwargs = dict(max_new_tokens=16, stop_token_ids=[])
+    a = engine.generate(prompts, temperature=1.5, seed=7, **kwargs)
+    assert a == engine.generate(prompts, temperature=1.5, seed=7, **kwargs)
+    assert a != engine.generate(prompts, temperature=1.5, seed=8, **kwargs)
+    greedy = engine.generate(prompts, **kwargs)
+    assert engine.generate(prompts, temperature=0.7, top_k=1, **kwargs) == greedy
+    assert engine.generate(prompts, temperature=0.7, top_p=1e-6, **kwargs) == greedy
+
+
+def test_bfloat16_stays_close_to_float32() -> None:
+    seqs = random_seqs((40, 17))
+    fp32 = Engine.load("tiny-llama").logprobs(seqs)
+    bf16 = Engine.load("tiny-llama", dtype="bfloat16").logprobs(seqs)
+    for a, b in zip(fp32, bf16):
+        assert (a - b).abs().mean() < 0.05
+
+
+def test_bfloat16_smollm2_matches_transformers_bfloat16(smollm2_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    engine = Engine.load(smollm2_dir, dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
+    seq = torch.tensor(engine.tokenizer("The capital of France is Paris, and the capital of Italy is Rome.").input_ids)
+    (ours,) = engine.logprobs([seq])
+    assert (ours - reference_logprobs(model, seq)).abs().max() < 0.1
+
+
+def test_converted_checkpoints_are_reused(tmp_path) -> None:
+    first = registry.resolve("tiny-opt", tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert registry.resolve("tiny-opt", tmp_path) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_bin_checkpoints_load_without_pickle(tiny_dir, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (directory / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(tiny_dir / "model.safetensors"), directory / "pytorch_model.bin")
+    seqs = random_seqs((9, 4))
+    for a, b in zip(Engine.load(directory).logprobs(seqs), Engine.load(tiny_dir).logprobs(seqs)):
+        assert torch.equal(a, b)
