@@ -15,7 +15,7 @@ TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup run test test-slow perplexity
+.PHONY: setup run test test-slow lint perplexity
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -34,6 +34,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check flexeval tests benchmarks
 
 perplexity: setup
 	$(PY) benchmarks/wikitext_perplexity.py $(ARGS)

@@ -3,7 +3,8 @@
 Both systems score the same token windows, built exactly as lm-eval's `wikitext` task and `hf`
 backend build them (its detokenizer, its rolling disjoint windows of the model's context
 length, BOS as the prefix token), and word perplexity is exp(-Σ log-likelihood / Σ words of the
-original documents). Prints both, their relative difference and the time each took; exits 1
+original documents). Data come from ../shared/data beside the repository, $FLEXEVAL_DATA_DIR
+or --data-dir. Prints both, their relative difference and the time each took; exits 1
 if the difference exceeds --tolerance.
 
     python benchmarks/wikitext_perplexity.py --docs 10
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -29,7 +31,7 @@ from flexeval import Engine
 from flexeval.models import registry
 
 DATA_FILE = "wikitext2/wikitext_document_level-2-raw-v1_test.jsonl"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DEFAULT_DATA_DIR = Path(os.environ.get("FLEXEVAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 Window = tuple[list[int], list[int]]  # (context, continuation)
 
@@ -47,7 +49,7 @@ def flexeval_loglikelihood(engine: Engine) -> Callable[[Window], float]:
     def score(window: Window) -> float:
         context, continuation = window
         (lp,) = engine.logprobs([context + continuation])
-        return lp[-len(continuation):].double().sum().item()
+        return lp[-len(continuation) :].double().sum().item()
 
     return score
 
@@ -60,12 +62,14 @@ def transformers_loglikelihood(directory: Path, dtype: torch.dtype) -> Callable[
         context, continuation = window
         ids = torch.tensor([context + continuation])
         logprobs = model(ids).logits[0, -len(continuation) - 1 : -1].float().log_softmax(-1)
-        return logprobs.gather(1, ids[0, -len(continuation):, None]).double().sum().item()
+        return logprobs.gather(1, ids[0, -len(continuation) :, None]).double().sum().item()
 
     return score
 
 
-def word_perplexity(pages: list[str], doc_windows: list[list[Window]], score: Callable[[Window], float]) -> tuple[float, float]:
+def word_perplexity(
+    pages: list[str], doc_windows: list[list[Window]], score: Callable[[Window], float]
+) -> tuple[float, float]:
     start = time.perf_counter()
     loglikelihood = sum(score(w) for ws in doc_windows for w in ws)
     words = sum(len(re.split(r"\s+", page)) for page in pages)
@@ -90,8 +94,10 @@ def main() -> int:
     engine = Engine.load(args.model, dtype=args.dtype, device="cpu")
     doc_windows = [windows(engine, page) for page in pages]
     n_tokens = sum(len(c) for ws in doc_windows for _, c in ws)
-    print(f"{args.model}, {args.dtype}: {len(pages)} documents, {n_tokens} tokens, "
-          f"{sum(map(len, doc_windows))} windows of at most {engine.context_length} tokens")
+    print(
+        f"{args.model}, {args.dtype}: {len(pages)} documents, {n_tokens} tokens, "
+        f"{sum(map(len, doc_windows))} windows of at most {engine.context_length} tokens"
+    )
 
     ours, ours_s = word_perplexity(pages, doc_windows, flexeval_loglikelihood(engine))
     directory = registry.resolve(args.model)
@@ -100,7 +106,9 @@ def main() -> int:
     print(f"{'system':<14}{'word ppl':>12}{'seconds':>10}{'tokens/s':>10}")
     print(f"{'flexeval':<14}{ours:>12.4f}{ours_s:>10.1f}{n_tokens / ours_s:>10.0f}")
     print(f"{'transformers':<14}{theirs:>12.4f}{theirs_s:>10.1f}{n_tokens / theirs_s:>10.0f}")
-    print(f"relative difference {rel:.2e} (tolerance {args.tolerance:.0e}): {'OK' if rel <= args.tolerance else 'FAIL'}")
+    print(
+        f"relative difference {rel:.2e} (tolerance {args.tolerance:.0e}): {'OK' if rel <= args.tolerance else 'FAIL'}"
+    )
     return 0 if rel <= args.tolerance else 1
 
 

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
-    print(f"loaded {args.model} ({engine.model.family}, {engine.dtype}, {engine.device}) in {time.perf_counter() - start:.1f} s")
+    loaded = time.perf_counter() - start
+    print(f"loaded {args.model} ({engine.model.family}, {engine.dtype}, {engine.device}) in {loaded:.1f} s")
     prompts = [engine.tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
 
     start = time.perf_counter()

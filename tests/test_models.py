@@ -38,7 +38,7 @@ def reference_logprobs(model, seq: Tensor) -> Tensor:
 def reference_generate(model, prompt: Tensor, max_new_tokens: int, eos: int) -> list[int]:
     mask = torch.ones(1, len(prompt), dtype=torch.long)
     out = model.generate(prompt[None], attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, len(prompt):].tolist()
+    new = out[0, len(prompt) :].tolist()
     return new[: new.index(eos) + 1] if eos in new else new
 
 

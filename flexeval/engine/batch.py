@@ -51,7 +51,7 @@ def left_pad(sequences: Sequence[Tensor], device: torch.device, pad_id: int = 0)
     width = int(lengths.max())
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = seq
+        ids[row, width - len(seq) :] = seq
     valid = torch.arange(width) >= (width - lengths)[:, None]
     return PaddedBatch(ids.to(device), valid.to(device), lengths.to(device))
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from flexeval.engine.batch import PaddedBatch, TokenSeq, as_token_lists, attention_mask, left_pad, positions
+from flexeval.engine.batch import TokenSeq, as_token_lists, attention_mask, left_pad, positions
 from flexeval.engine.sampling import Sampling, pick_tokens
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
@@ -125,7 +125,7 @@ class Engine:
         sampling = Sampling(temperature, top_k, top_p, seed)
         # the last new token is only returned, never fed back, so it needs no position
         self._check_positions([len(s) + max(int(n) - 1, 0) for s, n in zip(seqs, budgets)], "generate")
-        stops = torch.tensor(self._stop_ids(stop_token_ids), device=self.device)
+        stops = torch.tensor(self._stop_ids(stop_token_ids), dtype=torch.long)
         generator = None if sampling.greedy else torch.Generator(self.device).manual_seed(seed)
 
         batch = left_pad(seqs, self.device)
@@ -146,13 +146,16 @@ class Engine:
             if not running.any():
                 break
             tokens = self._forward(step, caches)
+            chosen = tokens.cpu()
             for i in running.nonzero().squeeze(1).tolist():
-                outputs[i].append(int(tokens[i]))
-            running &= (budgets > t + 1) & ~torch.isin(tokens.cpu(), stops.cpu())
+                outputs[i].append(int(chosen[i]))
+            running &= (budgets > t + 1) & ~torch.isin(chosen, stops)
             column = width + t
             valid[:, column] = True
             pos = pos[:, -1:] + 1
-            step = self._step(tokens[:, None], pos, valid[:, : column + 1], column, torch.arange(b, device=self.device), readout)
+            step = self._step(
+                tokens[:, None], pos, valid[:, : column + 1], column, torch.arange(b, device=self.device), readout
+            )
         return outputs
 
     def _forward(self, step: Step, caches: dict[int, KVCache] | None) -> Tensor:
@@ -191,7 +194,9 @@ class Engine:
         if budgets.numel() == 1:
             budgets = budgets.expand(n)
         if budgets.numel() != n:
-            raise FlexevalError(f"max_new_tokens has {budgets.numel()} entries for {n} prompts: give one or one per prompt")
+            raise FlexevalError(
+                f"max_new_tokens has {budgets.numel()} entries for {n} prompts: give one or one per prompt"
+            )
         if (budgets < 0).any():
             raise FlexevalError(f"max_new_tokens must be >= 0, got {budgets.min().item()}")
         return budgets

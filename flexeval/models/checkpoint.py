@@ -34,7 +34,10 @@ class Checkpoint:
                 self._files[name] = path
 
     def _weight_files(self) -> list[Path]:
-        for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json", "*.bin")):
+        for index_name, pattern in (
+            ("model.safetensors.index.json", "*.safetensors"),
+            ("pytorch_model.bin.index.json", "*.bin"),
+        ):
             index = self.directory / index_name
             if index.exists():
                 shards = sorted({self.directory / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -97,7 +100,9 @@ def _load_bin(path: Path) -> dict[str, Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
 
 
-def load_weights(model: Model, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> list[dict[str, Tensor]]:
+def load_weights(
+    model: Model, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
+) -> list[dict[str, Tensor]]:
     """Every layer's weights, built from the checkpoint by the model's table and shape-checked.
 
     Tensors that several layers share (tied embeddings) are loaded once and shared. A tensor the
@@ -142,5 +147,6 @@ def _require(checkpoint: Checkpoint, model: Model, source: str) -> str:
 
 
 def _ignorable(name: str, model: Model) -> bool:
-    return name.endswith(RECOMPUTED_SUFFIXES) or name in model.ignored_sources or f"model.{name}" in model.ignored_sources
-
+    return (
+        name.endswith(RECOMPUTED_SUFFIXES) or name in model.ignored_sources or f"model.{name}" in model.ignored_sources
+    )

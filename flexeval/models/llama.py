@@ -63,9 +63,7 @@ class LlamaConfig:
         rope = dict(hf.rope_parameters or {})
         rope_type = rope.get("rope_type", "default")
         if rope_type not in STATIC_ROPE_TYPES:
-            raise FlexevalError(
-                f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})"
-            )
+            raise FlexevalError(f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         if rope_type == "default":
             inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))

