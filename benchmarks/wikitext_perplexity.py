@@ -13,9 +13,7 @@ if the difference exceeds --tolerance.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import re
 import sys
 import time
@@ -30,8 +28,8 @@ from transformers import AutoModelForCausalLM
 from flexeval import Engine
 from flexeval.models import registry
 
-DATA_FILE = "wikitext2/wikitext_document_level-2-raw-v1_test.jsonl"
-DEFAULT_DATA_DIR = Path(os.environ.get("FLEXEVAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import data_dir, wikitext_pages  # noqa: E402
 
 Window = tuple[list[int], list[int]]  # (context, continuation)
 
@@ -81,15 +79,11 @@ def main() -> int:
     parser.add_argument("--model", default=registry.DEFAULT_MODEL)
     parser.add_argument("--docs", type=int, default=10)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=data_dir())
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest relative difference accepted")
     args = parser.parse_args()
 
-    data = args.data_dir / DATA_FILE
-    if not data.is_file():
-        parser.error(f"{data} not found: pass --data-dir pointing at the shared benchmark data")
-    with data.open() as f:
-        pages = [json.loads(line)["page"] for line, _ in zip(f, range(args.docs))]
+    pages = wikitext_pages(args.data_dir, args.docs)
 
     engine = Engine.load(args.model, dtype=args.dtype, device="cpu")
     doc_windows = [windows(engine, page) for page in pages]

@@ -83,7 +83,8 @@ def test_model_layers_describe_every_weight(smollm2: Engine) -> None:
     layers = smollm2.model.layers
     assert [layer.kind for layer in layers[:3]] == ["embed", "attention", "mlp"] and layers[-1].kind == "head"
     assert sum(layer.kind == "attention" for layer in layers) == smollm2.model.num_blocks == 30
-    unique = {id(t): t for weights in smollm2.weights for t in weights.values()}  # tied embedding counted once
+    bundles = smollm2.weights.load(range(len(layers))).bundles
+    unique = {t.data_ptr(): t for bundle in bundles for t in bundle.values()}  # tied embedding counted once
     assert sum(t.numel() for t in unique.values()) == 134_515_008
-    for layer, weights in zip(layers, smollm2.weights):
-        assert layer.nbytes(torch.float32) == sum(t.nbytes for t in weights.values())
+    for layer, bundle in zip(layers, bundles):
+        assert layer.nbytes(torch.float32) == sum(t.nbytes for t in bundle.values())

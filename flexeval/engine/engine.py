@@ -1,13 +1,21 @@
-"""`Engine`: a loaded model that scores and generates token sequences.
+"""`Engine`: a loaded model that scores and generates token sequences through the block schedule.
 
-The engine runs the model's layers in order over one padded batch, with each layer's weights
-passed in as arguments; it owns the padding, the masks, the KV cache and the readout of the
-head (log-probabilities of given tokens, or the next token), so models stay pure layer math.
+The engine sorts sequences by length, cuts them into blocks of `gpu_batch_size ×
+num_gpu_batches` and each block into micro-batches, and runs each block through the schedule,
+which streams every layer's weights from their tiers once per block. It owns the padding, the
+masks, the KV cache and the readout of the head (log-probabilities of given tokens, or the next
+token), so models stay pure layer math and the schedule stays one loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import resource
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,13 +23,18 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from flexeval.engine.batch import TokenSeq, as_token_lists, attention_mask, left_pad, positions
-from flexeval.engine.sampling import Sampling, pick_tokens
+from flexeval.engine.generation import Decoding, Sampling, pick_tokens
+from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
+from flexeval.engine.policy import Policy
+from flexeval.engine.schedule import CacheMode, Executors, Timing, run_pass, units
+from flexeval.engine.tiers import DiskTier, MemoryTier, Tier
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
-from flexeval.models.checkpoint import Checkpoint, load_weights
+from flexeval.models.checkpoint import Checkpoint, iter_weights
 from flexeval.models.common import KVCache, Model, Step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TENSOR_CLASSES = ("weights", "cache", "act")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -45,22 +58,90 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return dtype
 
 
+@dataclass
+class RunStats:
+    """What one `logprobs` or `generate` call did: throughput, I/O against compute, bytes per tier."""
+
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    io_wait_seconds: float = 0.0  # compute thread idle, waiting for weights or state
+    tiers: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # class -> tier -> figures
+    peak_rss_bytes: int = 0  # of the whole process so far
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def _make_tiers(
+    name: str, device: torch.device, policy: Policy, workdir: Path | None, durable: bool
+) -> tuple[Tier, Tier, Tier | None]:
+    pin = policy.pin_weight if name == "weights" else True
+    cpu_device = torch.device("cpu") if name == "cache" and policy.cpu_cache_compute else device
+    disk = DiskTier(workdir / name, device, pin=pin, durable=durable) if workdir is not None else None
+    if disk is not None:
+        disk.directory.mkdir()
+    return (
+        MemoryTier("compute", device, home=device),
+        MemoryTier("cpu", cpu_device, home=torch.device("cpu"), pin=pin),
+        disk,
+    )
+
+
+def _prepare_offload_dir(offload_dir: str | Path | None, needed: int) -> Path:
+    root = registry.cache_root() / "offload" if offload_dir is None else Path(offload_dir).expanduser()
+    if offload_dir is None:
+        root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        raise FlexevalError(f"offload directory {root} does not exist: create it or pass another offload_dir")
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="flexeval-", dir=root))
+    except OSError as err:
+        raise FlexevalError(
+            f"offload directory {root} is not writable ({err.strerror}): pass another offload_dir"
+        ) from err
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise FlexevalError(
+            f"offload directory {root} has {free / 2**30:.2f} GiB free but the policy puts "
+            f"{needed / 2**30:.2f} GiB of weights there: free space or lower the disk share"
+        )
+    return workdir
+
+
 class Engine:
-    """A model with its weights on one device, ready to score and generate."""
+    """A model whose weights, KV cache and activations live where a `Policy` says."""
 
     def __init__(
         self,
         model: Model,
-        weights: list[dict[str, Tensor]],
+        weights: WeightStore,
+        tiers: dict[str, tuple[Tier, Tier, Tier | None]],
         tokenizer: PreTrainedTokenizerBase,
         device: torch.device,
         dtype: torch.dtype,
+        policy: Policy,
+        workdir: Path | None = None,
     ) -> None:
         self.model = model
         self.weights = weights
+        self.tiers = tiers
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
+        self.policy = policy
+        self.plan = units(model.layers, policy.sep_layer)
+        self.io = Executors.make(policy.overlap)
+        self.stats = RunStats()
+        self._finalizer = weakref.finalize(self, _cleanup, self.io, workdir)
 
     @classmethod
     def load(
@@ -70,15 +151,39 @@ class Engine:
         dtype: str | torch.dtype = "float32",
         device: str | torch.device | None = None,
         cache_dir: str | Path | None = None,
+        policy: Policy | None = None,
+        offload_dir: str | Path | None = None,
     ) -> Engine:
-        """Load a model spec (a registered name, a checkpoint directory or a hub id)."""
+        """Load a model spec (a registered name, a checkpoint directory or a hub id) under a policy.
+
+        Everything that can be wrong with the request is checked before weights are read.
+        """
+        policy = policy or Policy()
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         directory = registry.resolve(str(spec), cache_dir)
         model = registry.build_model(directory)
         tokenizer = registry.load_tokenizer(directory)
-        weights = load_weights(model, Checkpoint(directory), dtype, device)
-        return cls(model, weights, tokenizer, device, dtype)
+        layers = iter_weights(model, Checkpoint(directory), dtype)  # checks names and shapes first
+        uses_disk = any(policy.split(kind)[2] > 0 for kind in ("w", "cache", "act"))
+        on_disk = weight_bytes_per_tier(model.layers, policy, dtype)[2]
+        workdir = _prepare_offload_dir(offload_dir, on_disk) if uses_disk else None
+        try:
+            tiers = {
+                name: _make_tiers(name, device, policy, workdir, durable=name == "weights") for name in TENSOR_CLASSES
+            }
+            store = WeightStore(model.layers, tiers["weights"], policy, dtype)
+            for j, bundle in enumerate(layers):
+                store.put(j, bundle)
+        except BaseException:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return cls(model, store, tiers, tokenizer, device, dtype, policy, workdir)
+
+    def close(self) -> None:
+        """Stop the I/O threads and delete this engine's offload files (also done on garbage collection)."""
+        self._finalizer()
 
     @property
     def context_length(self) -> int:
@@ -90,18 +195,22 @@ class Engine:
         seqs = as_token_lists(sequences, self.model.vocab_size, "logprobs")
         # the last token is only ever a target, so the model reads each sequence but its last token
         self._check_positions([len(s) - 1 for s in seqs], "logprobs")
-        inputs = left_pad([s[:-1] for s in seqs], self.device)
-        if inputs.width == 0:
-            return [torch.empty(0) for _ in seqs]
-        rows = inputs.valid.flatten().nonzero().squeeze(1)  # every real input token predicts one target
-        targets = left_pad([s[1:] for s in seqs], self.device).ids.flatten()[rows]
-
-        def readout(logits: Tensor, chunk: slice) -> Tensor:
-            return logits.log_softmax(-1).gather(1, targets[chunk, None]).squeeze(1)
-
-        step = self._step(inputs.ids, positions(inputs.valid), inputs.valid, 0, rows, readout)
-        out = self._forward(step, caches=None).cpu()
-        return list(out.split(inputs.lengths.tolist()))
+        results: list[Tensor] = [torch.empty(0) for _ in seqs]
+        timing, start = self._begin()
+        for block in self._blocks([i for i, s in enumerate(seqs) if len(s) > 1], seqs):
+            steps, lengths = zip(*(self._scoring_step([seqs[i] for i in mb]) for mb in block))
+            state = self._block_state(len(block))
+            try:
+                outputs = self._pass(state, list(steps), timing)
+            finally:
+                state.close()
+            for mb, out, n in zip(block, outputs, lengths):
+                for i, lp in zip(mb, out.cpu().split(n)):
+                    results[i] = lp
+        self.stats.prefill_tokens = sum(len(s) - 1 for s in seqs)
+        self.stats.prefill_seconds = time.perf_counter() - start
+        self._end(timing)
+        return results
 
     @torch.inference_mode()
     def generate(
@@ -118,7 +227,8 @@ class Engine:
         """New token ids for each prompt: greedy unless temperature > 0.
 
         A sequence ends after `max_new_tokens` (one number, or one per prompt) or with a stop
-        token (default: the tokenizer's end-of-sequence), which is included in its output.
+        token (default: the tokenizer's end-of-sequence), which is included in its output. A
+        block stops as soon as all of its sequences have.
         """
         seqs = as_token_lists(prompts, self.model.vocab_size, "generate")
         budgets = self._budgets(max_new_tokens, len(seqs))
@@ -128,42 +238,58 @@ class Engine:
         stops = torch.tensor(self._stop_ids(stop_token_ids), dtype=torch.long)
         generator = None if sampling.greedy else torch.Generator(self.device).manual_seed(seed)
 
-        batch = left_pad(seqs, self.device)
-        b, width, steps = len(seqs), batch.width, int(budgets.max())
-        caches = self._allocate_cache(b, width + steps)
-        valid = torch.zeros(b, width + steps, dtype=torch.bool, device=self.device)
-        valid[:, :width] = batch.valid
-        pos = positions(batch.valid)
-
         def readout(logits: Tensor, chunk: slice) -> Tensor:
             return pick_tokens(logits, sampling, generator)
 
-        last = torch.arange(b, device=self.device) * width + width - 1
-        step = self._step(batch.ids, pos, batch.valid, 0, last, readout)
-        outputs: list[list[int]] = [[] for _ in range(b)]
-        running = budgets > 0
-        for t in range(steps):
-            if not running.any():
-                break
-            tokens = self._forward(step, caches)
-            chosen = tokens.cpu()
-            for i in running.nonzero().squeeze(1).tolist():
-                outputs[i].append(int(chosen[i]))
-            running &= (budgets > t + 1) & ~torch.isin(chosen, stops)
-            column = width + t
-            valid[:, column] = True
-            pos = pos[:, -1:] + 1
-            step = self._step(
-                tokens[:, None], pos, valid[:, : column + 1], column, torch.arange(b, device=self.device), readout
-            )
-        return outputs
+        results: list[list[int]] = [[] for _ in seqs]
+        timing, start = self._begin()
+        for block in self._blocks([i for i in range(len(seqs)) if budgets[i] > 0], seqs):
+            runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device) for mb in block]
+            steps = [self._step(r.batch.ids, r.positions, r.batch.valid, 0, r.prefill_rows(), readout) for r in runs]
+            state = self._block_state(len(block))
+            try:
+                prefill = time.perf_counter()
+                outputs = self._pass(state, steps, timing, "new", lambda k, runs=runs: self._new_cache(runs[k]))
+                self.stats.prefill_seconds += time.perf_counter() - prefill
+                self.stats.prefill_tokens += sum(int(r.batch.lengths.sum()) for r in runs)
+                while True:
+                    fed = [r.record(out) for r, out in zip(runs, outputs)]
+                    if all(r.done for r in runs):
+                        break
+                    steps = [self._decode_step(r, tokens, readout) for r, tokens in zip(runs, fed)]
+                    outputs = self._pass(state, steps, timing, "stored")
+            finally:
+                state.close()
+            for mb, run in zip(block, runs):
+                for i, out in zip(mb, run.outputs):
+                    results[i] = out
+        elapsed = time.perf_counter() - start
+        self.stats.decode_seconds = elapsed - self.stats.prefill_seconds
+        self.stats.decode_tokens = sum(len(r) for r in results)
+        self._end(timing)
+        return results
 
-    def _forward(self, step: Step, caches: dict[int, KVCache] | None) -> Tensor:
-        h = None
-        for layer, w in zip(self.model.layers, self.weights):
-            cache = caches[layer.block] if caches is not None and layer.block is not None else None
-            h = layer.forward(w, h, step, cache)
-        return h
+    def _blocks(self, indices: list[int], seqs: list[Tensor]) -> Iterator[list[list[int]]]:
+        """Longest first, cut into blocks of micro-batches: similar lengths share padding."""
+        order = sorted(indices, key=lambda i: -len(seqs[i]))
+        size, micro = self.policy.block_size, self.policy.gpu_batch_size
+        for b in range(0, len(order), size):
+            block = order[b : b + size]
+            yield [block[m : m + micro] for m in range(0, len(block), micro)]
+
+    def _block_state(self, micro_batches: int) -> BlockState:
+        return BlockState(self.tiers["act"], self.tiers["cache"], self.policy, micro_batches, self.model.num_blocks)
+
+    def _pass(
+        self,
+        state: BlockState,
+        steps: list[Step],
+        timing: Timing,
+        cache_mode: CacheMode = "none",
+        new_cache: Callable[[int], KVCache] | None = None,
+    ) -> list[Tensor]:
+        layers = self.model.layers
+        return run_pass(layers, self.plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache)
 
     def _step(
         self,
@@ -178,16 +304,47 @@ class Engine:
         mask = attention_mask(valid_keys, ids.shape[1], self.model.sliding_window)
         return Step(ids, pos, mask, cache_start, head_rows, readout, rope)
 
-    def _allocate_cache(self, batch_size: int, length: int) -> dict[int, KVCache]:
-        shape = (batch_size, self.model.kv_heads, length, self.model.head_dim)
-        return {
-            layer.block: KVCache(
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-            )
-            for layer in self.model.layers
-            if layer.block is not None
+    def _scoring_step(self, seqs: list[Tensor]) -> tuple[Step, list[int]]:
+        """Read every token but the last; the head scores each next token. Returns the step and
+        how many log-probabilities each sequence gets."""
+        inputs = left_pad([s[:-1] for s in seqs], self.device)
+        rows = inputs.valid.flatten().nonzero().squeeze(1)  # every real input token predicts one target
+        targets = left_pad([s[1:] for s in seqs], self.device).ids.flatten()[rows]
+
+        def readout(logits: Tensor, chunk: slice) -> Tensor:
+            return logits.log_softmax(-1).gather(1, targets[chunk, None]).squeeze(1)
+
+        step = self._step(inputs.ids, positions(inputs.valid), inputs.valid, 0, rows, readout)
+        return step, inputs.lengths.tolist()
+
+    def _decode_step(self, run: Decoding, tokens: Tensor, readout: Callable[[Tensor, slice], Tensor]) -> Step:
+        column = run.batch.width + run.t - 1  # where the fed token's keys and values go
+        rows = torch.arange(len(tokens), device=self.device)
+        return self._step(tokens, run.positions, run.valid[:, : column + 1], column, rows, readout)
+
+    def _new_cache(self, run: Decoding) -> KVCache:
+        shape = (len(run.outputs), self.model.kv_heads, run.cache_length, self.model.head_dim)
+        return KVCache(
+            torch.empty(shape, dtype=self.dtype, device=self.device),
+            torch.empty(shape, dtype=self.dtype, device=self.device),
+        )
+
+    def _begin(self) -> tuple[Timing, float]:
+        self.stats = RunStats()
+        for tiers in self.tiers.values():
+            for tier in tiers:
+                if tier is not None:
+                    tier.stats.reset()
+        return Timing(), time.perf_counter()
+
+    def _end(self, timing: Timing) -> None:
+        self.stats.compute_seconds = timing.compute_seconds
+        self.stats.io_wait_seconds = timing.wait_seconds
+        self.stats.tiers = {
+            name: {tier.name: tier.stats.as_dict() for tier in tiers if tier is not None}
+            for name, tiers in self.tiers.items()
         }
+        self.stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _budgets(self, max_new_tokens: int | Sequence[int], n: int) -> Tensor:
         budgets = torch.as_tensor(max_new_tokens, dtype=torch.long).flatten()
@@ -215,3 +372,9 @@ class Engine:
             return list(stop_token_ids)
         eos = self.tokenizer.eos_token_id
         return [] if eos is None else [eos]
+
+
+def _cleanup(io: Executors, workdir: Path | None) -> None:
+    io.shutdown()
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)

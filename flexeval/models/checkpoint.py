@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,15 +26,22 @@ RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class Checkpoint:
-    """The tensors of a checkpoint directory, by name, read lazily from their files."""
+    """The tensors of a checkpoint directory, by name, read lazily from their files.
+
+    A safetensors file is opened (memory-mapped) only for the one read and closed right after,
+    so the pages of tensors already handed over stop counting against this process's memory.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._files: dict[str, Path] = {}
-        self._open: dict[Path, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._bins: dict[Path, dict[str, Tensor]] = {}
         for path in self._weight_files():
-            for name in self._handle(path).keys():
-                self._files[name] = path
+            with self._open(path) as handle:
+                for name in handle.keys():
+                    self._files[name] = path
+                    self._shapes[name] = handle.shape(name)
 
     def _weight_files(self) -> list[Path]:
         for index_name, pattern in (
@@ -52,21 +62,23 @@ class Checkpoint:
             f"no weight files (*.safetensors or *.bin) in {self.directory}: point at a complete checkpoint directory"
         )
 
-    def _handle(self, path: Path):
-        if path not in self._open:
-            try:
-                if path.suffix == ".safetensors":
-                    self._open[path] = safe_open(str(path), framework="pt", device="cpu")
-                else:
-                    self._open[path] = _load_bin(path)
-            except pickle.UnpicklingError as err:
-                raise FlexevalError(
-                    f"refused weight file {path}: it pickles objects other than tensors, which could run code; "
-                    "use a safetensors copy from a trusted source"
-                ) from err
-            except (SafetensorError, OSError, RuntimeError, zipfile.BadZipFile) as err:
-                raise _corrupt(path, err) from err
-        return self._open[path]
+    @contextmanager
+    def _open(self, path: Path) -> Iterator[_Reader]:
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    yield _SafetensorsReader(handle)
+            else:
+                if path not in self._bins:
+                    self._bins[path] = _load_bin(path)
+                yield _BinReader(self._bins[path])
+        except pickle.UnpicklingError as err:
+            raise FlexevalError(
+                f"refused weight file {path}: it pickles objects other than tensors, which could run code; "
+                "use a safetensors copy from a trusted source"
+            ) from err
+        except (SafetensorError, OSError, RuntimeError, zipfile.BadZipFile) as err:
+            raise _corrupt(path, err) from err
 
     def names(self) -> set[str]:
         return set(self._files)
@@ -78,13 +90,43 @@ class Checkpoint:
                 return candidate
         return None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
     def get(self, name: str) -> Tensor:
-        path = self._files[name]
-        handle = self._handle(path)
-        try:
-            return handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
-        except SafetensorError as err:
-            raise _corrupt(path, err) from err
+        with self._open(self._files[name]) as handle:
+            return handle.get(name)
+
+
+class _SafetensorsReader:
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def keys(self) -> list[str]:
+        return list(self.handle.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(name).get_shape())
+
+    def get(self, name: str) -> Tensor:
+        return self.handle.get_tensor(name)
+
+
+class _BinReader:
+    def __init__(self, state: dict[str, Tensor]) -> None:
+        self.state = state
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def get(self, name: str) -> Tensor:
+        return self.state[name]
+
+
+_Reader = _SafetensorsReader | _BinReader
 
 
 def _corrupt(path: Path, err: BaseException) -> FlexevalError:
@@ -100,40 +142,48 @@ def _load_bin(path: Path) -> dict[str, Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
 
 
-def load_weights(
-    model: Model, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
-) -> list[dict[str, Tensor]]:
-    """Every layer's weights, built from the checkpoint by the model's table and shape-checked.
+def iter_weights(model: Model, checkpoint: Checkpoint, dtype: torch.dtype) -> Iterator[dict[str, Tensor]]:
+    """Each layer's weights in order, built from the checkpoint by the model's table, on the CPU.
 
-    Tensors that several layers share (tied embeddings) are loaded once and shared. A tensor the
-    model needs but the checkpoint lacks, or one the checkpoint has that the model would silently
-    ignore, means a wrong family or variant, so both are errors.
+    One layer at a time, so that placing weights on disk never needs the whole model in memory;
+    a tensor that several layers share (tied embeddings) is built once and handed to each.
+    Names and shapes are all checked first: a tensor the model needs but the checkpoint lacks,
+    one the checkpoint has that the model would silently ignore, or a shape the config does not
+    imply, means a wrong family or variant, and is reported before any work is done.
     """
-    built: dict[tuple[str, ...], Tensor] = {}
-    used: set[str] = set()
-
-    def build(layer_name: str, tensor_name: str, param: Param) -> Tensor:
-        if param.sources not in built:
-            names = [_require(checkpoint, model, source) for source in param.sources]
-            used.update(names)
-            parts = [checkpoint.get(n) for n in names]
-            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            if tuple(tensor.shape) != param.shape:
-                raise FlexevalError(
-                    f"{checkpoint.directory}: {layer_name}.{tensor_name} from {list(names)} has shape "
-                    f"{tuple(tensor.shape)}, the config implies {param.shape}: config and weights disagree"
-                )
-            built[param.sources] = tensor.to(device=device, dtype=dtype)
-        return built[param.sources]
-
-    weights = [{name: build(layer.name, name, p) for name, p in layer.params.items()} for layer in model.layers]
-    unused = sorted(n for n in checkpoint.names() - used if not _ignorable(n, model))
+    names = {
+        s: _require(checkpoint, model, s) for layer in model.layers for p in layer.params.values() for s in p.sources
+    }
+    unused = sorted(n for n in checkpoint.names() - set(names.values()) if not _ignorable(n, model))
     if unused:
         raise FlexevalError(
             f"{checkpoint.directory} has {len(unused)} tensors the {model.family} family does not use "
             f"(e.g. {unused[:3]}): the config's architecture does not match the weights"
         )
-    return weights
+    for layer in model.layers:
+        for tensor_name, param in layer.params.items():
+            shapes = [checkpoint.shape(names[s]) for s in param.sources]
+            stacked = (sum(shape[0] for shape in shapes), *shapes[0][1:]) if shapes[0] else ()
+            if any(shape[1:] != shapes[0][1:] for shape in shapes) or stacked != param.shape:
+                raise FlexevalError(
+                    f"{checkpoint.directory}: {layer.name}.{tensor_name} from {list(param.sources)} has shapes "
+                    f"{shapes}, the config implies {param.shape}: config and weights disagree"
+                )
+
+    uses = Counter(p.sources for layer in model.layers for p in layer.params.values())
+    shared: dict[tuple[str, ...], Tensor] = {}
+
+    def build(param: Param) -> Tensor:
+        if param.sources in shared:
+            return shared[param.sources]
+        parts = [checkpoint.get(names[source]) for source in param.sources]
+        tensor = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).to(dtype)
+        if uses[param.sources] > 1:
+            shared[param.sources] = tensor
+        return tensor
+
+    for layer in model.layers:
+        yield {name: build(p) for name, p in layer.params.items()}
 
 
 def _require(checkpoint: Checkpoint, model: Model, source: str) -> str:

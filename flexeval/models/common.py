@@ -20,8 +20,9 @@ from torch import Tensor
 Weights = Mapping[str, Tensor]
 LayerKind = Literal["embed", "attention", "mlp", "head"]
 
-# Rows of vocabulary logits materialised at once by the head (bounds its working memory).
-HEAD_CHUNK_BYTES = 256 * 2**20
+# Vocabulary logits materialised at once by the head: bounds its working memory (two copies
+# exist briefly, logits and log-softmax) while keeping each matmul large enough to run at speed.
+HEAD_CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,123 @@
+"""Where each tensor class lives during a run, as the policy's percentages say.
+
+Weights are placed tensor by tensor across the whole model, so each tier's share is met to
+within one tensor's bytes (FlexGen rounds per layer and overshoots). The KV cache is placed per
+(transformer block, micro-batch) unit and activations per micro-batch, so both can be split
+across tiers too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flexeval.engine.policy import Policy
+from flexeval.engine.tiers import Bundle, Fetched, Tier, distribute
+from flexeval.models.common import KVCache, Layer
+
+
+@dataclass
+class Loaded:
+    """Bundles fetched for one scheduling unit, plus the staging memory to hand back afterwards."""
+
+    bundles: list[Bundle]
+    handles: list[tuple[Tier, Fetched]] = field(default_factory=list)
+
+    def release(self) -> None:
+        for tier, fetched in self.handles:
+            tier.release(fetched)
+        self.handles.clear()
+
+
+def weight_tiers(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> dict[tuple[int, str], int]:
+    """The tier of every weight tensor, keyed by (layer index, tensor name)."""
+    names = [(j, name) for j, layer in enumerate(layers) for name in layer.params]
+    sizes = [layers[j].params[name].nbytes(dtype) for j, name in names]
+    return dict(zip(names, distribute(sizes, policy.split("w"))))
+
+
+def weight_bytes_per_tier(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> list[int]:
+    placed = [0, 0, 0]
+    for (j, name), tier in weight_tiers(layers, policy, dtype).items():
+        placed[tier] += layers[j].params[name].nbytes(dtype)
+    return placed
+
+
+class WeightStore:
+    """Every layer's weights, each tensor on the tier the policy assigned it."""
+
+    def __init__(
+        self, layers: Sequence[Layer], tiers: Sequence[Tier | None], policy: Policy, dtype: torch.dtype
+    ) -> None:
+        self.layers = layers
+        self.tiers = tiers
+        self.tier_of = weight_tiers(layers, policy, dtype)
+
+    def put(self, j: int, bundle: Bundle) -> None:
+        for t, tier in enumerate(self.tiers):
+            part = {name: tensor for name, tensor in bundle.items() if self.tier_of[j, name] == t}
+            if part:
+                tier.put(f"w/{self.layers[j].name}", part)
+
+    def load(self, indices: Sequence[int]) -> Loaded:
+        loaded = Loaded([])
+        for j in indices:
+            bundle: Bundle = {}
+            for tier in self.tiers:
+                key = f"w/{self.layers[j].name}"
+                if tier is not None and key in tier:
+                    fetched = tier.get(key)
+                    bundle |= fetched.bundle
+                    loaded.handles.append((tier, fetched))
+            loaded.bundles.append(bundle)
+        return loaded
+
+
+class BlockState:
+    """The hidden states and KV caches of one block's micro-batches between scheduling units."""
+
+    def __init__(
+        self,
+        act_tiers: Sequence[Tier],
+        cache_tiers: Sequence[Tier],
+        policy: Policy,
+        micro_batches: int,
+        num_blocks: int,
+    ) -> None:
+        self.act_tiers, self.cache_tiers = act_tiers, cache_tiers
+        self.act_tier = distribute([1] * micro_batches, policy.split("act"))
+        units = distribute([1] * (num_blocks * micro_batches), policy.split("cache"))
+        self.cache_tier = {
+            (b, k): units[b * micro_batches + k] for b in range(num_blocks) for k in range(micro_batches)
+        }
+        self._stored: dict[str, Tier] = {}
+
+    def load_hidden(self, k: int) -> tuple[torch.Tensor | None, Loaded]:
+        tier = self.act_tiers[self.act_tier[k]]
+        if f"act/{k}" not in tier:
+            return None, Loaded([])
+        fetched = tier.get(f"act/{k}")
+        return fetched.bundle["h"], Loaded([fetched.bundle], [(tier, fetched)])
+
+    def store_hidden(self, k: int, h: torch.Tensor) -> None:
+        self._put(self.act_tiers[self.act_tier[k]], f"act/{k}", {"h": h})
+
+    def load_cache(self, block: int, k: int) -> tuple[KVCache, Loaded]:
+        tier = self.cache_tiers[self.cache_tier[block, k]]
+        fetched = tier.get(f"cache/{block}/{k}")
+        return KVCache(fetched.bundle["k"], fetched.bundle["v"]), Loaded([fetched.bundle], [(tier, fetched)])
+
+    def store_cache(self, block: int, k: int, cache: KVCache) -> None:
+        self._put(self.cache_tiers[self.cache_tier[block, k]], f"cache/{block}/{k}", {"k": cache.k, "v": cache.v})
+
+    def _put(self, tier: Tier, key: str, bundle: Bundle) -> None:
+        tier.put(key, bundle)
+        self._stored[key] = tier
+
+    def close(self) -> None:
+        """Free every tier of this block's state."""
+        for key, tier in self._stored.items():
+            tier.evict(key)
+        self._stored.clear()

@@ -1,0 +1,65 @@
+"""`Policy`: where every class of tensor lives and how sequences are batched (FlexGen's fields).
+
+Each tensor class (weights, KV cache, activations) is spread over three tiers by percentages:
+the compute tier ("gpu"), CPU RAM ("cpu") and disk (the rest). On a machine without CUDA the
+compute tier *is* CPU RAM, so "gpu" and "cpu" both mean resident in memory and only the disk
+share changes what happens; the same policy file runs on both kinds of machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from flexeval.errors import FlexevalError
+
+
+@dataclass(frozen=True)
+class Policy:
+    gpu_batch_size: int = 32  # sequences computed together (one micro-batch)
+    num_gpu_batches: int = 1  # micro-batches that share one pass of the weights (block = product)
+    w_gpu_percent: float = 100.0
+    w_cpu_percent: float = 0.0
+    cache_gpu_percent: float = 100.0
+    cache_cpu_percent: float = 0.0
+    act_gpu_percent: float = 100.0
+    act_cpu_percent: float = 0.0
+    overlap: bool = True  # prefetch the next layer's weights and the next micro-batch's state while computing
+    sep_layer: bool = True  # schedule attention and MLP as separate layers (False: one unit per block)
+    pin_weight: bool = True  # pinned CPU buffers for CPU-resident and disk-read weights (CUDA only)
+    cpu_cache_compute: bool = False  # decode attention where a CPU-resident cache lives (CUDA only)
+    attn_sparsity: float = 1.0  # fraction of attention scores kept in decode; 1 = dense
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_batch_size", "num_gpu_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise FlexevalError(f"policy: {name} must be a positive integer, got {value!r}")
+        for kind in ("w", "cache", "act"):
+            gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+            for name, value in ((f"{kind}_gpu_percent", gpu), (f"{kind}_cpu_percent", cpu)):
+                if not 0 <= value <= 100:
+                    raise FlexevalError(f"policy: {name} must be between 0 and 100, got {value}")
+            if gpu + cpu > 100:
+                raise FlexevalError(
+                    f"policy: {kind}_gpu_percent + {kind}_cpu_percent = {gpu + cpu} exceeds 100 "
+                    "(the disk share is what remains)"
+                )
+        if self.attn_sparsity != 1.0:
+            raise FlexevalError("policy: attn_sparsity < 1 (sparse attention) is not implemented yet; use 1.0")
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    def split(self, kind: str) -> tuple[float, float, float]:
+        """(compute, cpu, disk) shares in [0, 1] for 'w', 'cache' or 'act'."""
+        gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+        return gpu / 100, cpu / 100, max(0.0, 100 - gpu - cpu) / 100
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Policy:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise FlexevalError(f"policy: unknown fields {unknown}; valid fields: {', '.join(sorted(known))}")
+        return cls(**values)

@@ -1,0 +1,203 @@
+"""The offloading engine: placement invariance, tiers, the block schedule's accounting, bad policies."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexeval import Engine, FlexevalError, Policy
+from flexeval.engine.placement import weight_bytes_per_tier
+from flexeval.engine.schedule import units
+from flexeval.engine.tiers import DiskTier, MemoryTier, distribute
+from flexeval.models import registry
+
+CPU = torch.device("cpu")
+DISK = dict(w_gpu_percent=0, w_cpu_percent=0)
+PLACEMENTS = {
+    "resident": {},
+    "weights on disk": DISK,
+    "weights 50/30/20": dict(w_gpu_percent=50, w_cpu_percent=30),
+    "cache 0/50/50": dict(cache_gpu_percent=0, cache_cpu_percent=50),
+    "activations 50/25/25": dict(act_gpu_percent=50, act_cpu_percent=25),
+    "everything on disk, no overlap": dict(
+        DISK, cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0, overlap=False
+    ),
+    "one unit per block": dict(sep_layer=False),
+}
+SHAPES = [(1, 1), (4, 1), (4, 8), (16, 4)]
+
+
+def workload(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 90, (37,), generator=g).tolist()
+    seqs = [torch.randint(0, 250, (n,), generator=g) for n in lengths]
+    return seqs, seqs[:20]
+
+
+def run(name: str, policy: Policy, offload: Path) -> tuple[list[torch.Tensor], list[list[int]]]:
+    engine = Engine.load(name, policy=policy, offload_dir=offload)
+    seqs, prompts = workload()
+    try:
+        return engine.logprobs(seqs), engine.generate(prompts, max_new_tokens=16, stop_token_ids=[])
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama-gqa"])
+def test_placement_does_not_change_results(name: str, tmp_path: Path) -> None:
+    reference_lp, reference_gen = run(name, Policy(gpu_batch_size=1), tmp_path)
+    for gpu_batch_size, num_gpu_batches in SHAPES:
+        baseline = None
+        for label, fields in PLACEMENTS.items():
+            policy = Policy(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, **fields)
+            lp, gen = run(name, policy, tmp_path)
+            assert gen == reference_gen, label
+            for a, b in zip(lp, reference_lp):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            if baseline is None:
+                baseline = lp
+            else:  # the same batch shape computes the same arithmetic wherever tensors live
+                assert all(torch.equal(a, b) for a, b in zip(lp, baseline)), label
+    assert list(tmp_path.iterdir()) == []  # every engine removed its offload files
+
+
+def test_smollm2_weights_on_disk_match_resident(smollm2: Engine, tmp_path: Path) -> None:
+    seqs = [torch.tensor(smollm2.tokenizer(t).input_ids) for t in ("The capital of France is", "One, two, three,")]
+    offloaded = Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=2, **DISK), offload_dir=tmp_path)
+    resident = Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=2))
+    assert all(torch.equal(a, b) for a, b in zip(offloaded.logprobs(seqs), resident.logprobs(seqs)))
+    assert offloaded.generate(seqs, max_new_tokens=8) == resident.generate(seqs, max_new_tokens=8)
+
+
+def test_distribute_tracks_shares_within_one_item() -> None:
+    sizes = [3, 10, 3, 10, 3, 10, 7, 7, 1, 25]
+    shares = (0.5, 0.3, 0.2)
+    tiers = distribute(sizes, shares)
+    for tier, share in enumerate(shares):
+        placed = sum(s for s, t in zip(sizes, tiers) if t == tier)
+        assert abs(placed - share * sum(sizes)) <= max(sizes)
+    assert distribute([5] * 4, (0, 0, 1)) == [2, 2, 2, 2]
+    assert distribute([5] * 4, (0.5, 0.5, 0)) == [0, 1, 0, 1]  # interleaved, not in runs
+
+
+def test_weight_shares_hold_within_one_layer(smollm2: Engine) -> None:
+    layers = smollm2.model.layers
+    total = smollm2.model.nbytes(torch.float32)
+    largest = max(layer.nbytes(torch.float32) for layer in layers)
+    for gpu, cpu in [(50, 30), (25, 0), (30, 0), (0, 100), (10, 10)]:
+        placed = weight_bytes_per_tier(layers, Policy(w_gpu_percent=gpu, w_cpu_percent=cpu), torch.float32)
+        for share, got in zip((gpu, cpu, 100 - gpu - cpu), placed):
+            assert abs(got - share / 100 * total) <= largest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8])
+def test_tiers_round_trip_bit_for_bit(dtype: torch.dtype, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    bundle = {
+        "a": (torch.randn(7, 13, generator=g) * 100).to(dtype),
+        "b": (torch.randn(5000, generator=g) * 100).to(dtype),
+    }
+    tiers = [
+        MemoryTier("compute", CPU, home=CPU),
+        MemoryTier("cpu", CPU, home=CPU),
+        DiskTier(tmp_path, CPU, durable=True),
+        DiskTier(tmp_path, CPU),
+    ]
+    for tier in tiers:
+        tier.put("x", bundle)
+        fetched = tier.get("x")
+        assert all(torch.equal(fetched.bundle[k], bundle[k]) for k in bundle)
+        tier.release(fetched)
+        assert tier.stats.bytes_read == tier.stats.bytes_written == sum(t.nbytes for t in bundle.values())
+        tier.evict("x")
+        assert tier.stats.held == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_reads_reuse_their_buffers(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, CPU)
+    tier.put("small", {"w": torch.ones(1000)})
+    tier.put("big", {"w": torch.ones(2_000_000)})
+    for _ in range(3):
+        for key in ("small", "big"):
+            tier.release(tier.get(key))
+    assert len(tier.pool._free) == 2
+
+
+def test_disk_bytes_read_per_block_are_one_pass_of_the_disk_weights(tmp_path: Path) -> None:
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, **DISK)
+    engine = Engine.load("tiny-llama", policy=policy, offload_dir=tmp_path)
+    seqs, _ = workload()
+    engine.logprobs(seqs[:16])  # two blocks of 8
+    on_disk = weight_bytes_per_tier(engine.model.layers, policy, torch.float32)[2]
+    assert on_disk == engine.model.nbytes(torch.float32)
+    assert engine.stats.tiers["weights"]["disk"]["bytes_read"] == 2 * on_disk
+    assert engine.stats.prefill_tokens == sum(len(s) - 1 for s in seqs[:16])
+
+
+def test_generation_reports_throughput_and_stops_early() -> None:
+    engine = Engine.load("tiny-llama", policy=Policy(gpu_batch_size=4, num_gpu_batches=2))
+    _, prompts = workload()
+    out = engine.generate(prompts[:8], max_new_tokens=[1] * 8)
+    assert [len(o) for o in out] == [1] * 8
+    assert engine.stats.decode_tokens == 8 and engine.stats.prefill_tokens == sum(len(p) for p in prompts[:8])
+    assert engine.stats.prefill_tokens_per_second > 0
+
+
+def test_units_group_attention_with_its_mlp(smollm2: Engine) -> None:
+    grouped = units(smollm2.model.layers, sep_layer=False)
+    assert grouped[0] == [0] and grouped[1] == [1, 2] and grouped[-1] == [len(smollm2.model.layers) - 1]
+    assert len(grouped) == smollm2.model.num_blocks + 2
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        (dict(w_gpu_percent=80, w_cpu_percent=30), "w_gpu_percent + w_cpu_percent = 110 exceeds 100"),
+        (dict(cache_cpu_percent=-5), "cache_cpu_percent must be between 0 and 100"),
+        (dict(act_gpu_percent=101), "act_gpu_percent must be between 0 and 100"),
+        (dict(gpu_batch_size=0), "gpu_batch_size must be a positive integer"),
+        (dict(num_gpu_batches=2.5), "num_gpu_batches must be a positive integer"),
+        (dict(attn_sparsity=0.5), "not implemented yet"),
+    ],
+)
+def test_infeasible_policies_are_refused(fields: dict, expected: str) -> None:
+    with pytest.raises(FlexevalError, match=expected.replace("+", r"\+")):
+        Policy(**fields)
+
+
+def test_unknown_policy_fields_list_the_valid_ones() -> None:
+    with pytest.raises(FlexevalError, match="unknown fields \\['w_gpu'\\]; valid fields: act_cpu_percent"):
+        Policy.from_dict({"w_gpu": 10})
+
+
+def test_missing_offload_directory(tmp_path: Path) -> None:
+    with pytest.raises(FlexevalError, match="does not exist"):
+        Engine.load("tiny-llama", policy=Policy(**DISK), offload_dir=tmp_path / "nope")
+
+
+def test_unwritable_offload_directory() -> None:
+    with pytest.raises(FlexevalError, match="is not writable"):
+        Engine.load("tiny-llama", policy=Policy(**DISK), offload_dir="/proc")
+
+
+def test_full_offload_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(FlexevalError, match="GiB free but the policy puts"):
+        Engine.load("tiny-llama", policy=Policy(**DISK), offload_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_filling_up_midway_is_reported_and_cleaned(tmp_path: Path, monkeypatch) -> None:
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(FlexevalError, match="No space left on device"):
+        Engine.load("tiny-llama", policy=Policy(**DISK), offload_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
