@@ -28,6 +28,7 @@ PLACEMENTS = {
         DISK, cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0, overlap=False
     ),
     "one unit per block": dict(sep_layer=False),
+    "cache in CPU RAM, attention there": dict(cache_gpu_percent=0, cache_cpu_percent=100, cpu_cache_compute=True),
 }
 SHAPES = [(1, 1), (4, 1), (4, 8), (16, 4)]
 

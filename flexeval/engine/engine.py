@@ -26,7 +26,7 @@ from flexeval.engine.batch import TokenSeq, as_token_lists, attention_mask, left
 from flexeval.engine.generation import Decoding, Sampling, pick_tokens
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
-from flexeval.engine.schedule import CacheMode, Executors, Timing, run_pass, units
+from flexeval.engine.schedule import CacheMode, Chain, Executors, Timing, run_pass, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, Tier
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
@@ -141,6 +141,7 @@ class Engine:
         self.plan = units(model.layers, policy.sep_layer)
         self.io = Executors.make(policy.overlap)
         self.stats = RunStats()
+        self._chain = Chain()
         self._finalizer = weakref.finalize(self, _cleanup, self.io, workdir)
 
     @classmethod
@@ -197,11 +198,12 @@ class Engine:
         self._check_positions([len(s) - 1 for s in seqs], "logprobs")
         results: list[Tensor] = [torch.empty(0) for _ in seqs]
         timing, start = self._begin()
-        for block in self._blocks([i for i, s in enumerate(seqs) if len(s) > 1], seqs):
+        blocks = list(self._blocks([i for i, s in enumerate(seqs) if len(s) > 1], seqs))
+        for b, block in enumerate(blocks):
             steps, lengths = zip(*(self._scoring_step([seqs[i] for i in mb]) for mb in block))
             state = self._block_state(len(block))
             try:
-                outputs = self._pass(state, list(steps), timing)
+                outputs = self._pass(state, list(steps), timing, more=b + 1 < len(blocks))
             finally:
                 state.close()
             for mb, out, n in zip(block, outputs, lengths):
@@ -287,9 +289,12 @@ class Engine:
         timing: Timing,
         cache_mode: CacheMode = "none",
         new_cache: Callable[[int], KVCache] | None = None,
+        more: bool = True,
     ) -> list[Tensor]:
-        layers = self.model.layers
-        return run_pass(layers, self.plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache)
+        """Run one pass; `more` says another pass follows, whose first weights may be read ahead."""
+        chain = self._chain if self.policy.overlap else None
+        layers, plan = self.model.layers, self.plan
+        return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache, chain, more)
 
     def _step(
         self,
@@ -331,6 +336,7 @@ class Engine:
 
     def _begin(self) -> tuple[Timing, float]:
         self.stats = RunStats()
+        self._chain = Chain()
         for tiers in self.tiers.values():
             for tier in tiers:
                 if tier is not None:
@@ -338,6 +344,7 @@ class Engine:
         return Timing(), time.perf_counter()
 
     def _end(self, timing: Timing) -> None:
+        self._chain.close(timing)
         self.stats.compute_seconds = timing.compute_seconds
         self.stats.io_wait_seconds = timing.wait_seconds
         self.stats.tiers = {

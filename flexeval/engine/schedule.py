@@ -67,6 +67,22 @@ class Timing:
         return result
 
 
+class Chain:
+    """The next pass's first weights, read ahead while a pass ends (the embedding is large)."""
+
+    def __init__(self) -> None:
+        self.first: Future | None = None
+
+    def take(self) -> Future:
+        first, self.first = self.first, None
+        return first
+
+    def close(self, timing: Timing) -> None:
+        """Release a read-ahead that no pass will use."""
+        if self.first is not None:
+            timing.wait(self.take()).release()
+
+
 def units(layers: Sequence[Layer], sep_layer: bool) -> list[list[int]]:
     """Indices of the layers scheduled together: each alone, or a block's attention with its MLP."""
     if sep_layer:
@@ -90,10 +106,15 @@ def run_pass(
     timing: Timing,
     cache_mode: CacheMode = "none",
     new_cache: Callable[[int], KVCache] | None = None,
+    chain: Chain | None = None,
+    read_ahead: bool = False,
 ) -> list[Tensor]:
     """One pass over all layers for a block of micro-batches; returns each micro-batch's head output.
 
     `new_cache(k)` allocates micro-batch k's cache for one transformer block (prefill only).
+    With a `chain`, passes chain their reads: with `read_ahead`, the first unit's weights for the
+    next pass are read while this pass computes its last unit, and that pass takes them from
+    the chain.
     """
     n, last = len(steps), len(plan) - 1
 
@@ -115,12 +136,12 @@ def run_pass(
             handle.release()
 
     outputs: list[Tensor] = [None] * n  # type: ignore[list-item]
-    next_weights = io.weights.submit(weights.load, plan[0])
+    next_weights = chain.take() if chain and chain.first else io.weights.submit(weights.load, plan[0])
     next_state = io.state.submit(fetch, 0, 0)
     for u, unit in enumerate(plan):
         loaded = timing.wait(next_weights)
-        if u < last:
-            next_weights = io.weights.submit(weights.load, plan[u + 1])
+        if u < last or (chain is not None and read_ahead):
+            next_weights = io.weights.submit(weights.load, plan[(u + 1) % len(plan)])
         for k in range(n):
             h, caches, handles = timing.wait(next_state)
             following = (u, k + 1) if k + 1 < n else (u + 1, 0)
@@ -140,4 +161,6 @@ def run_pass(
                 next_state = io.state.submit(fetch, u + 1, 0)
         loaded.release()
     timing.wait(io.state.submit(lambda: None))  # every store of this pass has landed
+    if chain is not None and read_ahead:
+        chain.first = next_weights
     return outputs

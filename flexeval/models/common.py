@@ -133,15 +133,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, s
     """Masked attention of this step's queries over the cached and new keys; returns (b, s, h * d).
 
     q is (b, h, s, d); k and v are (b, kv_heads, s, d) for this step's tokens only. Without a
-    cache (scoring), the step attends to its own keys.
+    cache (scoring), the step attends to its own keys. Attention runs where the cache lives: a
+    cache kept in CPU RAM (FlexGen's CPU delegation) receives the few new rows instead of
+    sending all of its keys and values to the GPU.
     """
+    home, mask = q.device, step.attn_mask
     if cache is not None:
+        where = cache.k.device
+        if where != home:
+            q, k, v = q.to(where), k.to(where), v.to(where)
+            mask = None if mask is None else mask.to(where)
         k, v = cache.write(step.cache_start, k, v)  # (b, kv_heads, cache_start + s, d)
-    causal = step.attn_mask is None and q.shape[2] > 1  # None with one query: it sees every key
+    causal = mask is None and q.shape[2] > 1  # None with one query: it sees every key
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=step.attn_mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
-    return out.transpose(1, 2).flatten(2)  # (b, s, h * d)
+    return out.transpose(1, 2).flatten(2).to(home)  # (b, s, h * d)
 
 
 def read_out(x: Tensor, project: Callable[[Tensor], Tensor], vocab_size: int, step: Step) -> Tensor:
