@@ -78,6 +78,13 @@ def test_smollm2_knows_the_capital_of_france(smollm2: Engine) -> None:
     assert smollm2.tokenizer.decode(out).startswith(" Paris")
 
 
+def test_converted_smollm2_is_a_plain_dense_checkpoint(smollm2_dir) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    assert getattr(config, "quantization_config", None) is None and config.tie_word_embeddings
+
+
 def test_model_layers_describe_every_weight(smollm2: Engine) -> None:
     """The per-layer interface the engine schedules by: kinds in order, and bytes that add up."""
     layers = smollm2.model.layers

@@ -23,5 +23,6 @@ def convert_gguf(gguf_file: Path, directory: Path) -> None:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the same storage as the embedding; safetensors stores it once
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    del model.config.quantization_config  # the weights are dense now; other loaders must not treat them as GGUF
     model.config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

