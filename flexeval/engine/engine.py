@@ -165,7 +165,7 @@ class Engine:
         directory = registry.resolve(str(spec), cache_dir)
         model = registry.build_model(directory)
         tokenizer = registry.load_tokenizer(directory)
-        layers = iter_weights(model, Checkpoint(directory), dtype)  # checks names and shapes first
+        layers = iter_weights(model, Checkpoint(directory), dtype)  # checks names and shapes, then builds
         uses_disk = any(policy.split(kind)[2] > 0 for kind in ("w", "cache", "act"))
         on_disk = weight_bytes_per_tier(model.layers, policy, dtype)[2]
         workdir = _prepare_offload_dir(offload_dir, on_disk) if uses_disk else None

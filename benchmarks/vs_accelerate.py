@@ -1,0 +1,214 @@
+"""Generation with weights on disk: flexeval against transformers + Accelerate disk offload.
+
+Both systems run SmolLM2-135M fp32 with every weight on disk and read it from disk, not from
+the page cache: flexeval reads with O_DIRECT; for Accelerate (which memory-maps the checkpoint)
+the checkpoint's pages are dropped before every module runs. Prompts are windows of WikiText-2
+text, every sequence generates exactly `--new-tokens` tokens. Each configuration runs in its own
+process so that its peak RSS is its own; Accelerate is tried at several batch sizes and its
+best one under the RSS budget (flexeval's peak) is compared. Also prints the bound that this
+machine's measured disk bandwidth and matmul speed put on flexeval's run.
+
+    python benchmarks/vs_accelerate.py --prompts 256 --prompt-tokens 128 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import data_dir, wikitext_tokens  # noqa: E402
+
+
+def prompts(tokenizer, args) -> torch.Tensor:
+    tokens = wikitext_tokens(tokenizer, args.data_dir, args.prompts * args.prompt_tokens)
+    return torch.tensor(tokens).view(args.prompts, args.prompt_tokens)
+
+
+def run_flexeval(args) -> dict:
+    from flexeval import Engine, Policy
+    from flexeval.models import registry
+
+    policy = Policy(
+        gpu_batch_size=args.gpu_batch_size,
+        num_gpu_batches=args.num_gpu_batches,
+        w_gpu_percent=0,
+        w_cpu_percent=0,
+    )
+    with tempfile.TemporaryDirectory() as offload:
+        engine = Engine.load(registry.DEFAULT_MODEL, policy=policy, offload_dir=offload)
+        ids = prompts(engine.tokenizer, args)
+        start = time.perf_counter()
+        out = engine.generate(list(ids), max_new_tokens=args.new_tokens, stop_token_ids=[])
+        seconds = time.perf_counter() - start
+        stats = engine.stats
+        engine.close()
+    assert all(len(o) == args.new_tokens for o in out)
+    return {
+        "seconds": seconds,
+        "bytes_read": stats.tiers["weights"]["disk"]["bytes_read"],
+        "compute_seconds": stats.compute_seconds,
+        "io_wait_seconds": stats.io_wait_seconds,
+    }
+
+
+def run_accelerate(args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexeval.models import registry
+
+    directory = registry.resolve(registry.DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    names = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"]
+    device_map = {name: "disk" for name in names} | {f"model.layers.{i}": "disk" for i in range(30)}
+    with tempfile.TemporaryDirectory() as offload:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, device_map=device_map, offload_folder=offload, dtype=torch.float32
+        )
+        weights = os.open(directory / "model.safetensors", os.O_RDONLY)
+
+        def evict(*_) -> None:  # the next module's weights come from disk, not the page cache
+            os.posix_fadvise(weights, 0, 0, os.POSIX_FADV_DONTNEED)
+
+        for module in [model.model.embed_tokens, *model.model.layers, model.lm_head]:
+            module.register_forward_pre_hook(evict)
+        ids = prompts(tokenizer, args)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for b in range(0, len(ids), args.batch_size):
+                batch = ids[b : b + args.batch_size]
+                out = model.generate(
+                    batch,
+                    attention_mask=torch.ones_like(batch),
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                )
+                assert out.shape[1] == args.prompt_tokens + args.new_tokens
+        seconds = time.perf_counter() - start
+        os.close(weights)
+    return {"seconds": seconds}
+
+
+def measure_machine(path: Path) -> tuple[float, float]:
+    """(disk bytes/s with direct I/O on `path`'s file system, fp32 matmul FLOP/s)."""
+    size = 256 * 2**20
+    with tempfile.NamedTemporaryFile(dir=path) as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())
+        fd = os.open(f.name, os.O_RDONLY | os.O_DIRECT)
+        raw = torch.empty(size + 4096, dtype=torch.uint8)
+        buffer = memoryview(raw[-raw.data_ptr() % 4096 :][:size].numpy())
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        start = time.perf_counter()
+        done = 0
+        while done < size:
+            done += os.preadv(fd, [buffer[done:]], done)
+        disk = size / (time.perf_counter() - start)
+        os.close(fd)
+    a = torch.randn(2048, 2048)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    flops = 10 * 2 * 2048**3 / (time.perf_counter() - start)
+    return disk, flops
+
+
+def child(args) -> int:
+    result = run_flexeval(args) if args.system == "flexeval" else run_accelerate(args)
+    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result))
+    return 0
+
+
+def spawn(args, system: str, **extra) -> dict:
+    cmd = [sys.executable, __file__, "--system", system, *forwarded(args)]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def forwarded(args) -> list[str]:
+    return [
+        "--prompts", str(args.prompts), "--prompt-tokens", str(args.prompt_tokens),
+        "--new-tokens", str(args.new_tokens), "--data-dir", str(args.data_dir),
+        "--gpu-batch-size", str(args.gpu_batch_size), "--num-gpu-batches", str(args.num_gpu_batches),
+    ]  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--gpu-batch-size", type=int, default=32)
+    parser.add_argument("--num-gpu-batches", type=int, default=8)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--data-dir", type=Path, default=data_dir())
+    parser.add_argument("--system", choices=["flexeval", "accelerate"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.system:
+        return child(args)
+
+    new = args.prompts * args.new_tokens
+    ours = spawn(args, "flexeval")
+    budget = ours["peak_rss"]
+    print(
+        f"SmolLM2-135M fp32, weights on disk, {args.prompts} prompts x {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens each; RSS budget = flexeval's peak, {budget / 1e6:.0f} MB"
+    )
+    print(f"{'system':<28}{'seconds':>9}{'new tok/s':>11}{'peak RSS MB':>13}")
+    print(
+        f"{'flexeval ' + str(args.gpu_batch_size) + 'x' + str(args.num_gpu_batches):<28}"
+        f"{ours['seconds']:>9.1f}{new / ours['seconds']:>11.2f}{budget / 1e6:>13.0f}"
+    )
+    best = None
+    for batch_size in args.batch_sizes:
+        theirs = spawn(args, "accelerate", batch_size=batch_size)
+        fits = theirs["peak_rss"] <= budget
+        print(
+            f"{'accelerate batch ' + str(batch_size):<28}{theirs['seconds']:>9.1f}"
+            f"{new / theirs['seconds']:>11.2f}{theirs['peak_rss'] / 1e6:>13.0f}{'' if fits else '  over budget'}"
+        )
+        if fits and (best is None or theirs["seconds"] < best[1]["seconds"]):
+            best = (batch_size, theirs)
+    if best is None:
+        print("no Accelerate batch size fits the budget")
+    else:
+        print(f"flexeval / accelerate (batch {best[0]}): {best[1]['seconds'] / ours['seconds']:.2f}x")
+
+    disk, flops = measure_machine(Path(tempfile.gettempdir()))
+    passes = 1 + (args.new_tokens - 1)  # one prefill pass, then one pass per fed-back token, per block
+    blocks = -(-args.prompts // (args.gpu_batch_size * args.num_gpu_batches))
+    read = ours["bytes_read"]
+    params = 134_515_008
+    tokens = args.prompts * (args.prompt_tokens + args.new_tokens - 1)
+    io_bound, compute_bound = read / disk, 2 * params * tokens / flops
+    bound = max(io_bound, compute_bound)
+    print(
+        f"bound: {blocks} block(s) x {passes} passes read {read / 1e9:.2f} GB at {disk / 1e9:.2f} GB/s = "
+        f"{io_bound:.1f} s; 2 x {params / 1e6:.0f} M params x {tokens} tokens at {flops / 1e9:.0f} GFLOP/s = "
+        f"{compute_bound:.1f} s; overlapped bound max = {bound:.1f} s"
+    )
+    print(
+        f"flexeval reaches {bound / ours['seconds']:.0%} of the bound "
+        f"(compute {ours['compute_seconds']:.1f} s, waiting for I/O {ours['io_wait_seconds']:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
