@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import weakref
 import zipfile
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -146,7 +146,8 @@ def iter_weights(model: Model, checkpoint: Checkpoint, dtype: torch.dtype) -> It
     """Each layer's weights in order, built from the checkpoint by the model's table, on the CPU.
 
     One layer at a time, so that placing weights on disk never needs the whole model in memory;
-    a tensor that several layers share (tied embeddings) is built once and handed to each.
+    a tensor that several layers share (tied embeddings) is handed to each as the same tensor
+    while it is alive (placed in memory), and read again once it is not (written to disk).
     Names and shapes are all checked first: a tensor the model needs but the checkpoint lacks,
     one the checkpoint has that the model would silently ignore, or a shape the config does not
     imply, means a wrong family or variant, and is reported before any work is done.
@@ -170,15 +171,13 @@ def iter_weights(model: Model, checkpoint: Checkpoint, dtype: torch.dtype) -> It
                     f"{shapes}, the config implies {param.shape}: config and weights disagree"
                 )
 
-    uses = Counter(p.sources for layer in model.layers for p in layer.params.values())
-    shared: dict[tuple[str, ...], Tensor] = {}
+    shared: weakref.WeakValueDictionary[tuple[str, ...], Tensor] = weakref.WeakValueDictionary()
 
     def build(param: Param) -> Tensor:
-        if param.sources in shared:
-            return shared[param.sources]
-        parts = [checkpoint.get(names[source]) for source in param.sources]
-        tensor = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).to(dtype)
-        if uses[param.sources] > 1:
+        tensor = shared.get(param.sources)
+        if tensor is None:
+            parts = [checkpoint.get(names[source]) for source in param.sources]
+            tensor = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).to(dtype)
             shared[param.sources] = tensor
         return tensor
 
