@@ -114,7 +114,8 @@ def test_tiers_round_trip_bit_for_bit(dtype: torch.dtype, tmp_path: Path) -> Non
         fetched = tier.get("x")
         assert all(torch.equal(fetched.bundle[k], bundle[k]) for k in bundle)
         tier.release(fetched)
-        assert tier.stats.bytes_read == tier.stats.bytes_written == sum(t.nbytes for t in bundle.values())
+        moved = 0 if isinstance(tier, MemoryTier) else sum(t.nbytes for t in bundle.values())  # CPU-only: in place
+        assert tier.stats.bytes_read == tier.stats.bytes_written == moved
         tier.evict("x")
         assert tier.stats.held == 0
     assert list(tmp_path.iterdir()) == []

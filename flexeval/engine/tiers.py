@@ -60,8 +60,8 @@ def nbytes(bundle: Bundle) -> int:
 
 @dataclass
 class TierStats:
-    bytes_read: int = 0  # fetched from this tier by `get`
-    bytes_written: int = 0  # stored into this tier by `put`
+    bytes_read: int = 0  # copied out of this tier by `get` (handing out tensors in place copies nothing)
+    bytes_written: int = 0  # copied into this tier by `put`
     held: int = 0  # bytes stored now
     peak: int = 0  # most bytes stored at once
     io_seconds: float = 0.0  # time spent in this tier's reads and writes
@@ -97,6 +97,7 @@ class Fetched:
 
     bundle: Bundle
     buffer: Tensor | None = None
+    copied: bool = True  # False when the tier handed out its own tensors
 
 
 class Tier(ABC):
@@ -110,14 +111,15 @@ class Tier(ABC):
     def put(self, key: str, bundle: Bundle) -> None:
         size = nbytes(bundle)
         start = time.perf_counter()
-        self._put(key, bundle)
-        self.stats.count(written=size, held=size - self._sizes.get(key, 0), seconds=time.perf_counter() - start)
+        copied = self._put(key, bundle)
+        held = size - self._sizes.get(key, 0)
+        self.stats.count(written=size if copied else 0, held=held, seconds=time.perf_counter() - start)
         self._sizes[key] = size
 
     def get(self, key: str) -> Fetched:
         start = time.perf_counter()
         fetched = self._get(key)
-        self.stats.count(read=self._sizes[key], seconds=time.perf_counter() - start)
+        self.stats.count(read=self._sizes[key] if fetched.copied else 0, seconds=time.perf_counter() - start)
         return fetched
 
     def release(self, fetched: Fetched) -> None:  # noqa: B027 - only tiers that stage through buffers override it
@@ -131,7 +133,8 @@ class Tier(ABC):
         return key in self._sizes
 
     @abstractmethod
-    def _put(self, key: str, bundle: Bundle) -> None: ...
+    def _put(self, key: str, bundle: Bundle) -> bool:
+        """Store the bundle; True if its bytes were copied (False: kept the caller's tensors)."""
 
     @abstractmethod
     def _get(self, key: str) -> Fetched: ...
@@ -154,13 +157,16 @@ class MemoryTier(Tier):
         self.pin = pin and home.type == "cpu" and device.type == "cuda"
         self._data: dict[str, Bundle] = {}
 
-    def _put(self, key: str, bundle: Bundle) -> None:
+    def _put(self, key: str, bundle: Bundle) -> bool:
         on_home = all(t.device == self.home for t in bundle.values()) and not self.pin
         self._data[key] = bundle if on_home else to_device(bundle, self.home, pin=self.pin)
+        return not on_home
 
     def _get(self, key: str) -> Fetched:
         bundle = self._data[key]
-        return Fetched(bundle if self.home == self.device else to_device(bundle, self.device))
+        if self.home == self.device:
+            return Fetched(bundle, copied=False)
+        return Fetched(to_device(bundle, self.device))
 
     def _evict(self, key: str) -> None:
         del self._data[key]
@@ -223,7 +229,7 @@ class DiskTier(Tier):
     def _path(self, key: str) -> Path:
         return self.directory / (key.replace("/", "__") + ".bin")
 
-    def _put(self, key: str, bundle: Bundle) -> None:
+    def _put(self, key: str, bundle: Bundle) -> bool:
         entries, offset = [], 0
         for name, tensor in bundle.items():
             entries.append(_Entry(name, tensor.dtype, tuple(tensor.shape), offset))
@@ -249,6 +255,7 @@ class DiskTier(Tier):
         if self.durable:
             os.replace(target, path)
         self._layout[key] = (entries, offset)
+        return True
 
     def _get(self, key: str) -> Fetched:
         entries, size = self._layout[key]
