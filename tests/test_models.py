@@ -88,7 +88,8 @@ def test_converted_smollm2_is_a_plain_dense_checkpoint(smollm2_dir) -> None:
 def test_model_layers_describe_every_weight(smollm2: Engine) -> None:
     """The per-layer interface the engine schedules by: kinds in order, and bytes that add up."""
     layers = smollm2.model.layers
-    assert [layer.kind for layer in layers[:3]] == ["embed", "attention", "mlp"] and layers[-1].kind == "head"
+    assert [layer.kind for layer in layers[:3]] == ["embed", "attention", "mlp"]
+    assert [layer.kind for layer in layers[-2:]] == ["head", "unembed"]
     assert sum(layer.kind == "attention" for layer in layers) == smollm2.model.num_blocks == 30
     bundles = smollm2.weights.load(range(len(layers))).bundles
     unique = {t.data_ptr(): t for bundle in bundles for t in bundle.values()}  # tied embedding counted once

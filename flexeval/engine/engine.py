@@ -9,6 +9,7 @@ token), so models stay pure layer math and the schedule stays one loop.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import shutil
 import tempfile
@@ -23,15 +24,16 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from flexeval.engine.batch import TokenSeq, as_token_lists, attention_mask, left_pad, positions
-from flexeval.engine.generation import Decoding, Sampling, pick_tokens
+from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
-from flexeval.engine.schedule import CacheMode, Chain, Executors, Timing, run_pass, units
+from flexeval.engine.readout import ScoreReadout, TokenReadout
+from flexeval.engine.schedule import CacheMode, Executors, Timing, run_pass, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, Tier
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
 from flexeval.models.checkpoint import Checkpoint, iter_weights
-from flexeval.models.common import KVCache, Model, Step
+from flexeval.models.common import KVCache, Model, Readout, Step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TENSOR_CLASSES = ("weights", "cache", "act")
@@ -117,6 +119,18 @@ def _prepare_offload_dir(offload_dir: str | Path | None, needed: int) -> Path:
     return workdir
 
 
+def release_free_memory() -> None:
+    """Give the memory that glibc keeps after frees back to the system (a no-op elsewhere).
+
+    Loading streams several times the model's bytes through short-lived tensors, and a run frees
+    its working memory at the end; glibc keeps such memory in its heaps for reuse, so without
+    this the process would carry it for the rest of its life.
+    """
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class Engine:
     """A model whose weights, KV cache and activations live where a `Policy` says."""
 
@@ -138,10 +152,9 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.policy = policy
-        self.plan = units(model.layers, policy.sep_layer)
+        self.plan = units(model.layers, policy.sep_layer, dtype)
         self.io = Executors.make(policy.overlap)
         self.stats = RunStats()
-        self._chain = Chain()
         self._finalizer = weakref.finalize(self, _cleanup, self.io, workdir)
 
     @classmethod
@@ -180,6 +193,7 @@ class Engine:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
+        release_free_memory()
         return cls(model, store, tiers, tokenizer, device, dtype, policy, workdir)
 
     def close(self) -> None:
@@ -198,14 +212,14 @@ class Engine:
         self._check_positions([len(s) - 1 for s in seqs], "logprobs")
         results: list[Tensor] = [torch.empty(0) for _ in seqs]
         timing, start = self._begin()
-        blocks = list(self._blocks([i for i, s in enumerate(seqs) if len(s) > 1], seqs))
-        for b, block in enumerate(blocks):
+        for block in self._blocks([i for i, s in enumerate(seqs) if len(s) > 1], seqs):
             steps, lengths = zip(*(self._scoring_step([seqs[i] for i in mb]) for mb in block))
             state = self._block_state(len(block))
             try:
-                outputs = self._pass(state, list(steps), timing, more=b + 1 < len(blocks))
+                outputs = self._pass(state, list(steps), timing)
             finally:
                 state.close()
+                release_free_memory()  # the block's state and working memory, before the next block
             for mb, out, n in zip(block, outputs, lengths):
                 for i, lp in zip(mb, out.cpu().split(n)):
                     results[i] = lp
@@ -240,14 +254,17 @@ class Engine:
         stops = torch.tensor(self._stop_ids(stop_token_ids), dtype=torch.long)
         generator = None if sampling.greedy else torch.Generator(self.device).manual_seed(seed)
 
-        def readout(logits: Tensor, chunk: slice) -> Tensor:
-            return pick_tokens(logits, sampling, generator)
+        def readout(n: int) -> Readout:
+            return TokenReadout(n, self.model.vocab_size, sampling, generator, self.device)
 
         results: list[list[int]] = [[] for _ in seqs]
         timing, start = self._begin()
         for block in self._blocks([i for i in range(len(seqs)) if budgets[i] > 0], seqs):
             runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device) for mb in block]
-            steps = [self._step(r.batch.ids, r.positions, r.batch.valid, 0, r.prefill_rows(), readout) for r in runs]
+            steps = [
+                self._step(r.batch.ids, r.positions, r.batch.valid, 0, r.prefill_rows(), readout(len(r.outputs)))
+                for r in runs
+            ]
             state = self._block_state(len(block))
             try:
                 prefill = time.perf_counter()
@@ -258,10 +275,11 @@ class Engine:
                     fed = [r.record(out) for r, out in zip(runs, outputs)]
                     if all(r.done for r in runs):
                         break
-                    steps = [self._decode_step(r, tokens, readout) for r, tokens in zip(runs, fed)]
+                    steps = [self._decode_step(r, tokens, readout(len(tokens))) for r, tokens in zip(runs, fed)]
                     outputs = self._pass(state, steps, timing, "stored")
             finally:
                 state.close()
+                release_free_memory()  # the block's state and working memory, before the next block
             for mb, run in zip(block, runs):
                 for i, out in zip(mb, run.outputs):
                     results[i] = out
@@ -289,12 +307,9 @@ class Engine:
         timing: Timing,
         cache_mode: CacheMode = "none",
         new_cache: Callable[[int], KVCache] | None = None,
-        more: bool = True,
     ) -> list[Tensor]:
-        """Run one pass; `more` says another pass follows, whose first weights may be read ahead."""
-        chain = self._chain if self.policy.overlap else None
         layers, plan = self.model.layers, self.plan
-        return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache, chain, more)
+        return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache)
 
     def _step(
         self,
@@ -303,7 +318,7 @@ class Engine:
         valid_keys: Tensor,
         cache_start: int,
         head_rows: Tensor,
-        readout: Callable[[Tensor, slice], Tensor],
+        readout: Readout,
     ) -> Step:
         rope = self.model.rotary(pos, self.dtype) if self.model.rotary else None
         mask = attention_mask(valid_keys, ids.shape[1], self.model.sliding_window)
@@ -316,13 +331,10 @@ class Engine:
         rows = inputs.valid.flatten().nonzero().squeeze(1)  # every real input token predicts one target
         targets = left_pad([s[1:] for s in seqs], self.device).ids.flatten()[rows]
 
-        def readout(logits: Tensor, chunk: slice) -> Tensor:
-            return logits.log_softmax(-1).gather(1, targets[chunk, None]).squeeze(1)
-
-        step = self._step(inputs.ids, positions(inputs.valid), inputs.valid, 0, rows, readout)
+        step = self._step(inputs.ids, positions(inputs.valid), inputs.valid, 0, rows, ScoreReadout(targets))
         return step, inputs.lengths.tolist()
 
-    def _decode_step(self, run: Decoding, tokens: Tensor, readout: Callable[[Tensor, slice], Tensor]) -> Step:
+    def _decode_step(self, run: Decoding, tokens: Tensor, readout: Readout) -> Step:
         column = run.batch.width + run.t - 1  # where the fed token's keys and values go
         rows = torch.arange(len(tokens), device=self.device)
         return self._step(tokens, run.positions, run.valid[:, : column + 1], column, rows, readout)
@@ -336,7 +348,6 @@ class Engine:
 
     def _begin(self) -> tuple[Timing, float]:
         self.stats = RunStats()
-        self._chain = Chain()
         for tiers in self.tiers.values():
             for tier in tiers:
                 if tier is not None:
@@ -344,7 +355,6 @@ class Engine:
         return Timing(), time.perf_counter()
 
     def _end(self, timing: Timing) -> None:
-        self._chain.close(timing)
         self.stats.compute_seconds = timing.compute_seconds
         self.stats.io_wait_seconds = timing.wait_seconds
         self.stats.tiers = {

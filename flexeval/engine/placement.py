@@ -15,7 +15,7 @@ import torch
 
 from flexeval.engine.policy import Policy
 from flexeval.engine.tiers import Bundle, Fetched, Tier, distribute
-from flexeval.models.common import KVCache, Layer
+from flexeval.models.common import ROWS, KVCache, Layer
 
 
 @dataclass
@@ -61,16 +61,21 @@ class WeightStore:
             if part:
                 tier.put(f"w/{self.layers[j].name}", part)
 
-    def load(self, indices: Sequence[int]) -> Loaded:
+    def load(self, indices: Sequence[int], rows: torch.Tensor | None = None) -> Loaded:
+        """The weights of these layers; of their token-indexed tables only `rows` (sorted token ids),
+        which the layer finds beside them under ROWS."""
         loaded = Loaded([])
         for j in indices:
-            bundle: Bundle = {}
-            for tier in self.tiers:
-                key = f"w/{self.layers[j].name}"
+            layer, bundle = self.layers[j], {}
+            wanted = {} if rows is None else {name: rows for name, p in layer.params.items() if p.by_token}
+            for t, tier in enumerate(self.tiers):
+                key = f"w/{layer.name}"
                 if tier is not None and key in tier:
-                    fetched = tier.get(key)
+                    fetched = tier.get(key, {n: r for n, r in wanted.items() if self.tier_of[j, n] == t})
                     bundle |= fetched.bundle
                     loaded.handles.append((tier, fetched))
+            if wanted:
+                bundle[ROWS] = rows
             loaded.bundles.append(bundle)
         return loaded
 

@@ -1,9 +1,10 @@
 """The block schedule: one pass of the weights serves every micro-batch of a block.
 
-For each scheduling unit u (a layer, or a block's attention + MLP when `sep_layer` is off):
-load its weights once, then run every micro-batch k of the block through it. With overlap,
-the next unit's weights are read while unit u computes, and micro-batch k+1's hidden state and
-KV cache are fetched while k computes (FlexGen's zig-zag order). Without overlap the very same
+For each scheduling unit u (a layer, or a block's attention + MLP when `sep_layer` is off, or a
+slice of the unembedding): load its weights once, then run every micro-batch k of the block
+through it. With overlap, the next unit's weights are read while unit u computes, and
+micro-batch k+1's hidden state and KV cache are fetched while k computes (FlexGen's zig-zag
+order). Without overlap the very same
 loop runs with executors that do each task on the spot: the reference for tests and debugging.
 """
 
@@ -15,12 +16,14 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from flexeval.engine.placement import BlockState, Loaded, WeightStore
 from flexeval.models.common import KVCache, Layer, Step
 
 CacheMode = Literal["none", "new", "stored"]  # scoring / prefill of a generation / decoding
+UNEMBED_SLICE_BYTES = 4 * 2**20  # weights of one vocabulary slice of the unembedding
 
 
 class Inline(Executor):
@@ -67,38 +70,45 @@ class Timing:
         return result
 
 
-class Chain:
-    """The next pass's first weights, read ahead while a pass ends (the embedding is large)."""
+@dataclass(frozen=True)
+class Unit:
+    """Layers whose weights are loaded once and run together over every micro-batch.
 
-    def __init__(self) -> None:
-        self.first: Future | None = None
+    A unit with `vocab` holds a slice [start, stop) of the unembedding, so that the output
+    projection streams through a few megabytes at a time; a unit with `tokens` holds the
+    embedding, of which only the rows of the pass's tokens are loaded.
+    """
 
-    def take(self) -> Future:
-        first, self.first = self.first, None
-        return first
+    layers: tuple[int, ...]
+    vocab: tuple[int, int] | None = None
+    tokens: bool = False
 
-    def close(self, timing: Timing) -> None:
-        """Release a read-ahead that no pass will use."""
-        if self.first is not None:
-            timing.wait(self.take()).release()
+    def rows(self, token_ids: Tensor) -> Tensor | None:
+        if self.vocab is not None:
+            return torch.arange(*self.vocab, device=token_ids.device)
+        return token_ids if self.tokens else None
 
 
-def units(layers: Sequence[Layer], sep_layer: bool) -> list[list[int]]:
-    """Indices of the layers scheduled together: each alone, or a block's attention with its MLP."""
-    if sep_layer:
-        return [[j] for j in range(len(layers))]
-    grouped: list[list[int]] = []
+def units(layers: Sequence[Layer], sep_layer: bool, dtype: torch.dtype) -> list[Unit]:
+    """The schedule's units: each layer alone, or a block's attention with its MLP; the
+    unembedding cut into vocabulary slices of about `UNEMBED_SLICE_BYTES`."""
+    grouped: list[Unit] = []
     for j, layer in enumerate(layers):
-        if layer.kind == "mlp" and grouped and layers[grouped[-1][-1]].kind == "attention":
-            grouped[-1].append(j)
+        by_token = [p for p in layer.params.values() if p.by_token]
+        if layer.kind == "unembed":
+            vocab, row_bytes = by_token[0].shape[0], by_token[0].nbytes(dtype) // by_token[0].shape[0]
+            rows = max(1, UNEMBED_SLICE_BYTES // row_bytes)
+            grouped += [Unit((j,), (v, min(v + rows, vocab))) for v in range(0, vocab, rows)]
+        elif not sep_layer and layer.kind == "mlp" and grouped and layers[grouped[-1].layers[-1]].kind == "attention":
+            grouped[-1] = Unit((*grouped[-1].layers, j))
         else:
-            grouped.append([j])
+            grouped.append(Unit((j,), tokens=bool(by_token)))
     return grouped
 
 
 def run_pass(
     layers: Sequence[Layer],
-    plan: list[list[int]],
+    plan: Sequence[Unit],
     weights: WeightStore,
     state: BlockState,
     steps: Sequence[Step],
@@ -106,61 +116,55 @@ def run_pass(
     timing: Timing,
     cache_mode: CacheMode = "none",
     new_cache: Callable[[int], KVCache] | None = None,
-    chain: Chain | None = None,
-    read_ahead: bool = False,
 ) -> list[Tensor]:
-    """One pass over all layers for a block of micro-batches; returns each micro-batch's head output.
+    """One pass over all layers for a block of micro-batches; returns each step's readout result.
 
     `new_cache(k)` allocates micro-batch k's cache for one transformer block (prefill only).
-    With a `chain`, passes chain their reads: with `read_ahead`, the first unit's weights for the
-    next pass are read while this pass computes its last unit, and that pass takes them from
-    the chain.
     """
     n, last = len(steps), len(plan) - 1
+    token_ids = torch.unique(torch.cat([step.ids.flatten() for step in steps]))  # sorted
 
     def fetch(u: int, k: int) -> tuple[Tensor | None, dict[int, KVCache], list[Loaded]]:
         h, loaded = state.load_hidden(k) if u > 0 else (None, Loaded([]))
         caches, handles = {}, [loaded]
         if cache_mode == "stored":
-            for block in (layers[j].block for j in plan[u] if layers[j].block is not None):
+            for block in (layers[j].block for j in plan[u].layers if layers[j].block is not None):
                 caches[block], handle = state.load_cache(block, k)
                 handles.append(handle)
         return h, caches, handles
 
-    def store(u: int, k: int, h: Tensor, caches: dict[int, KVCache], handles: list[Loaded]) -> None:
-        if u < last:
+    def store(u: int, k: int, h: Tensor, changed: bool, caches: dict[int, KVCache], handles: list[Loaded]) -> None:
+        if u < last and changed:
             state.store_hidden(k, h)
         for block, cache in caches.items():
             state.store_cache(block, k, cache)
         for handle in handles:
             handle.release()
 
-    outputs: list[Tensor] = [None] * n  # type: ignore[list-item]
-    next_weights = chain.take() if chain and chain.first else io.weights.submit(weights.load, plan[0])
+    def load(u: int) -> Loaded:
+        return weights.load(plan[u].layers, plan[u].rows(token_ids))
+
+    next_weights = io.weights.submit(load, 0)
     next_state = io.state.submit(fetch, 0, 0)
     for u, unit in enumerate(plan):
         loaded = timing.wait(next_weights)
-        if u < last or (chain is not None and read_ahead):
-            next_weights = io.weights.submit(weights.load, plan[(u + 1) % len(plan)])
+        if u < last:
+            next_weights = io.weights.submit(load, u + 1)
         for k in range(n):
             h, caches, handles = timing.wait(next_state)
             following = (u, k + 1) if k + 1 < n else (u + 1, 0)
             if n > 1 and following[0] <= last:  # k+1's input does not depend on this computation
                 next_state = io.state.submit(fetch, *following)
-            start = time.perf_counter()
-            for j, bundle in zip(unit, loaded.bundles):
+            start, given = time.perf_counter(), h
+            for j, bundle in zip(unit.layers, loaded.bundles):
                 layer = layers[j]
                 if layer.block is not None and cache_mode == "new":
                     caches[layer.block] = new_cache(k)
                 h = layer.forward(bundle, h, steps[k], caches.get(layer.block))
             timing.compute_seconds += time.perf_counter() - start
-            if u == last:
-                outputs[k] = h
-            io.state.submit(store, u, k, h, caches, handles)
+            io.state.submit(store, u, k, h, h is not given, caches, handles)
             if n == 1 and u < last:
                 next_state = io.state.submit(fetch, u + 1, 0)
         loaded.release()
     timing.wait(io.state.submit(lambda: None))  # every store of this pass has landed
-    if chain is not None and read_ahead:
-        chain.first = next_weights
-    return outputs
+    return [step.readout.result() for step in steps]

@@ -3,7 +3,9 @@
 Every tier stores *bundles* (a dict of named tensors: one layer's weights, one micro-batch's KV
 cache or hidden state) under a key, with the same `put` / `get` / `release` / `evict`; `get`
 always answers with tensors on the compute device, so the schedule asks for "layer j's weights"
-and never branches on where they are. All movement goes through `to_device`.
+and never branches on where they are. `get` can also fetch only some rows of a tensor (the
+embedding rows of the tokens at hand, a slice of the vocabulary). All movement goes through
+`to_device`.
 
 On a machine without CUDA the compute device *is* CPU RAM: the compute and CPU tiers then hold
 tensors in place and `get` costs nothing; only the disk tier moves bytes.
@@ -15,7 +17,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +27,13 @@ from torch import Tensor
 from flexeval.errors import FlexevalError
 
 Bundle = dict[str, Tensor]
+Rows = Mapping[str, Tensor]  # tensor name -> sorted, distinct indices of the rows to fetch
 ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffer addresses aligned to the logical block size
 POOL_GRANULE = 2 * 2**20
+# Row reads: ranges closer than ROW_GAP_BYTES are read as one (a seek costs more than the
+# bytes), and no single read exceeds ROW_READ_BYTES, which bounds the staging memory.
+ROW_GAP_BYTES = 256 * 2**10
+ROW_READ_BYTES = 4 * 2**20
 
 
 def distribute(sizes: Sequence[int], shares: Sequence[float]) -> list[int]:
@@ -93,11 +100,19 @@ class TierStats:
 
 @dataclass
 class Fetched:
-    """A bundle on the compute device; `buffer` is the staging memory to hand back after use."""
+    """A bundle on the compute device; `buffers` is the staging memory to hand back after use."""
 
     bundle: Bundle
-    buffer: Tensor | None = None
-    copied: bool = True  # False when the tier handed out its own tensors
+    read: int  # bytes copied out of the tier (0 when it handed out its own tensors)
+    buffers: list[Tensor] = field(default_factory=list)
+
+
+def select_rows(tensor: Tensor, rows: Tensor) -> Tensor:
+    """The given rows of a tensor: a view when they are contiguous, else a copy."""
+    first, count = int(rows[0]), len(rows)
+    if int(rows[-1]) - first + 1 == count:
+        return tensor.narrow(0, first, count)
+    return tensor.index_select(0, rows.to(tensor.device))
 
 
 class Tier(ABC):
@@ -116,10 +131,11 @@ class Tier(ABC):
         self.stats.count(written=size if copied else 0, held=held, seconds=time.perf_counter() - start)
         self._sizes[key] = size
 
-    def get(self, key: str) -> Fetched:
+    def get(self, key: str, rows: Rows | None = None) -> Fetched:
+        """The bundle stored under key, or with `rows` only those rows of the tensors it names."""
         start = time.perf_counter()
-        fetched = self._get(key)
-        self.stats.count(read=self._sizes[key] if fetched.copied else 0, seconds=time.perf_counter() - start)
+        fetched = self._get(key, rows or {})
+        self.stats.count(read=fetched.read, seconds=time.perf_counter() - start)
         return fetched
 
     def release(self, fetched: Fetched) -> None:  # noqa: B027 - only tiers that stage through buffers override it
@@ -137,7 +153,7 @@ class Tier(ABC):
         """Store the bundle; True if its bytes were copied (False: kept the caller's tensors)."""
 
     @abstractmethod
-    def _get(self, key: str) -> Fetched: ...
+    def _get(self, key: str, rows: Rows) -> Fetched: ...
 
     @abstractmethod
     def _evict(self, key: str) -> None: ...
@@ -162,11 +178,11 @@ class MemoryTier(Tier):
         self._data[key] = bundle if on_home else to_device(bundle, self.home, pin=self.pin)
         return not on_home
 
-    def _get(self, key: str) -> Fetched:
-        bundle = self._data[key]
+    def _get(self, key: str, rows: Rows) -> Fetched:
+        bundle = {name: select_rows(t, rows[name]) if name in rows else t for name, t in self._data[key].items()}
         if self.home == self.device:
-            return Fetched(bundle, copied=False)
-        return Fetched(to_device(bundle, self.device))
+            return Fetched(bundle, read=0)
+        return Fetched(to_device(bundle, self.device), read=nbytes(bundle))
 
     def _evict(self, key: str) -> None:
         del self._data[key]
@@ -257,39 +273,66 @@ class DiskTier(Tier):
         self._layout[key] = (entries, offset)
         return True
 
-    def _get(self, key: str) -> Fetched:
+    def _get(self, key: str, rows: Rows) -> Fetched:
         entries, size = self._layout[key]
-        buffer = self.pool.acquire(size)
         path = self._path(key)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         except OSError:  # file systems without direct I/O (tmpfs): plain reads, pages dropped below
             fd = os.open(path, os.O_RDONLY)
         try:
-            view = memoryview(buffer.numpy())
-            done = 0
-            while done < size:
-                n = os.preadv(fd, [view[done:]], done)
-                if n <= 0:
-                    raise OSError(f"unexpected end of {path}")
-                done += n
+            if rows:
+                fetched = self._read_parts(fd, path, entries, rows)
+            else:
+                buffer = self.pool.acquire(size)
+                _pread(fd, path, buffer[:size], 0)
+                fetched = Fetched({e.name: _view(buffer, e, e.offset) for e in entries}, size, [buffer])
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        bundle = {
-            e.name: buffer[e.offset : e.offset + _numel(e) * e.dtype.itemsize].view(e.dtype).view(e.shape)
-            for e in entries
-        }
         if self.device.type == "cpu":
-            return Fetched(bundle, buffer)
-        uploaded = to_device(bundle, self.device)
+            return fetched
+        uploaded = to_device(fetched.bundle, self.device)
         torch.cuda.current_stream(self.device).synchronize()
-        self.pool.release(buffer)
-        return Fetched(uploaded)
+        self.release(fetched)
+        return Fetched(uploaded, fetched.read)
+
+    def _read_parts(self, fd: int, path: Path, entries: list[_Entry], rows: Rows) -> Fetched:
+        """Whole tensors, and the requested rows of the others, each read with as few calls as sensible."""
+        fetched = Fetched({}, 0)
+        for e in entries:
+            if e.name not in rows:
+                size = _aligned(_numel(e) * e.dtype.itemsize)
+                buffer = self.pool.acquire(size)
+                _pread(fd, path, buffer[:size], e.offset)
+                fetched.bundle[e.name], fetched.read = _view(buffer, e, 0), fetched.read + size
+                fetched.buffers.append(buffer)
+                continue
+            wanted = rows[e.name].tolist()
+            ranges = _row_ranges(e, wanted)
+            if len(ranges) == 1:  # one contiguous read (a vocabulary slice): hand out a view of it
+                start, end, _, _ = ranges[0]
+                buffer = self.pool.acquire(end - start)
+                _pread(fd, path, buffer[: end - start], start)
+                fetched.bundle[e.name], fetched.read = _rows_view(buffer, e, start, wanted), fetched.read + end - start
+                fetched.buffers.append(buffer)
+                continue
+            table = torch.empty((len(wanted), *e.shape[1:]), dtype=e.dtype)
+            buffer = self.pool.acquire(ROW_READ_BYTES)
+            try:
+                for start, end, first, count in ranges:
+                    _pread(fd, path, buffer[: end - start], start)
+                    table[first : first + count] = _rows_view(buffer, e, start, wanted[first : first + count])
+                    fetched.read += end - start
+            finally:
+                self.pool.release(buffer)
+            fetched.bundle[e.name] = table
+        return fetched
 
     def release(self, fetched: Fetched) -> None:
-        if fetched.buffer is not None:
-            self.pool.release(fetched.buffer)
+        for buffer in fetched.buffers:
+            self.pool.release(buffer)
+        fetched.buffers.clear()
 
     def _evict(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -298,3 +341,48 @@ class DiskTier(Tier):
 
 def _numel(entry: _Entry) -> int:
     return torch.Size(entry.shape).numel()
+
+
+def _row_bytes(entry: _Entry) -> int:
+    return torch.Size(entry.shape[1:]).numel() * entry.dtype.itemsize
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _view(buffer: Tensor, entry: _Entry, offset: int) -> Tensor:
+    return buffer[offset : offset + _numel(entry) * entry.dtype.itemsize].view(entry.dtype).view(entry.shape)
+
+
+def _rows_view(buffer: Tensor, entry: _Entry, start: int, rows: list[int]) -> Tensor:
+    """Rows `rows` (sorted) of a tensor, from a buffer holding its file from byte `start` on."""
+    offset, span = entry.offset + rows[0] * _row_bytes(entry) - start, rows[-1] - rows[0] + 1
+    table = buffer[offset : offset + span * _row_bytes(entry)].view(entry.dtype).view(span, *entry.shape[1:])
+    if span == len(rows):
+        return table
+    return table.index_select(0, torch.tensor(rows) - rows[0])
+
+
+def _row_ranges(entry: _Entry, rows: list[int]) -> list[tuple[int, int, int, int]]:
+    """Aligned file ranges covering the rows, merged across small gaps: (start, end, first, count),
+    where rows[first : first + count] lie in [start, end)."""
+    row_bytes, ranges = _row_bytes(entry), []
+    for i, row in enumerate(rows):
+        lo = (entry.offset + row * row_bytes) // ALIGN * ALIGN
+        hi = _aligned(entry.offset + (row + 1) * row_bytes)
+        if ranges and lo - ranges[-1][1] <= ROW_GAP_BYTES and hi - ranges[-1][0] <= ROW_READ_BYTES:
+            start, _, first, count = ranges[-1]
+            ranges[-1] = (start, max(hi, ranges[-1][1]), first, count + 1)
+        else:
+            ranges.append((lo, hi, i, 1))
+    return ranges
+
+
+def _pread(fd: int, path: Path, into: Tensor, offset: int) -> None:
+    view, done = memoryview(into.numpy()), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of {path}")
+        done += n

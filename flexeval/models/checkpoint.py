@@ -23,13 +23,18 @@ from flexeval.models.common import Model, Param
 
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Bigger safetensors tensors are copied out a slice of rows at a time, each through its own
+# mapping of the file: mapped pages count as this process's memory until they are unmapped.
+READ_SLICE_BYTES = 16 * 2**20
 
 
 class Checkpoint:
     """The tensors of a checkpoint directory, by name, read lazily from their files.
 
     A safetensors file is opened (memory-mapped) only for the one read and closed right after,
-    so the pages of tensors already handed over stop counting against this process's memory.
+    so the pages of tensors already handed over stop counting against this process's memory; a
+    big tensor is read a slice at a time, so that its copy and its mapped pages never both
+    exist in full.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -94,8 +99,20 @@ class Checkpoint:
         return self._shapes[name]
 
     def get(self, name: str) -> Tensor:
-        with self._open(self._files[name]) as handle:
-            return handle.get(name)
+        path, shape = self._files[name], self._shapes[name]
+        with self._open(path) as handle:
+            if path.suffix != ".safetensors" or not shape:
+                return handle.get(name)
+            first = handle.get_rows(name, 0, 1)
+        rows = max(1, READ_SLICE_BYTES // max(first.nbytes, 1))
+        if rows >= shape[0]:
+            with self._open(path) as handle:
+                return handle.get(name)
+        tensor = torch.empty(shape, dtype=first.dtype)
+        for start in range(0, shape[0], rows):
+            with self._open(path) as handle:
+                tensor[start : start + rows] = handle.get_rows(name, start, start + rows)
+        return tensor
 
 
 class _SafetensorsReader:
@@ -110,6 +127,9 @@ class _SafetensorsReader:
 
     def get(self, name: str) -> Tensor:
         return self.handle.get_tensor(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self.handle.get_slice(name)[start:stop]
 
 
 class _BinReader:

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Weights = Mapping[str, Tensor]
-LayerKind = Literal["embed", "attention", "mlp", "head"]
+LayerKind = Literal["embed", "attention", "mlp", "head", "unembed"]
 
-# Vocabulary logits materialised at once by the head: bounds its working memory (two copies
-# exist briefly, logits and log-softmax) while keeping each matmul large enough to run at speed.
-HEAD_CHUNK_BYTES = 16 * 2**20
+# A layer whose weights are tables indexed by token id gets, beside them, under this key the
+# sorted token ids of the rows it was given: the embedding only needs the rows of the tokens
+# being read, and the unembedding is streamed a slice of the vocabulary at a time.
+ROWS = "rows"
+# Logits materialised at once by the unembedding: bounds its working memory while keeping each
+# matmul large enough to run at speed.
+LOGITS_CHUNK_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Param:
 
     shape: tuple[int, ...]
     sources: tuple[str, ...]
+    by_token: bool = False  # rows are token ids: a layer may be given only some of them (see ROWS)
 
     def nbytes(self, dtype: torch.dtype) -> int:
         return torch.Size(self.shape).numel() * dtype.itemsize
@@ -54,6 +59,15 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class Readout(Protocol):
+    """Reduces the logits of a step's head rows, which arrive a block of rows and vocabulary at a time."""
+
+    def update(self, logits: Tensor, rows: slice, first_token: int) -> None:
+        """logits: (m, w) float32 for head rows `rows` and token ids [first_token, first_token + w)."""
+
+    def result(self) -> Tensor: ...
+
+
 @dataclass
 class Step:
     """One forward pass over a left-padded batch: everything a layer needs besides its weights."""
@@ -63,7 +77,7 @@ class Step:
     attn_mask: Tensor | None  # (b, 1, s, cache_start + s) bool, True = may attend; None = plain causal
     cache_start: int  # column of the first token of this step in the KV cache
     head_rows: Tensor  # (n,) indices into the flattened (b * s) tokens that need logits
-    readout: Callable[[Tensor, slice], Tensor]  # (logits (m, vocab) for head_rows[slice]) -> (m,)
+    readout: Readout  # what becomes of those logits
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin: (b, s, head_dim), for rotary families
 
 
@@ -151,16 +165,30 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, s
     return out.transpose(1, 2).flatten(2).to(home)  # (b, s, h * d)
 
 
-def read_out(x: Tensor, project: Callable[[Tensor], Tensor], vocab_size: int, step: Step) -> Tensor:
-    """Project the rows that need logits to the vocabulary a chunk at a time and reduce each chunk.
+def embed_tokens(w: Weights, name: str, ids: Tensor) -> Tensor:
+    """Look token ids up in the embedding rows this layer was given (all of them without w[ROWS])."""
+    rows = w.get(ROWS)
+    return F.embedding(ids if rows is None else torch.searchsorted(rows, ids), w[name])
 
-    x is (n, d) for `step.head_rows`; full-vocabulary logits for all n rows would not fit in
-    memory at evaluation batch sizes, so only `HEAD_CHUNK_BYTES` of them exist at once.
+
+def unembed(w: Weights, x: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+    """Logits of the head rows x (n, d) for the vocabulary slice w[ROWS], into the step's readout.
+
+    The full (n, vocab) logits would not fit in memory at evaluation batch sizes, so they are
+    produced a slice of the vocabulary (one weight read) and `LOGITS_CHUNK_BYTES` at a time.
+    Returns x unchanged: the next slice needs the same rows.
     """
-    rows = max(1, HEAD_CHUNK_BYTES // (vocab_size * 4))
-    chunks = (slice(i, i + rows) for i in range(0, x.shape[0], rows))
-    out = [step.readout(project(x[chunk]).float(), chunk) for chunk in chunks]
-    return torch.cat(out) if out else x.new_empty(0)
+    table, first = w["lm_head"], int(w[ROWS][0]) if ROWS in w else 0
+    rows = max(1, LOGITS_CHUNK_BYTES // (table.shape[0] * 4))
+    for i in range(0, x.shape[0], rows):
+        chunk = slice(i, min(i + rows, x.shape[0]))
+        step.readout.update(F.linear(x[chunk], table).float(), chunk, first)
+    return x
+
+
+def unembedding(vocab_size: int, width: int, source: str) -> Layer:
+    """The output projection to the vocabulary, the same in every family."""
+    return Layer("unembed", "unembed", {"lm_head": Param((vocab_size, width), (source,), by_token=True)}, unembed)
 
 
 def gather_rows(h: Tensor, step: Step) -> Tensor:

@@ -26,11 +26,12 @@ from flexeval.models.common import (
     Weights,
     apply_rotary,
     attend,
+    embed_tokens,
     gather_rows,
-    read_out,
     rms_norm,
     rotary_tables,
     split_heads,
+    unembedding,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -95,7 +96,7 @@ class LlamaConfig:
 
 
 def embed(w: Weights, h: Tensor | None, step: Step, cache: KVCache | None) -> Tensor:
-    return F.embedding(step.ids, w["tokens"])  # (b, s, d)
+    return embed_tokens(w, "tokens", step.ids)  # (b, s, d)
 
 
 def attention(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
@@ -115,8 +116,7 @@ def mlp(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | No
 
 
 def head(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
-    x = rms_norm(gather_rows(h, step), w["norm"], cfg.rms_norm_eps)  # (n, d)
-    return read_out(x, lambda rows: F.linear(rows, w["lm_head"]), cfg.vocab_size, step)
+    return rms_norm(gather_rows(h, step), w["norm"], cfg.rms_norm_eps)  # (n, d): the unembedding's input
 
 
 def build(hf: PretrainedConfig) -> Model:
@@ -155,11 +155,11 @@ def build(hf: PretrainedConfig) -> Model:
 
     embedding = "model.embed_tokens.weight"
     lm_head = embedding if cfg.tie_word_embeddings else "lm_head.weight"
-    layers = [Layer("embed", "embed", {"tokens": param((cfg.vocab_size, d), embedding)}, embed)]
+    layers = [Layer("embed", "embed", {"tokens": Param((cfg.vocab_size, d), (embedding,), by_token=True)}, embed)]
     for i in range(cfg.num_layers):
         layers.extend(blocks(i))
-    head_params = {"norm": param((d,), "model.norm.weight"), "lm_head": param((cfg.vocab_size, d), lm_head)}
-    layers.append(Layer("head", "head", head_params, partial(head, cfg)))
+    layers.append(Layer("head", "head", {"norm": param((d,), "model.norm.weight")}, partial(head, cfg)))
+    layers.append(unembedding(cfg.vocab_size, d, lm_head))
 
     inv_freq = torch.tensor(cfg.rope_inv_freq)
     return Model(

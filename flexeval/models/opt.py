@@ -24,10 +24,11 @@ from flexeval.models.common import (
     Step,
     Weights,
     attend,
+    embed_tokens,
     gather_rows,
     layer_norm,
-    read_out,
     split_heads,
+    unembedding,
 )
 
 MODEL_TYPES = ("opt",)
@@ -79,7 +80,7 @@ class OPTConfig:
 
 
 def embed(cfg: OPTConfig, w: Weights, h: Tensor | None, step: Step, cache: KVCache | None) -> Tensor:
-    x = F.embedding(step.ids, w["tokens"])  # (b, s, word_embed_proj_dim)
+    x = embed_tokens(w, "tokens", step.ids)  # (b, s, word_embed_proj_dim)
     if cfg.projects:
         x = F.linear(x, w["project_in"])  # (b, s, d)
     return x + F.embedding(step.positions + POSITION_OFFSET, w["positions"])
@@ -113,7 +114,7 @@ def head(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | Non
         x = layer_norm(x, w["norm"], w["norm_bias"], LAYER_NORM_EPS)
     if cfg.projects:
         x = F.linear(x, w["project_out"])  # (n, word_embed_proj_dim)
-    return read_out(x, lambda rows: F.linear(rows, w["lm_head"]), cfg.vocab_size, step)
+    return x  # the unembedding's input
 
 
 def build(hf: PretrainedConfig) -> Model:
@@ -133,7 +134,7 @@ def build(hf: PretrainedConfig) -> Model:
 
     embedding = top + "embed_tokens.weight"
     embed_params = {
-        "tokens": Param((cfg.vocab_size, proj), (embedding,)),
+        "tokens": Param((cfg.vocab_size, proj), (embedding,), by_token=True),
         "positions": Param((cfg.context_length + POSITION_OFFSET, d), (top + "embed_positions.weight",)),
     }
     if cfg.projects:
@@ -150,14 +151,11 @@ def build(hf: PretrainedConfig) -> Model:
         layers.append(Layer(f"layers.{i}.attention", "attention", attn, partial(attention, cfg), block=i))
         layers.append(Layer(f"layers.{i}.mlp", "mlp", ffn, partial(mlp, cfg)))
 
-    head_params = {
-        "lm_head": Param((cfg.vocab_size, proj), (embedding if cfg.tie_word_embeddings else "lm_head.weight",))
-    }
-    if cfg.final_norm:
-        head_params |= norm(top + "final_layer_norm")
+    head_params = norm(top + "final_layer_norm") if cfg.final_norm else {}
     if cfg.projects:
         head_params["project_out"] = Param((proj, d), (top + "project_out.weight",))
     layers.append(Layer("head", "head", head_params, partial(head, cfg)))
+    layers.append(unembedding(cfg.vocab_size, proj, embedding if cfg.tie_word_embeddings else "lm_head.weight"))
 
     return Model(
         family="opt",

@@ -1,0 +1,63 @@
+"""What becomes of the logits: they arrive a slice of the vocabulary at a time, never whole.
+
+The unembedding streams its weights a vocabulary slice at a time (see `schedule.units`), so a
+readout reduces each (rows × slice) block of logits as it comes: scoring keeps an online
+log-sum-exp and the target's logit, greedy decoding a running maximum; only sampling, which
+needs the whole distribution of its few rows, keeps their full logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flexeval.engine.generation import Sampling, pick_tokens
+
+
+class ScoreReadout:
+    """log p(target) for each head row: target logit minus the log-sum-exp over the vocabulary."""
+
+    def __init__(self, targets: Tensor) -> None:
+        self.targets = targets
+        self.max = torch.full(targets.shape, float("-inf"), device=targets.device)
+        self.sum = torch.zeros(targets.shape, device=targets.device)
+        self.target_logit = torch.zeros(targets.shape, device=targets.device)
+
+    def update(self, logits: Tensor, rows: slice, first_token: int) -> None:
+        old = self.max[rows]
+        new = torch.maximum(old, logits.amax(-1))
+        self.sum[rows] = self.sum[rows] * (old - new).exp() + (logits - new[:, None]).exp_().sum(-1)
+        self.max[rows] = new
+        column = self.targets[rows] - first_token
+        inside = (column >= 0) & (column < logits.shape[1])
+        picked = logits.gather(1, column.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+        self.target_logit[rows] = torch.where(inside, picked, self.target_logit[rows])
+
+    def result(self) -> Tensor:
+        return self.target_logit - self.max - self.sum.log()
+
+
+class TokenReadout:
+    """The next token of each head row: the first maximum (greedy), or a sample of the full logits."""
+
+    def __init__(
+        self, n: int, vocab_size: int, sampling: Sampling, generator: torch.Generator | None, device: torch.device
+    ) -> None:
+        self.sampling, self.generator = sampling, generator
+        if sampling.greedy:
+            self.best = torch.full((n,), float("-inf"), device=device)
+            self.token = torch.zeros(n, dtype=torch.long, device=device)
+        else:
+            self.logits = torch.empty(n, vocab_size, device=device)
+
+    def update(self, logits: Tensor, rows: slice, first_token: int) -> None:
+        if not self.sampling.greedy:
+            self.logits[rows, first_token : first_token + logits.shape[1]] = logits
+            return
+        value, index = logits.max(-1)
+        better = value > self.best[rows]  # strictly: ties keep the earlier token, as argmax does
+        self.best[rows] = torch.where(better, value, self.best[rows])
+        self.token[rows] = torch.where(better, index + first_token, self.token[rows])
+
+    def result(self) -> Tensor:
+        return self.token if self.sampling.greedy else pick_tokens(self.logits, self.sampling, self.generator)
