@@ -30,9 +30,12 @@ Bundle = dict[str, Tensor]
 Rows = Mapping[str, Tensor]  # tensor name -> sorted, distinct indices of the rows to fetch
 ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffer addresses aligned to the logical block size
 POOL_GRANULE = 2 * 2**20
-# Row reads: ranges closer than ROW_GAP_BYTES are read as one (a seek costs more than the
-# bytes), and no single read exceeds ROW_READ_BYTES, which bounds the staging memory.
-ROW_GAP_BYTES = 256 * 2**10
+# Row reads: ranges closer than ROW_GAP_BYTES are read as one, and no single read exceeds
+# ROW_READ_BYTES, which bounds the staging memory. On this project's reference SSD a direct read
+# call costs about as much as 64 KiB of transfer; 16 KiB keeps most of that saving while the
+# bytes read stay close to the rows asked for (2,123 embedding rows: 17 MB in 86 ms, where
+# reading every page singly takes 156 ms and merging 256 KiB gaps reads 73 MB).
+ROW_GAP_BYTES = 16 * 2**10
 ROW_READ_BYTES = 4 * 2**20
 
 

@@ -25,7 +25,7 @@ from flexeval.models.common import Model, Param
 RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Bigger safetensors tensors are copied out a slice of rows at a time, each through its own
 # mapping of the file: mapped pages count as this process's memory until they are unmapped.
-READ_SLICE_BYTES = 16 * 2**20
+READ_SLICE_BYTES = 4 * 2**20
 
 
 class Checkpoint:
