@@ -4,8 +4,8 @@ For each scheduling unit u (a layer, or a block's attention + MLP when `sep_laye
 slice of the unembedding): load its weights once, then run every micro-batch k of the block
 through it. With overlap, the next unit's weights are read while unit u computes, and
 micro-batch k+1's hidden state and KV cache are fetched while k computes (FlexGen's zig-zag
-order). Without overlap the very same
-loop runs with executors that do each task on the spot: the reference for tests and debugging.
+order). Without overlap the very same loop runs with executors that do each task on the spot:
+the reference for tests and debugging.
 """
 
 from __future__ import annotations
