@@ -6,6 +6,7 @@ biases, Mistral a sliding attention window; both are Llama otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -54,7 +55,7 @@ class LlamaConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    hidden_act: str
+    hidden_act: Callable[[Tensor], Tensor]  # resolved once: ACT2FN builds a new module per lookup
     rope_inv_freq: tuple[float, ...]
     rope_scale: float
     sliding_window: int | None = None
@@ -88,7 +89,7 @@ class LlamaConfig:
             qkv_bias=attention_bias or hf.model_type == "qwen2",
             o_bias=attention_bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            hidden_act=hf.hidden_act,
+            hidden_act=ACT2FN[hf.hidden_act],
             rope_inv_freq=tuple(inv_freq.tolist()),
             rope_scale=float(scale),
             sliding_window=getattr(hf, "sliding_window", None) if hf.model_type == "mistral" else None,
@@ -112,7 +113,7 @@ def attention(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCach
 def mlp(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
     x = rms_norm(h, w["norm"], cfg.rms_norm_eps)
     gate, up = F.linear(x, w["w13"], w.get("b13")).chunk(2, dim=-1)  # (b, s, intermediate) each
-    return h + F.linear(ACT2FN[cfg.hidden_act](gate) * up, w["w2"], w.get("b2"))
+    return h + F.linear(cfg.hidden_act(gate) * up, w["w2"], w.get("b2"))
 
 
 def head(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:

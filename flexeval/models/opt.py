@@ -7,6 +7,7 @@ embeddings in and out of a narrower width and normalises after each sub-block (p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -48,7 +49,7 @@ class OPTConfig:
     pre_norm: bool  # do_layer_norm_before; False only for opt-350m
     final_norm: bool
     bias: bool
-    activation: str
+    activation: Callable[[Tensor], Tensor]  # resolved once: ACT2FN builds a new module per lookup
     tie_word_embeddings: bool
 
     @property
@@ -74,7 +75,7 @@ class OPTConfig:
             pre_norm=hf.do_layer_norm_before,
             final_norm=hf.do_layer_norm_before and not getattr(hf, "_remove_final_layer_norm", False),
             bias=getattr(hf, "enable_bias", True),
-            activation=hf.activation_function,
+            activation=ACT2FN[hf.activation_function],
             tie_word_embeddings=bool(hf.tie_word_embeddings),
         )
 
@@ -104,8 +105,10 @@ def attention(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache 
 
 
 def mlp(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
-    act = ACT2FN[cfg.activation]
-    return residual(cfg, w, h, lambda x: F.linear(act(F.linear(x, w["fc1"], w.get("b1"))), w["fc2"], w.get("b2")))
+    def feed_forward(x: Tensor) -> Tensor:
+        return F.linear(cfg.activation(F.linear(x, w["fc1"], w.get("b1"))), w["fc2"], w.get("b2"))
+
+    return residual(cfg, w, h, feed_forward)
 
 
 def head(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
