@@ -61,6 +61,10 @@ class WeightStore:
             if part:
                 tier.put(f"w/{self.layers[j].name}", part)
 
+    def moves(self, indices: Sequence[int]) -> bool:
+        """Whether loading these layers copies anything (else there is nothing to overlap)."""
+        return any(not self.tiers[self.tier_of[j, name]].in_place for j in indices for name in self.layers[j].params)
+
     def load(self, indices: Sequence[int], rows: torch.Tensor | None = None) -> Loaded:
         """The weights of these layers; of their token-indexed tables only `rows` (sorted token ids),
         which the layer finds beside them under ROWS."""
@@ -98,6 +102,12 @@ class BlockState:
             (b, k): units[b * micro_batches + k] for b in range(num_blocks) for k in range(micro_batches)
         }
         self._stored: dict[str, Tier] = {}
+
+    @property
+    def moves(self) -> bool:
+        """Whether any of this block's hidden states or caches live where fetching them copies."""
+        used = [self.act_tiers[t] for t in self.act_tier] + [self.cache_tiers[t] for t in self.cache_tier.values()]
+        return any(not tier.in_place for tier in used)
 
     def load_hidden(self, k: int) -> tuple[torch.Tensor | None, Loaded]:
         tier = self.act_tiers[self.act_tier[k]]

@@ -122,7 +122,9 @@ def run_pass(
     `new_cache(k)` allocates micro-batch k's cache for one transformer block (prefill only).
     """
     n, last = len(steps), len(plan) - 1
-    token_ids = torch.unique(torch.cat([step.ids.flatten() for step in steps]))  # sorted
+    token_ids = torch.unique(torch.cat([step.ids.flatten() for step in steps]).cpu())  # sorted
+    inline = Inline()  # what moves nothing is done on the spot: a thread hand-off would cost more
+    state_io = io.state if state.moves else inline
 
     def fetch(u: int, k: int) -> tuple[Tensor | None, dict[int, KVCache], list[Loaded]]:
         h, loaded = state.load_hidden(k) if u > 0 else (None, Loaded([]))
@@ -141,20 +143,21 @@ def run_pass(
         for handle in handles:
             handle.release()
 
-    def load(u: int) -> Loaded:
-        return weights.load(plan[u].layers, plan[u].rows(token_ids))
+    def load(u: int) -> Future:
+        executor = io.weights if weights.moves(plan[u].layers) else inline
+        return executor.submit(weights.load, plan[u].layers, plan[u].rows(token_ids))
 
-    next_weights = io.weights.submit(load, 0)
-    next_state = io.state.submit(fetch, 0, 0)
+    next_weights = load(0)
+    next_state = state_io.submit(fetch, 0, 0)
     for u, unit in enumerate(plan):
         loaded = timing.wait(next_weights)
         if u < last:
-            next_weights = io.weights.submit(load, u + 1)
+            next_weights = load(u + 1)
         for k in range(n):
             h, caches, handles = timing.wait(next_state)
             following = (u, k + 1) if k + 1 < n else (u + 1, 0)
             if n > 1 and following[0] <= last:  # k+1's input does not depend on this computation
-                next_state = io.state.submit(fetch, *following)
+                next_state = state_io.submit(fetch, *following)
             start, given = time.perf_counter(), h
             for j, bundle in zip(unit.layers, loaded.bundles):
                 layer = layers[j]
@@ -162,9 +165,9 @@ def run_pass(
                     caches[layer.block] = new_cache(k)
                 h = layer.forward(bundle, h, steps[k], caches.get(layer.block))
             timing.compute_seconds += time.perf_counter() - start
-            io.state.submit(store, u, k, h, h is not given, caches, handles)
+            state_io.submit(store, u, k, h, h is not given, caches, handles)
             if n == 1 and u < last:
-                next_state = io.state.submit(fetch, u + 1, 0)
+                next_state = state_io.submit(fetch, u + 1, 0)
         loaded.release()
-    timing.wait(io.state.submit(lambda: None))  # every store of this pass has landed
+    timing.wait(state_io.submit(lambda: None))  # every store of this pass has landed
     return [step.readout.result() for step in steps]

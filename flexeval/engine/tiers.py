@@ -8,7 +8,8 @@ embedding rows of the tokens at hand, a slice of the vocabulary). All movement g
 `to_device`.
 
 On a machine without CUDA the compute device *is* CPU RAM: the compute and CPU tiers then hold
-tensors in place and `get` costs nothing; only the disk tier moves bytes.
+tensors in place and `get` costs nothing; only the disk tier moves bytes. On CUDA each tier copies
+on its own stream, so that uploads and downloads run beside the compute stream's kernels.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,9 +60,16 @@ def distribute(sizes: Sequence[int], shares: Sequence[float]) -> list[int]:
 
 
 def to_device(bundle: Bundle, device: torch.device, pin: bool = False) -> Bundle:
-    """The one copy function: a bundle's tensors on `device` (pinned when staging in CPU RAM for CUDA)."""
+    """The one copy function: a bundle's tensors on `device` (pinned when staging in CPU RAM for CUDA).
+
+    Copies are asynchronous on CUDA: the tier that asked synchronises its stream before handing
+    the tensors on.
+    """
     if pin:
-        return {k: t.to("cpu").pin_memory() for k, t in bundle.items()}
+        return {
+            k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for k, t in bundle.items()
+        }
     return {k: t.to(device, non_blocking=True) for k, t in bundle.items()}
 
 
@@ -125,11 +134,18 @@ class Tier(ABC):
         self.device = device
         self.stats = TierStats()
         self._sizes: dict[str, int] = {}
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @property
+    @abstractmethod
+    def in_place(self) -> bool:
+        """True when `get` hands out the stored tensors themselves: nothing to move, nothing to overlap."""
 
     def put(self, key: str, bundle: Bundle) -> None:
         size = nbytes(bundle)
         start = time.perf_counter()
-        copied = self._put(key, bundle)
+        with self._copying(after_compute=True):
+            copied = self._put(key, bundle)
         held = size - self._sizes.get(key, 0)
         self.stats.count(written=size if copied else 0, held=held, seconds=time.perf_counter() - start)
         self._sizes[key] = size
@@ -137,9 +153,28 @@ class Tier(ABC):
     def get(self, key: str, rows: Rows | None = None) -> Fetched:
         """The bundle stored under key, or with `rows` only those rows of the tensors it names."""
         start = time.perf_counter()
-        fetched = self._get(key, rows or {})
+        with self._copying(after_compute=False):
+            fetched = self._get(key, rows or {})
+        if self._stream is not None and fetched.read:
+            compute = torch.cuda.default_stream(self.device)
+            for tensor in fetched.bundle.values():  # their memory is not reused until compute is done with it
+                if tensor.is_cuda:
+                    tensor.record_stream(compute)
         self.stats.count(read=fetched.read, seconds=time.perf_counter() - start)
         return fetched
+
+    @contextmanager
+    def _copying(self, after_compute: bool) -> Iterator[None]:
+        """Copy on this tier's CUDA stream and wait for the copies; a store first waits for the
+        compute stream's queued kernels, which produce what it copies out."""
+        if self._stream is None or self.in_place:
+            yield
+            return
+        if after_compute:
+            self._stream.wait_stream(torch.cuda.default_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            yield
+        self._stream.synchronize()
 
     def release(self, fetched: Fetched) -> None:  # noqa: B027 - only tiers that stage through buffers override it
         """Hand back the staging memory of a `get` once its tensors are no longer used."""
@@ -175,6 +210,10 @@ class MemoryTier(Tier):
         self.home = home
         self.pin = pin and home.type == "cpu" and device.type == "cuda"
         self._data: dict[str, Bundle] = {}
+
+    @property
+    def in_place(self) -> bool:
+        return self.home == self.device
 
     def _put(self, key: str, bundle: Bundle) -> bool:
         on_home = all(t.device == self.home for t in bundle.values()) and not self.pin
@@ -244,6 +283,10 @@ class DiskTier(Tier):
         self.durable = durable
         self.pool = BufferPool(pin=pin and device.type == "cuda")
         self._layout: dict[str, tuple[list[_Entry], int]] = {}
+
+    @property
+    def in_place(self) -> bool:
+        return False
 
     def _path(self, key: str) -> Path:
         return self.directory / (key.replace("/", "__") + ".bin")

@@ -168,7 +168,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, s
 def embed_tokens(w: Weights, name: str, ids: Tensor) -> Tensor:
     """Look token ids up in the embedding rows this layer was given (all of them without w[ROWS])."""
     rows = w.get(ROWS)
-    return F.embedding(ids if rows is None else torch.searchsorted(rows, ids), w[name])
+    return F.embedding(ids if rows is None else torch.searchsorted(rows.to(ids.device), ids), w[name])
 
 
 def unembed(w: Weights, x: Tensor, step: Step, cache: KVCache | None) -> Tensor:
