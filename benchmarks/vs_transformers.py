@@ -33,13 +33,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--data-dir", type=Path, default=data_dir())
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args()
 
-    engine = Engine.load(registry.DEFAULT_MODEL, dtype=args.dtype, policy=Policy(gpu_batch_size=args.prompts))
+    policy = Policy(gpu_batch_size=args.prompts)
+    engine = Engine.load(registry.DEFAULT_MODEL, dtype=args.dtype, policy=policy, device=args.device)
+    device = engine.device
     tokens = wikitext_tokens(engine.tokenizer, args.data_dir, args.prompts * args.prompt_tokens)
     ids = torch.tensor(tokens).view(args.prompts, args.prompt_tokens)
     directory = registry.resolve(registry.DEFAULT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, args.dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, args.dtype)).eval().to(device)
 
     def ours() -> float:
         start = time.perf_counter()
@@ -50,13 +53,15 @@ def main() -> int:
     def theirs() -> float:
         start = time.perf_counter()
         model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
+            ids.to(device),
+            attention_mask=torch.ones_like(ids, device=device),
             max_new_tokens=args.new_tokens,
             min_new_tokens=args.new_tokens,
             do_sample=False,
             pad_token_id=engine.tokenizer.pad_token_id or 0,
         )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {"flexeval": [], "transformers": []}
@@ -65,8 +70,9 @@ def main() -> int:
         times["transformers"].append(theirs())
     new = args.prompts * args.new_tokens
     print(
-        f"SmolLM2-135M {args.dtype}, everything resident, batch {args.prompts}: {args.prompt_tokens}-token prompts, "
-        f"{args.new_tokens} new tokens each; median of {args.repeats} alternating runs"
+        f"SmolLM2-135M {args.dtype} on {device}, everything resident, batch {args.prompts}: "
+        f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens each; "
+        f"median of {args.repeats} alternating runs"
     )
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, seconds in median.items():
