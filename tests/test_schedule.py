@@ -166,6 +166,20 @@ def test_disk_bytes_read_per_block_are_one_pass_of_the_disk_weights(tmp_path: Pa
     assert engine.stats.prefill_tokens == sum(len(s) - 1 for s in seqs[:16])
 
 
+@pytest.mark.parametrize("fields", [DISK, dict(w_gpu_percent=0, w_cpu_percent=100), {}])
+def test_tied_embeddings_are_stored_once(fields: dict, tmp_path: Path) -> None:
+    engine = Engine.load("tiny-opt", policy=Policy(**fields), offload_dir=tmp_path)
+    layers = engine.model.layers
+    per_layer = sum(layer.nbytes(torch.float32) for layer in layers)
+    table = layers[0].params["tokens"].nbytes(torch.float32)
+    assert engine.model.nbytes(torch.float32) == per_layer - table  # the unembedding is the embedding
+    held = sum(tier.stats.held for tier in engine.tiers["weights"] if tier is not None)
+    assert held == engine.model.nbytes(torch.float32)
+    (embedding,), (unembedding,) = (engine.weights.load([j]).bundles for j in (0, len(layers) - 1))
+    torch.testing.assert_close(embedding["tokens"], unembedding["lm_head"], rtol=0, atol=0)
+    engine.close()
+
+
 def test_generation_reports_throughput_and_stops_early() -> None:
     engine = Engine.load("tiny-llama", policy=Policy(gpu_batch_size=4, num_gpu_batches=2))
     _, prompts = workload()

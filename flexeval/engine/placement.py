@@ -31,9 +31,21 @@ class Loaded:
         self.handles.clear()
 
 
-def weight_tiers(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> dict[tuple[int, str], int]:
-    """The tier of every weight tensor, keyed by (layer index, tensor name)."""
-    names = [(j, name) for j, layer in enumerate(layers) for name in layer.params]
+WeightKey = tuple[int, str]  # (layer index, tensor name)
+
+
+def owners(layers: Sequence[Layer]) -> dict[WeightKey, WeightKey]:
+    """Each weight's owner: the first weight built from the same checkpoint tensors. Tied
+    tensors (an embedding reused as the unembedding) are stored once, by their owner."""
+    first: dict[tuple[str, ...], WeightKey] = {}
+    return {
+        (j, n): first.setdefault(p.sources, (j, n)) for j, layer in enumerate(layers) for n, p in layer.params.items()
+    }
+
+
+def weight_tiers(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> dict[WeightKey, int]:
+    """The tier of every stored weight tensor (owners only, see `owners`)."""
+    names = [key for key, owner in owners(layers).items() if key == owner]
     sizes = [layers[j].params[name].nbytes(dtype) for j, name in names]
     return dict(zip(names, distribute(sizes, policy.split("w"))))
 
@@ -46,24 +58,25 @@ def weight_bytes_per_tier(layers: Sequence[Layer], policy: Policy, dtype: torch.
 
 
 class WeightStore:
-    """Every layer's weights, each tensor on the tier the policy assigned it."""
+    """Every layer's weights, each tensor on the tier the policy assigned it (tied ones once)."""
 
     def __init__(
         self, layers: Sequence[Layer], tiers: Sequence[Tier | None], policy: Policy, dtype: torch.dtype
     ) -> None:
         self.layers = layers
         self.tiers = tiers
+        self.owner = owners(layers)
         self.tier_of = weight_tiers(layers, policy, dtype)
 
     def put(self, j: int, bundle: Bundle) -> None:
         for t, tier in enumerate(self.tiers):
-            part = {name: tensor for name, tensor in bundle.items() if self.tier_of[j, name] == t}
+            part = {n: tensor for n, tensor in bundle.items() if self.tier_of.get((j, n)) == t}
             if part:
-                tier.put(f"w/{self.layers[j].name}", part)
+                tier.put(self._key(j), part)
 
     def moves(self, indices: Sequence[int]) -> bool:
         """Whether loading these layers copies anything (else there is nothing to overlap)."""
-        return any(not self.tiers[self.tier_of[j, name]].in_place for j in indices for name in self.layers[j].params)
+        return any(not self.tiers[self._tier(j, name)].in_place for j in indices for name in self.layers[j].params)
 
     def load(self, indices: Sequence[int], rows: torch.Tensor | None = None) -> Loaded:
         """The weights of these layers; of their token-indexed tables only `rows` (sorted token ids),
@@ -71,17 +84,27 @@ class WeightStore:
         loaded = Loaded([])
         for j in indices:
             layer, bundle = self.layers[j], {}
-            wanted = {} if rows is None else {name: rows for name, p in layer.params.items() if p.by_token}
-            for t, tier in enumerate(self.tiers):
-                key = f"w/{layer.name}"
-                if tier is not None and key in tier:
-                    fetched = tier.get(key, {n: r for n, r in wanted.items() if self.tier_of[j, n] == t})
-                    bundle |= fetched.bundle
-                    loaded.handles.append((tier, fetched))
+            wanted = {} if rows is None else {name for name, p in layer.params.items() if p.by_token}
+            requests: dict[tuple[int, int], dict[str, str]] = {}  # (tier, owning layer) -> owner's name -> ours
+            for name in layer.params:
+                owner, owner_name = self.owner[j, name]
+                requests.setdefault((self._tier(j, name), owner), {})[owner_name] = name
+            for (t, owner), names in requests.items():
+                tier = self.tiers[t]
+                wanted_rows = {n: rows for n, ours in names.items() if ours in wanted}
+                fetched = tier.get(self._key(owner), wanted_rows, names=set(names))
+                bundle |= {names[n]: tensor for n, tensor in fetched.bundle.items()}
+                loaded.handles.append((tier, fetched))
             if wanted:
                 bundle[ROWS] = rows
             loaded.bundles.append(bundle)
         return loaded
+
+    def _key(self, j: int) -> str:
+        return f"w/{self.layers[j].name}"
+
+    def _tier(self, j: int, name: str) -> int:
+        return self.tier_of[self.owner[j, name]]
 
 
 class BlockState:

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,11 +150,12 @@ class Tier(ABC):
         self.stats.count(written=size if copied else 0, held=held, seconds=time.perf_counter() - start)
         self._sizes[key] = size
 
-    def get(self, key: str, rows: Rows | None = None) -> Fetched:
-        """The bundle stored under key, or with `rows` only those rows of the tensors it names."""
+    def get(self, key: str, rows: Rows | None = None, names: Set[str] | None = None) -> Fetched:
+        """The bundle stored under key (only its tensors in `names`, when given), with `rows` only
+        those rows of the tensors it names."""
         start = time.perf_counter()
         with self._copying(after_compute=False):
-            fetched = self._get(key, rows or {})
+            fetched = self._get(key, rows or {}, names)
         if self._stream is not None and fetched.read:
             compute = torch.cuda.default_stream(self.device)
             for tensor in fetched.bundle.values():  # their memory is not reused until compute is done with it
@@ -191,7 +192,7 @@ class Tier(ABC):
         """Store the bundle; True if its bytes were copied (False: kept the caller's tensors)."""
 
     @abstractmethod
-    def _get(self, key: str, rows: Rows) -> Fetched: ...
+    def _get(self, key: str, rows: Rows, names: Set[str] | None) -> Fetched: ...
 
     @abstractmethod
     def _evict(self, key: str) -> None: ...
@@ -220,8 +221,9 @@ class MemoryTier(Tier):
         self._data[key] = bundle if on_home else to_device(bundle, self.home, pin=self.pin)
         return not on_home
 
-    def _get(self, key: str, rows: Rows) -> Fetched:
-        bundle = {name: select_rows(t, rows[name]) if name in rows else t for name, t in self._data[key].items()}
+    def _get(self, key: str, rows: Rows, names: Set[str] | None) -> Fetched:
+        stored = self._data[key].items()
+        bundle = {n: select_rows(t, rows[n]) if n in rows else t for n, t in stored if names is None or n in names}
         if self.home == self.device:
             return Fetched(bundle, read=0)
         return Fetched(to_device(bundle, self.device), read=nbytes(bundle))
@@ -319,7 +321,7 @@ class DiskTier(Tier):
         self._layout[key] = (entries, offset)
         return True
 
-    def _get(self, key: str, rows: Rows) -> Fetched:
+    def _get(self, key: str, rows: Rows, names: Set[str] | None) -> Fetched:
         entries, size = self._layout[key]
         path = self._path(key)
         try:
@@ -327,8 +329,8 @@ class DiskTier(Tier):
         except OSError:  # file systems without direct I/O (tmpfs): plain reads, pages dropped below
             fd = os.open(path, os.O_RDONLY)
         try:
-            if rows:
-                fetched = self._read_parts(fd, path, entries, rows)
+            if rows or names is not None and names != {e.name for e in entries}:
+                fetched = self._read_parts(fd, path, [e for e in entries if names is None or e.name in names], rows)
             else:
                 buffer = self.pool.acquire(size)
                 _pread(fd, path, buffer[:size], 0)

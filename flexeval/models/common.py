@@ -109,7 +109,9 @@ class Model:
     ignored_sources: frozenset[str] = frozenset()  # checkpoint tensors we deliberately leave out
 
     def nbytes(self, dtype: torch.dtype) -> int:
-        return sum(layer.nbytes(dtype) for layer in self.layers)
+        """The weights' bytes, a tied tensor (built from the same checkpoint tensors) counted once."""
+        params = {p.sources: p for layer in self.layers for p in layer.params.values()}
+        return sum(p.nbytes(dtype) for p in params.values())
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
