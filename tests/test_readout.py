@@ -33,6 +33,16 @@ def test_streamed_greedy_picks_the_first_maximum(rows: int, width: int) -> None:
     assert torch.equal(picked, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("rows, width", [(1, 1000), (3, 7), (16, 10)])
+def test_scores_know_whether_greedy_decoding_picks_the_target(rows: int, width: int) -> None:
+    logits = torch.randint(0, 3, (16, 1000), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    first_max = logits.argmax(-1)
+    targets = torch.where(torch.arange(16) % 2 == 0, first_max, (first_max + 1) % 1000)  # half: a later tie or less
+    readout = ScoreReadout(targets)
+    stream(readout, logits, rows, width)
+    assert torch.equal(readout.greedy(), torch.arange(16) % 2 == 0)
+
+
 def test_streamed_sampling_draws_from_the_whole_distribution() -> None:
     logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(0))
     sampling = Sampling(temperature=0.7, top_k=50, top_p=0.9, seed=3)

@@ -80,3 +80,60 @@ def attention_mask(valid: Tensor, queries: int, window: int | None = None) -> Te
     mask = allowed[None] & valid[:, None, :]  # (b, q, k)
     mask |= k_col == q_col
     return mask[:, None]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A context and several continuations scored in one sequence, the context computed once.
+
+    Tokens are the context followed by each continuation but its last token; every
+    continuation continues the context's positions and attends to the context and to itself,
+    never to the other continuations (a multiple-choice document's endings in one row).
+    `heads[i]` is the token whose logits predict `targets[i]`; the context's last token
+    predicts the first token of every continuation.
+    """
+
+    ids: Tensor  # (s,)
+    positions: Tensor  # (s,)
+    segments: Tensor  # (s,) 0 on the context, i + 1 on continuation i
+    heads: Tensor  # (t,) indices into ids
+    targets: Tensor  # (t,)
+    spans: list[int]  # targets per continuation, in order
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def pack(context: Tensor, continuations: Sequence[Tensor]) -> Packed:
+    c = len(context)
+    ids, segments, positions, heads = [context], [torch.zeros(c, dtype=torch.long)], [torch.arange(c)], []
+    start = c
+    for i, cont in enumerate(continuations, 1):
+        n = len(cont) - 1  # the last token is only a target
+        ids.append(cont[:-1])
+        segments.append(torch.full((n,), i, dtype=torch.long))
+        positions.append(torch.arange(c, c + n))
+        heads.append(torch.cat((torch.tensor([c - 1]), torch.arange(start, start + n))))
+        start += n
+    return Packed(
+        torch.cat(ids),
+        torch.cat(positions),
+        torch.cat(segments),
+        torch.cat(heads),
+        torch.cat(list(continuations)),
+        [len(cont) for cont in continuations],
+    )
+
+
+def packed_mask(valid: Tensor, segments: Tensor, window: int | None = None, pos: Tensor | None = None) -> Tensor:
+    """(b, s) valid tokens and segments of packed rows -> (b, 1, s, s) bool mask: causal over
+    real tokens, and a continuation sees the context (segment 0) and itself only. A sliding
+    window counts positions, which restart for each continuation."""
+    s = valid.shape[1]
+    col = torch.arange(s, device=valid.device)
+    allowed = (col[None, :] <= col[:, None])[None] & valid[:, None, :]  # (b, q, k)
+    allowed &= (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+    if window is not None and pos is not None:
+        allowed &= pos[:, :, None] - pos[:, None, :] < window
+    allowed |= torch.eye(s, dtype=torch.bool, device=valid.device)
+    return allowed[:, None]

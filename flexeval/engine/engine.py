@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from flexeval.engine.batch import TokenSeq, as_token_lists, attention_mask, left_pad, positions
+from flexeval.engine.batch import Packed, TokenSeq, as_token_lists, attention_mask, left_pad, pack, packed_mask
 from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
@@ -58,6 +58,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype == torch.float16 and device.type == "cpu":
         raise FlexevalError("float16 is not supported on CPU (slow and overflow-prone there): use bfloat16")
     return dtype
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One continuation's log-likelihood given its context, and whether greedy decoding produces it."""
+
+    logprob: float
+    greedy: bool
 
 
 @dataclass
@@ -210,20 +218,50 @@ class Engine:
         seqs = as_token_lists(sequences, self.model.vocab_size, "logprobs")
         # the last token is only ever a target, so the model reads each sequence but its last token
         self._check_positions([len(s) - 1 for s in seqs], "logprobs")
-        results: list[Tensor] = [torch.empty(0) for _ in seqs]
+        rows = {i: pack(s[:1], [s[1:]]) for i, s in enumerate(seqs) if len(s) > 1}
+        scored = self._score(rows)
+        return [scored[i][0] if i in scored else torch.empty(0) for i in range(len(seqs))]
+
+    @torch.inference_mode()
+    def score(self, requests: Sequence[tuple[TokenSeq, Sequence[TokenSeq]]]) -> list[list[Scored]]:
+        """For each (context, continuations): every continuation's log-likelihood given the context,
+        and whether greedy decoding would produce it. A request's context is computed once for all
+        of its continuations (a multiple-choice document's endings share one sequence)."""
+        if not isinstance(requests, Sequence) or not requests:
+            raise FlexevalError("score takes a non-empty list of (context, continuations) pairs")
+        rows = {}
+        for i, request in enumerate(requests):
+            if not (isinstance(request, Sequence) and len(request) == 2 and request[1]):
+                raise FlexevalError(f"score: request {i} is not a (context, [continuation, ...]) pair")
+            context, continuations = request
+            context, *continuations = as_token_lists([context, *continuations], self.model.vocab_size, "score")
+            rows[i] = pack(context, continuations)
+        self._check_positions([int(r.positions.max()) + 1 for r in rows.values()], "score")
+        scored = self._score(rows)
+        results = []
+        for i in range(len(requests)):
+            logprobs, greedy = scored[i]
+            spans = zip(logprobs.split(rows[i].spans), greedy.split(rows[i].spans))
+            results.append([Scored(float(lp.sum()), bool(g.all())) for lp, g in spans])
+        return results
+
+    def _score(self, rows: dict[int, Packed]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Every row's (log-probability, greedy) per target, through the block schedule."""
+        results = {}
         timing, start = self._begin()
-        for block in self._blocks([i for i, s in enumerate(seqs) if len(s) > 1], seqs):
-            steps, lengths = zip(*(self._scoring_step([seqs[i] for i in mb]) for mb in block))
+        for block in self._blocks({i: len(row) for i, row in rows.items()}):
+            steps = [self._packed_step([rows[i] for i in mb]) for mb in block]
             state = self._block_state(len(block))
             try:
-                outputs = self._pass(state, list(steps), timing)
+                outputs = self._pass(state, steps, timing)
             finally:
                 state.close()
                 release_free_memory()  # the block's state and working memory, before the next block
-            for mb, out, n in zip(block, outputs, lengths):
-                for i, lp in zip(mb, out.cpu().split(n)):
-                    results[i] = lp
-        self.stats.prefill_tokens = sum(len(s) - 1 for s in seqs)
+            for mb, step, out in zip(block, steps, outputs):
+                counts = [len(rows[i].targets) for i in mb]
+                for i, lp, greedy in zip(mb, out.cpu().split(counts), step.readout.greedy().cpu().split(counts)):
+                    results[i] = (lp, greedy)
+        self.stats.prefill_tokens = sum(len(row) for row in rows.values())
         self.stats.prefill_seconds = time.perf_counter() - start
         self._end(timing)
         return results
@@ -239,12 +277,14 @@ class Engine:
         top_p: float = 1.0,
         seed: int = 0,
         stop_token_ids: Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
     ) -> list[list[int]]:
         """New token ids for each prompt: greedy unless temperature > 0.
 
-        A sequence ends after `max_new_tokens` (one number, or one per prompt) or with a stop
-        token (default: the tokenizer's end-of-sequence), which is included in its output. A
-        block stops as soon as all of its sequences have.
+        A sequence ends after `max_new_tokens` (one number, or one per prompt), with a stop
+        token (default: the tokenizer's end-of-sequence), or once its decoded text contains one
+        of `stop_strings`; the stopping token is included in its output. A block stops as soon
+        as all of its sequences have.
         """
         seqs = as_token_lists(prompts, self.model.vocab_size, "generate")
         budgets = self._budgets(max_new_tokens, len(seqs))
@@ -252,6 +292,7 @@ class Engine:
         # the last new token is only returned, never fed back, so it needs no position
         self._check_positions([len(s) + max(int(n) - 1, 0) for s, n in zip(seqs, budgets)], "generate")
         stops = torch.tensor(self._stop_ids(stop_token_ids), dtype=torch.long)
+        stopped = self._text_stop(stop_strings)
         generator = None if sampling.greedy else torch.Generator(self.device).manual_seed(seed)
 
         def readout(n: int) -> Readout:
@@ -259,10 +300,17 @@ class Engine:
 
         results: list[list[int]] = [[] for _ in seqs]
         timing, start = self._begin()
-        for block in self._blocks([i for i in range(len(seqs)) if budgets[i] > 0], seqs):
-            runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device) for mb in block]
+        for block in self._blocks({i: len(s) for i, s in enumerate(seqs) if budgets[i] > 0}):
+            runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device, stopped) for mb in block]
             steps = [
-                self._step(r.batch.ids, r.positions, r.batch.valid, 0, r.prefill_rows(), readout(len(r.outputs)))
+                self._step(
+                    r.batch.ids,
+                    r.positions,
+                    self._mask(r.batch.valid, r.batch.width),
+                    0,
+                    r.prefill_rows(),
+                    readout(len(r.outputs)),
+                )
                 for r in runs
             ]
             state = self._block_state(len(block))
@@ -289,9 +337,9 @@ class Engine:
         self._end(timing)
         return results
 
-    def _blocks(self, indices: list[int], seqs: list[Tensor]) -> Iterator[list[list[int]]]:
-        """Longest first, cut into blocks of micro-batches: similar lengths share padding."""
-        order = sorted(indices, key=lambda i: -len(seqs[i]))
+    def _blocks(self, lengths: Mapping[int, int]) -> Iterator[list[list[int]]]:
+        """Sequence indices, longest first, cut into blocks of micro-batches: similar lengths share padding."""
+        order = sorted(lengths, key=lambda i: -lengths[i])
         size, micro = self.policy.block_size, self.policy.gpu_batch_size
         for b in range(0, len(order), size):
             block = order[b : b + size]
@@ -312,32 +360,33 @@ class Engine:
         return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache)
 
     def _step(
-        self,
-        ids: Tensor,
-        pos: Tensor,
-        valid_keys: Tensor,
-        cache_start: int,
-        head_rows: Tensor,
-        readout: Readout,
+        self, ids: Tensor, pos: Tensor, mask: Tensor | None, cache_start: int, rows: Tensor, readout: Readout
     ) -> Step:
         rope = self.model.rotary(pos, self.dtype) if self.model.rotary else None
-        mask = attention_mask(valid_keys, ids.shape[1], self.model.sliding_window)
-        return Step(ids, pos, mask, cache_start, head_rows, readout, rope)
+        return Step(ids, pos, mask, cache_start, rows, readout, rope)
 
-    def _scoring_step(self, seqs: list[Tensor]) -> tuple[Step, list[int]]:
-        """Read every token but the last; the head scores each next token. Returns the step and
-        how many log-probabilities each sequence gets."""
-        inputs = left_pad([s[:-1] for s in seqs], self.device)
-        rows = inputs.valid.flatten().nonzero().squeeze(1)  # every real input token predicts one target
-        targets = left_pad([s[1:] for s in seqs], self.device).ids.flatten()[rows]
-
-        step = self._step(inputs.ids, positions(inputs.valid), inputs.valid, 0, rows, ScoreReadout(targets))
-        return step, inputs.lengths.tolist()
+    def _packed_step(self, rows: list[Packed]) -> Step:
+        """A micro-batch of packed rows, left-padded; the head reads each row's `heads`."""
+        inputs = left_pad([r.ids for r in rows], self.device)
+        width = inputs.width
+        pos = left_pad([r.positions for r in rows], self.device).ids
+        heads = torch.cat([r.heads + b * width + width - len(r) for b, r in enumerate(rows)]).to(self.device)
+        targets = torch.cat([r.targets for r in rows]).to(self.device)
+        window = self.model.sliding_window
+        if all(len(r.spans) == 1 for r in rows):  # plain sequences: a causal mask, or none at all
+            mask = attention_mask(inputs.valid, width, window)
+        else:
+            segments = left_pad([r.segments for r in rows], self.device).ids
+            mask = packed_mask(inputs.valid, segments, window, pos)
+        return self._step(inputs.ids, pos, mask, 0, heads, ScoreReadout(targets))
 
     def _decode_step(self, run: Decoding, tokens: Tensor, readout: Readout) -> Step:
         column = run.batch.width + run.t - 1  # where the fed token's keys and values go
         rows = torch.arange(len(tokens), device=self.device)
-        return self._step(tokens, run.positions, run.valid[:, : column + 1], column, rows, readout)
+        return self._step(tokens, run.positions, self._mask(run.valid[:, : column + 1], 1), column, rows, readout)
+
+    def _mask(self, valid_keys: Tensor, queries: int) -> Tensor | None:
+        return attention_mask(valid_keys, queries, self.model.sliding_window)
 
     def _new_cache(self, run: Decoding) -> KVCache:
         shape = (len(run.outputs), self.model.kv_heads, run.cache_length, self.model.head_dim)
@@ -383,6 +432,20 @@ class Engine:
                     f"{self.context_length} tokens; shorten it"
                     + (" or generate fewer tokens" if what == "generate" else "")
                 )
+
+    def _text_stop(self, stop_strings: Sequence[str]) -> Callable[[list[int]], bool] | None:
+        """Whether a sequence's new tokens spell a stop string; only their tail is decoded, as
+        long as the longest stop string plus two tokens (a string can straddle token bounds)."""
+        strings = [s for s in stop_strings if s]
+        if not strings:
+            return None
+        tail = max(len(self.tokenizer(s, add_special_tokens=False).input_ids) for s in strings) + 2
+
+        def stopped(tokens: list[int]) -> bool:
+            text = self.tokenizer.decode(tokens[-tail:])
+            return any(s in text for s in strings)
+
+        return stopped
 
     def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> list[int]:
         if stop_token_ids is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,16 @@ class Decoding:
     sequence that has stopped keeps computing (its results are dropped) until the batch ends.
     """
 
-    def __init__(self, prompts: list[Tensor], budgets: Tensor, stops: Tensor, device: torch.device) -> None:
+    def __init__(
+        self,
+        prompts: list[Tensor],
+        budgets: Tensor,
+        stops: Tensor,
+        device: torch.device,
+        stopped: Callable[[list[int]], bool] | None = None,
+    ) -> None:
         self.batch = left_pad(prompts, device)
-        self.budgets, self.stops = budgets, stops
+        self.budgets, self.stops, self.stopped = budgets, stops, stopped
         self.steps = int(budgets.max())
         width = self.batch.width
         self.valid = torch.zeros(len(prompts), width + self.steps, dtype=torch.bool, device=device)
@@ -89,6 +97,9 @@ class Decoding:
             self.outputs[i].append(int(chosen[i]))
         self.t += 1
         self.running &= (self.budgets > self.t) & ~torch.isin(chosen, self.stops)
+        if self.stopped is not None:
+            for i in self.running.nonzero().squeeze(1).tolist():
+                self.running[i] = not self.stopped(self.outputs[i])
         column = self.batch.width + self.t - 1
         self.valid[:, column] = True
         self.positions = self.positions[:, -1:] + 1

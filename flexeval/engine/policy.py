@@ -8,7 +8,9 @@ share changes what happens; the same policy file runs on both kinds of machine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from flexeval.errors import FlexevalError
 
@@ -57,9 +59,34 @@ class Policy:
         return gpu / 100, cpu / 100, max(0.0, 100 - gpu - cpu) / 100
 
     @classmethod
-    def from_dict(cls, values: dict) -> Policy:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: Mapping[str, Any], preset: str = "all-resident") -> Policy:
+        """A preset with some fields overridden; values may be strings (command lines), which
+        are converted to the field's type."""
+        if preset not in PRESETS:
+            raise FlexevalError(f"policy: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        types = {f.name: type(f.default) for f in fields(cls)}
+        unknown = sorted(set(values) - set(types))
         if unknown:
-            raise FlexevalError(f"policy: unknown fields {unknown}; valid fields: {', '.join(sorted(known))}")
-        return cls(**values)
+            raise FlexevalError(f"policy: unknown fields {unknown}; valid fields: {', '.join(sorted(types))}")
+        return cls(**(PRESETS[preset] | {name: _convert(name, v, types[name]) for name, v in values.items()}))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "all-resident": {},
+    "cpu-offload": dict(w_gpu_percent=0, w_cpu_percent=100, cache_gpu_percent=0, cache_cpu_percent=100),
+    "disk-offload": dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=100),
+}
+
+
+def _convert(name: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, str):
+        return kind(value) if kind is float and isinstance(value, int) and not isinstance(value, bool) else value
+    text = value.strip().lower()
+    try:
+        if kind is bool:
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text in ("true", "1", "yes")
+        return kind(text)
+    except ValueError:
+        raise FlexevalError(f"policy: {name} must be a {kind.__name__}, got {value!r}") from None

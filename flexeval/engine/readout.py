@@ -15,17 +15,21 @@ from flexeval.engine.generation import Sampling, pick_tokens
 
 
 class ScoreReadout:
-    """log p(target) for each head row: target logit minus the log-sum-exp over the vocabulary."""
+    """log p(target) for each head row: target logit minus the log-sum-exp over the vocabulary;
+    and whether the target is the row's first maximum (what greedy decoding would choose)."""
 
     def __init__(self, targets: Tensor) -> None:
         self.targets = targets
         self.max = torch.full(targets.shape, float("-inf"), device=targets.device)
+        self.argmax = torch.zeros(targets.shape, dtype=torch.long, device=targets.device)
         self.sum = torch.zeros(targets.shape, device=targets.device)
         self.target_logit = torch.zeros(targets.shape, device=targets.device)
 
     def update(self, logits: Tensor, rows: slice, first_token: int) -> None:
         old = self.max[rows]
-        new = torch.maximum(old, logits.amax(-1))
+        value, index = logits.max(-1)
+        new = torch.maximum(old, value)
+        self.argmax[rows] = torch.where(value > old, index + first_token, self.argmax[rows])  # ties keep the first
         self.sum[rows] = self.sum[rows] * (old - new).exp() + (logits - new[:, None]).exp_().sum(-1)
         self.max[rows] = new
         column = self.targets[rows] - first_token
@@ -35,6 +39,9 @@ class ScoreReadout:
 
     def result(self) -> Tensor:
         return self.target_logit - self.max - self.sum.log()
+
+    def greedy(self) -> Tensor:
+        return self.argmax == self.targets
 
 
 class TokenReadout:
