@@ -36,7 +36,7 @@ test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check flexeval tests benchmarks
+	$(PY) -m ruff check flexeval tests benchmarks tasks
 
 perplexity: setup
 	$(PY) benchmarks/wikitext_perplexity.py $(ARGS)

@@ -3,5 +3,6 @@
 from flexeval.engine.engine import Engine
 from flexeval.engine.policy import Policy
 from flexeval.errors import FlexevalError
+from flexeval.lm import FlexGenLM  # registers the lm-eval backend `flexgen`
 
-__all__ = ["Engine", "FlexevalError", "Policy"]
+__all__ = ["Engine", "FlexGenLM", "FlexevalError", "Policy"]

@@ -1,0 +1,329 @@
+"""The lm-evaluation-harness backend `flexgen`: lm-eval's requests run through flexeval's engine.
+
+lm-eval hands a backend every request of one type, from every task, in one call. `TemplateLM`
+tokenizes (context, continuation) pairs exactly as the `hf` backend does; this class only
+decides how to run them: requests that share a context (the endings of one multiple-choice
+document) become one packed sequence that computes the context once, everything is sorted by
+length so that blocks carry little padding, and each block's results reach lm-eval's cache as
+soon as the block ends, so that `--use_cache` resumes a killed run.
+
+Register-on-import: `import flexeval` registers `flexgen` (lm-eval 0.4.13 has no plugin entry
+points); `python -m flexeval.lm_eval` is lm-eval's own command line with it registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any, TypeVar
+
+import lm_eval.models  # noqa: F401 - lm-eval's own backends first: a non-empty registry is never filled again
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from tqdm import tqdm
+
+from flexeval.engine.engine import Engine
+from flexeval.engine.policy import Policy
+from flexeval.errors import FlexevalError
+from flexeval.models.registry import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_GEN_TOKS = 256
+LoglikelihoodRequest = tuple[tuple[str, str], list[int], list[int]]
+T = TypeVar("T")
+
+
+@register_model("flexgen")
+class FlexGenLM(TemplateLM):
+    """flexeval's engine behind lm-eval's model interface.
+
+    `policy` names a preset (all-resident, cpu-offload, disk-offload) and any `Policy` field
+    may be given by its own name. lm-eval's `batch_size` sets `gpu_batch_size` unless that is
+    given (the command line's default of 1 and "auto" leave the policy's own).
+    """
+
+    def __init__(
+        self,
+        pretrained: str = DEFAULT_MODEL,
+        dtype: str = "float32",
+        policy: str = "all-resident",
+        offload_dir: str | None = None,
+        compression: str = "none",
+        device: str | None = None,
+        batch_size: int | str | None = None,
+        max_batch_size: int | None = None,
+        max_length: int | None = None,
+        add_bos_token: bool | None = None,
+        seed: int = 0,
+        **policy_fields: Any,
+    ) -> None:
+        super().__init__()
+        if compression != "none":
+            raise FlexevalError(f"compression={compression!r} is not available yet; use compression=none")
+        if isinstance(batch_size, str) and batch_size.isdigit():
+            batch_size = int(batch_size)
+        if isinstance(batch_size, int) and batch_size > 1:
+            policy_fields.setdefault("gpu_batch_size", batch_size)
+        unknown = sorted(set(policy_fields) - {f.name for f in fields(Policy)})
+        if unknown:
+            raise FlexevalError(
+                f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
+                f"max_length, add_bos_token, seed, and the Policy fields {', '.join(f.name for f in fields(Policy))}"
+            )
+        self.policy = Policy.from_dict(policy_fields, preset=policy)
+        self._init_distributed()
+        self.engine = Engine.load(
+            pretrained, dtype=dtype, device=_device(device, self._rank), policy=self.policy, offload_dir=offload_dir
+        )
+        self.tokenizer = self.engine.tokenizer
+        self.pretrained = str(pretrained)
+        self.add_bos_token = add_bos_token
+        self.seed = seed
+        self._max_length = max_length or self.engine.context_length
+        if self._max_length > self.engine.context_length:
+            raise FlexevalError(
+                f"max_length={max_length} exceeds the model's context window of {self.engine.context_length} tokens"
+            )
+
+    # --- what lm-eval asks of every backend -------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """As the `hf` backend encodes: the tokenizer's own special tokens unless told otherwise,
+        and none when the string already starts with the prefix token."""
+        special = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special = False
+        kwargs = {} if special is None else {"add_special_tokens": special}
+        return self.tokenizer.encode(string, **kwargs)
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # --- the three request types ----------------------------------------------------------------
+
+    def _loglikelihood_tokens(
+        self, requests: list[LoglikelihoodRequest], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
+        """Requests with the same context tokens are scored as one packed sequence. An empty
+        continuation is certain: log-likelihood 0, and greedy."""
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        continuations: dict[int, list[int]] = {}
+        truncated = empty = 0
+        for i, (_, context, continuation) in enumerate(requests):
+            if not continuation:
+                empty += 1
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+                continue
+            fitted = self._fit(context, continuation)
+            truncated += len(fitted) < len(context)
+            groups.setdefault(tuple(fitted), []).append(i)
+            continuations[i] = continuation
+        if truncated:
+            log.warning("%d requests exceed the %d-token window: contexts cut on the left", truncated, self.max_length)
+        if empty:
+            log.warning("%d requests have an empty continuation: log-likelihood 0 (certain), greedy", empty)
+        packed = [(list(ctx), [continuations[i] for i in members]) for ctx, members in groups.items()]
+        owners = list(groups.values())
+
+        def record(g: int, scored: list) -> None:
+            for i, s in zip(owners[g], scored):
+                results[i] = (s.logprob, s.greedy)
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+
+        sizes = [len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in packed]
+        self._in_blocks(
+            packed, sizes, self.engine.score, record, "loglikelihood", [len(m) for m in owners], disable_tqdm
+        )
+        return results
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """lm-eval's disjoint windows of every document, batched together across documents."""
+        windows, owner = [], []
+        for i, (text,) in enumerate(req.args for req in requests):
+            tokens = self.tok_encode(text)
+            for context, continuation in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, context_len=1),
+            ):
+                windows.append((context, [continuation]))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        remaining = [owner.count(i) for i in range(len(requests))]
+
+        def record(w: int, scored: list) -> None:
+            i = owner[w]
+            totals[i] += scored[0].logprob
+            remaining[i] -= 1
+            if remaining[i] == 0:
+                self.cache_hook.add_partial("loglikelihood_rolling", requests[i].args, totals[i])
+
+        sizes = [len(ctx) + len(conts[0]) - 1 for ctx, conts in windows]
+        self._in_blocks(windows, sizes, self.engine.score, record, "loglikelihood_rolling", None, disable_tqdm)
+        return totals
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Grouped by generation settings; each group generated longest prompt first."""
+        results: list[str] = [""] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        for members in groups.values():
+            self._generate_group(requests, members, results, disable_tqdm)
+        return results
+
+    def _generate_group(self, requests: list, members: list[int], results: list[str], disable_tqdm: bool) -> None:
+        kwargs = normalize_gen_kwargs(requests[members[0]].args[1], DEFAULT_MAX_GEN_TOKS)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tokenizer.decode(self.eot_token_id))
+        max_gen_toks = kwargs.pop("max_gen_toks")
+        if max_gen_toks >= self.max_length:
+            raise FlexevalError(
+                f"max_gen_toks={max_gen_toks} leaves no room for a prompt in the {self.max_length}-token window"
+            )
+        sampling = _sampling(kwargs, self.seed)
+        room = self.max_length - max_gen_toks
+        prompts = [self.tok_encode(requests[i].args[0]) for i in members]
+        cut = sum(len(p) > room for p in prompts)
+        if cut:
+            log.warning("%d prompts exceed %d tokens (window minus max_gen_toks): cut on the left", cut, room)
+        prompts = [p[-room:] for p in prompts]
+
+        def generate(chunk: list[list[int]]) -> list[list[int]]:
+            stops = [self.eot_token_id]
+            return self.engine.generate(chunk, max_gen_toks, stop_token_ids=stops, stop_strings=until, **sampling)
+
+        def record(k: int, tokens: list[int]) -> None:
+            i = members[k]
+            results[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
+            self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+
+        self._in_blocks(prompts, [len(p) for p in prompts], generate, record, "generate_until", None, disable_tqdm)
+
+    # --- batching, progress, caching ------------------------------------------------------------
+
+    def _in_blocks(
+        self,
+        items: Sequence[T],
+        sizes: Sequence[int],
+        run: Callable[[list[T]], list],
+        record: Callable[[int, Any], None],
+        what: str,
+        weights: Sequence[int] | None,
+        disable_tqdm: bool,
+    ) -> None:
+        """Longest first, one engine block at a time (the engine would cut the same blocks), so
+        that each block's results are recorded and shown as soon as they exist."""
+        order = sorted(range(len(items)), key=lambda i: -sizes[i])
+        size = self.policy.block_size
+        total = sum(weights) if weights else len(items)
+        bar = tqdm(total=total, desc=f"flexgen {what}", unit="req", disable=disable_tqdm or self._rank != 0)
+        start, tokens = time.perf_counter(), 0
+        for b in range(0, len(order), size):
+            chunk = order[b : b + size]
+            for i, result in zip(chunk, run([items[i] for i in chunk])):
+                record(i, result)
+            tokens += sum(sizes[i] for i in chunk)
+            bar.update(sum(weights[i] for i in chunk) if weights else len(chunk))
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        bar.close()
+
+    def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
+        """The context, left-truncated as the `hf` backend does so that the model reads at most
+        max_length tokens (context and continuation but its last token)."""
+        if len(continuation) > self.max_length:
+            raise FlexevalError(
+                f"loglikelihood: a continuation of {len(continuation)} tokens exceeds the "
+                f"{self.max_length}-token window"
+            )
+        excess = len(context) + len(continuation) - 1 - self.max_length
+        return context[excess:] if excess > 0 else context
+
+    # --- data parallel ----------------------------------------------------------------------------
+
+    def _init_distributed(self) -> None:
+        """Under torchrun each process evaluates lm-eval's shard for its rank; rank 0 reports."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self._rank, self._world_size = 0, 1
+        if world > 1:
+            if not torch.distributed.is_initialized():
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+                torch.distributed.init_process_group(backend)
+            self._rank, self._world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._world_size == 1:
+            return tensor
+        parts = [torch.zeros_like(tensor) for _ in range(self._world_size)]
+        torch.distributed.all_gather(parts, tensor)
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        if self._world_size == 1:
+            return [obj]
+        out = [None] * self._world_size if self._rank == dst else None
+        torch.distributed.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            torch.distributed.barrier()
+
+
+def _device(device: str | None, rank: int) -> str | None:
+    """lm-eval's command line passes device=cuda:0 even on machines without CUDA: fall back."""
+    if device is None or not device.startswith("cuda"):
+        return device
+    if not torch.cuda.is_available():
+        log.warning("device=%s requested but CUDA is not available: running on the CPU", device)
+        return "cpu"
+    return f"cuda:{rank % torch.cuda.device_count()}" if device == "cuda" else device
+
+
+def _sampling(kwargs: dict[str, Any], seed: int) -> dict[str, Any]:
+    """lm-eval's generation kwargs as the engine's sampling arguments."""
+    do_sample = kwargs.pop("do_sample", False)
+    temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+    top_k, top_p = int(kwargs.pop("top_k", 0) or 0), float(kwargs.pop("top_p", 1.0) or 1.0)
+    unknown = sorted(set(kwargs) - {"num_beams"})
+    if unknown or kwargs.get("num_beams", 1) != 1:
+        raise FlexevalError(f"generation settings {sorted(kwargs)} are not supported by flexgen (no beam search)")
+    if not do_sample:
+        return {"seed": seed}
+    return {"temperature": temperature or 1.0, "top_k": top_k, "top_p": top_p, "seed": seed}

@@ -1,0 +1,188 @@
+"""The lm-eval backend `flexgen`: registration, parity with lm-eval's `hf` backend, shared
+contexts, resumption from lm-eval's cache, data parallelism, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+
+from flexeval import Engine, FlexevalError, FlexGenLM
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "tasks"
+DATA = Path(os.environ.get("FLEXEVAL_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def request(kind: str, *args) -> Instance:
+    return Instance(kind, {}, args, 0)
+
+
+def jsonl(path: Path, limit: int) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line, _ in zip(f, range(limit))]
+
+
+@pytest.fixture(scope="module")
+def backends(smollm2_dir: Path):
+    from lm_eval.models.huggingface import HFLM
+
+    flexgen = FlexGenLM(pretrained=str(smollm2_dir), gpu_batch_size=6, num_gpu_batches=2)
+    hf = HFLM(pretrained=str(smollm2_dir), dtype="float32", batch_size=8, device="cpu")
+    return flexgen, hf
+
+
+def test_flexgen_registers_on_import_and_hf_still_resolves() -> None:
+    code = "import flexeval; from lm_eval.api.registry import get_model; print(get_model('hf').__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "HFLM"
+    assert get_model("flexgen") is FlexGenLM
+
+
+def test_loglikelihood_matches_hf(backends) -> None:
+    """HellaSwag's endings share their document's context; flexgen computes it once per document."""
+    flexgen, hf = backends
+    requests = [
+        request("loglikelihood", doc["ctx"], " " + ending)
+        for doc in jsonl(DATA / "hellaswag" / "hellaswag_validation.jsonl", 6)
+        for ending in doc["endings"]
+    ]
+    requests += [request("loglikelihood", "", "Paris is the capital of France.")]  # empty context: the prefix token
+    ours, theirs = flexgen.loglikelihood(requests), hf.loglikelihood(requests)
+    for (lp, greedy), (expected_lp, expected_greedy) in zip(ours, theirs):
+        assert lp == pytest.approx(expected_lp, rel=1e-5, abs=1e-4) and greedy == expected_greedy
+
+
+def test_rolling_loglikelihood_matches_hf(backends) -> None:
+    flexgen, hf = backends
+    pages = sorted(
+        (doc["page"] for doc in jsonl(DATA / "wikitext2" / "wikitext_document_level-2-raw-v1_test.jsonl", 62)), key=len
+    )
+    requests = [request("loglikelihood_rolling", page) for page in pages[:3]]
+    for ours, theirs in zip(flexgen.loglikelihood_rolling(requests), hf.loglikelihood_rolling(requests)):
+        assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_generate_until_matches_hf(backends) -> None:
+    flexgen, hf = backends
+    shots = jsonl(DATA / "helm_synthetic_reasoning" / "pattern_match_train.jsonl", 5)
+    prefix = "Please solve the following problem.\n\n" + "".join(
+        f"{d['input']}\nTarget: {d['target']}\n\n" for d in shots
+    )
+    docs = jsonl(DATA / "helm_synthetic_reasoning" / "pattern_match_test.jsonl", 6)
+    kwargs = {"until": ["\n"], "max_gen_toks": 20, "do_sample": False}
+    requests = [request("generate_until", prefix + d["input"] + "\nTarget:", kwargs) for d in docs]
+    assert flexgen.generate_until(requests) == hf.generate_until(requests)
+
+
+def test_shared_contexts_score_as_if_alone() -> None:
+    engine = Engine.load("tiny-llama-gqa")
+    g = torch.Generator().manual_seed(0)
+    context = torch.randint(0, 250, (17,), generator=g)
+    endings = [torch.randint(0, 250, (n,), generator=g) for n in (1, 5, 3, 9)]
+    together = engine.score([(context, endings), (context[:4], endings[:2])])
+    alone = [engine.score([(context, [e])])[0][0] for e in endings] + [
+        engine.score([(context[:4], [e])])[0][0] for e in endings[:2]
+    ]
+    for ours, expected in zip(together[0] + together[1], alone):
+        assert ours.logprob == pytest.approx(expected.logprob, abs=1e-5) and ours.greedy == expected.greedy
+    whole = engine.logprobs([torch.cat((context, endings[2]))])[0][len(context) - 1 :]
+    assert together[0][2].logprob == pytest.approx(float(whole.sum()), abs=1e-5)
+
+
+def test_bad_model_args_are_named() -> None:
+    with pytest.raises(FlexevalError, match=r"unknown model_args \['w_gpu'\].*w_gpu_percent"):
+        FlexGenLM(pretrained="tiny-llama", w_gpu=10)
+    with pytest.raises(FlexevalError, match="unknown preset 'fast'.*disk-offload"):
+        FlexGenLM(pretrained="tiny-llama", policy="fast")
+    with pytest.raises(FlexevalError, match="overlap must be a bool"):
+        FlexGenLM(pretrained="tiny-llama", overlap="maybe")
+
+
+def test_long_contexts_are_cut_and_empty_continuations_are_certain(caplog) -> None:
+    lm = FlexGenLM(pretrained="tiny-llama", max_length=16)
+    context, continuation = list(range(3, 40)), [7, 8]
+    requests = [(("a", "b"), context, continuation), (("a", ""), context, [])]
+    (lp, _), empty = lm._loglikelihood_tokens(requests)
+    assert empty == (0.0, True)
+    expected = lm.engine.logprobs([context[-15:] + continuation])[0][-2:].sum()
+    assert lp == pytest.approx(float(expected), abs=1e-5)
+    assert "1 requests exceed the 16-token window" in caplog.text
+    assert "1 requests have an empty continuation" in caplog.text
+
+
+def test_simple_evaluate_runs_local_tasks() -> None:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(
+        model="flexgen",
+        model_args="pretrained=tiny-llama,policy=disk-offload",
+        tasks=["piqa", "helm_synthetic_reasoning_pattern_match", "wikitext"],
+        limit=4,
+        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+    )["results"]
+    assert 0 <= results["piqa"]["acc,none"] <= 1
+    assert results["helm_synthetic_reasoning_pattern_match"]["exact_match,strip"] == 0  # a random model
+    assert results["wikitext"]["word_perplexity,none"] > 1
+
+
+def lm_eval_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flexeval.lm_eval", "run", "--model", "flexgen", "--include_path", str(TASKS), *args]
+
+
+def cached_rows(path: Path) -> int:
+    try:
+        with sqlite3.connect(path) as db:
+            return db.execute("select count(*) from unnamed").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_killed_run_resumes_from_the_cache(tmp_path: Path) -> None:
+    """SIGKILL midway; the rerun computes only what the cache lacks and ends with the same metrics."""
+    cache = tmp_path / "cache"
+    args = ["--model_args", "pretrained=tiny-llama,gpu_batch_size=2", "--tasks", "boolq", "--limit", "60"]
+    run = lm_eval_command(*args, "--use_cache", str(cache), "--output_path", str(tmp_path / "out"))
+    killed = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    db = Path(str(cache) + "_rank0.db")
+    deadline = time.monotonic() + 120
+    while cached_rows(db) < 20 and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    done = cached_rows(db)
+    assert 0 < done < 120, "the run was not caught midway"
+    resumed = subprocess.run(run, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    cached, remaining = map(
+        int, re.search(r"Cached requests: (\d+), Requests remaining: (\d+)", resumed.stderr).groups()
+    )
+    assert cached + remaining == 120 and cached >= done and remaining > 0
+    fresh = subprocess.run(lm_eval_command(*args), capture_output=True, text=True)
+    assert metrics(resumed.stdout) == metrics(fresh.stdout)
+
+
+def metrics(table: str) -> list[str]:
+    return [line for line in table.splitlines() if line.startswith("|") and "acc" in line]
+
+
+def test_data_parallel_ranks_give_the_metrics_of_one_process(tmp_path: Path) -> None:
+    args = ["--model_args", "pretrained=tiny-llama", "--tasks", "boolq", "--limit", "200"]
+    single = subprocess.run(lm_eval_command(*args), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    parallel = subprocess.run([*torchrun, *lm_eval_command(*args)[1:]], capture_output=True, text=True)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert metrics(parallel.stdout) == metrics(single.stdout) != []
