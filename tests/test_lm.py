@@ -101,6 +101,17 @@ def test_shared_contexts_score_as_if_alone() -> None:
     assert together[0][2].logprob == pytest.approx(float(whole.sum()), abs=1e-5)
 
 
+def test_sampled_generation_is_seeded() -> None:
+    kwargs = {"until": ["."], "max_gen_toks": 12, "do_sample": True, "temperature": 0.9, "top_p": 0.95}
+    requests = [request("generate_until", prompt, kwargs) for prompt in ("Once upon a", "The sea")]
+    first, again = (FlexGenLM(pretrained="tiny-llama", seed=3).generate_until(requests) for _ in range(2))
+    other = FlexGenLM(pretrained="tiny-llama", seed=4).generate_until(requests)
+    greedy = FlexGenLM(pretrained="tiny-llama").generate_until(
+        [request("generate_until", "Once upon a", {"until": ["."], "max_gen_toks": 30})]
+    )
+    assert first == again and first != other and all("." not in text for text in first + greedy)
+
+
 def test_bad_model_args_are_named() -> None:
     with pytest.raises(FlexevalError, match=r"unknown model_args \['w_gpu'\].*w_gpu_percent"):
         FlexGenLM(pretrained="tiny-llama", w_gpu=10)
