@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -186,7 +187,7 @@ class FlexGenLM(TemplateLM):
                 windows.append((context, [continuation]))
                 owner.append(i)
         totals = [0.0] * len(requests)
-        remaining = [owner.count(i) for i in range(len(requests))]
+        remaining = Counter(owner)
 
         def record(w: int, scored: list) -> None:
             i = owner[w]
