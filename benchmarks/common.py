@@ -6,12 +6,11 @@ import json
 import os
 from pathlib import Path
 
+from flexeval.data import data_dir
+
+__all__ = ["data_dir", "rss_bytes", "wikitext_pages", "wikitext_tokens"]
+
 WIKITEXT = "wikitext2/wikitext_document_level-2-raw-v1_test.jsonl"
-
-
-def data_dir() -> Path:
-    """../shared/data beside the repository, unless $FLEXEVAL_DATA_DIR says otherwise."""
-    return Path(os.environ.get("FLEXEVAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def wikitext_pages(directory: Path, limit: int | None = None) -> list[str]:

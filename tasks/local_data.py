@@ -17,12 +17,14 @@ from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as wikitext_process_results
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
+from flexeval.data import DATA_ENV
+from flexeval.data import data_dir as default_data_dir
+
 __all__ = ["hellaswag_process_docs", "load", "resolve_data_dir", "wikitext_detokenizer", "wikitext_process_results"]
-DATA_ENV = "FLEXEVAL_DATA_DIR"
 
 
 def resolve_data_dir(given: str | os.PathLike | None = None) -> Path:
-    root = Path(given or os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
+    root = Path(given) if given else default_data_dir()
     if not root.is_dir():
         raise FileNotFoundError(
             f"benchmark data directory {root} not found: pass data_dir in the task metadata or set ${DATA_ENV}"

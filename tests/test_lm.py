@@ -19,10 +19,11 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
 from flexeval import Engine, FlexevalError, FlexGenLM
+from flexeval.data import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tasks"
-DATA = Path(os.environ.get("FLEXEVAL_DATA_DIR", ROOT.parent / "shared" / "data"))
+DATA = data_dir()
 
 
 def request(kind: str, *args) -> Instance:
