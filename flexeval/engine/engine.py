@@ -372,12 +372,11 @@ class Engine:
         pos = left_pad([r.positions for r in rows], self.device).ids
         heads = torch.cat([r.heads + b * width + width - len(r) for b, r in enumerate(rows)]).to(self.device)
         targets = torch.cat([r.targets for r in rows]).to(self.device)
-        window = self.model.sliding_window
         if all(len(r.spans) == 1 for r in rows):  # plain sequences: a causal mask, or none at all
-            mask = attention_mask(inputs.valid, width, window)
+            mask = self._mask(inputs.valid, width)
         else:
             segments = left_pad([r.segments for r in rows], self.device).ids
-            mask = packed_mask(inputs.valid, segments, window, pos)
+            mask = packed_mask(inputs.valid, segments, self.model.sliding_window, pos)
         return self._step(inputs.ids, pos, mask, 0, heads, ScoreReadout(targets))
 
     def _decode_step(self, run: Decoding, tokens: Tensor, readout: Readout) -> Step:

@@ -297,7 +297,7 @@ class DiskTier(Tier):
         entries, offset = [], 0
         for name, tensor in bundle.items():
             entries.append(_Entry(name, tensor.dtype, tuple(tensor.shape), offset))
-            offset += -(-tensor.nbytes // ALIGN) * ALIGN
+            offset += _aligned(tensor.nbytes)
         path = self._path(key)
         target = path.with_name(path.name + ".tmp") if self.durable else path
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if self.durable else 0), 0o600)

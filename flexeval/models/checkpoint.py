@@ -104,9 +104,8 @@ class Checkpoint:
             if path.suffix != ".safetensors" or not shape:
                 return handle.get(name)
             first = handle.get_rows(name, 0, 1)
-        rows = max(1, READ_SLICE_BYTES // max(first.nbytes, 1))
-        if rows >= shape[0]:
-            with self._open(path) as handle:
+            rows = max(1, READ_SLICE_BYTES // max(first.nbytes, 1))
+            if rows >= shape[0]:
                 return handle.get(name)
         tensor = torch.empty(shape, dtype=first.dtype)
         for start in range(0, shape[0], rows):
