@@ -1,67 +1,49 @@
-"""`python -m flexeval`: load a model, score and generate a handful of prompts, report tokens/s.
+"""`python -m flexeval task=... model=... policy=... compression=...`: evaluate a model on lm-eval
+tasks through the offloading engine and report accuracy next to throughput.
 
-This is the smoke-test form of the main job; the Hydra evaluation app replaces it once the
-lm-eval backend exists.
+A Hydra app: configuration groups in conf/, their schema and checks in flexeval/config.py; `-m`
+sweeps (and, with hydra/launcher=submitit_*, sends each configuration to its own job). Every
+mistake in the configuration is reported in one line before any model loads.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
+from pathlib import Path
 
-from flexeval import Engine, FlexevalError
-from flexeval.models.registry import DEFAULT_MODEL
+import hydra
+from hydra.core.hydra_config import HydraConfig
 
-PROMPTS = (
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "The three primary colors are",
-    "In 1492, Christopher Columbus",
-    "def fibonacci(n):",
-    "The largest planet in the solar system is",
-    "Photosynthesis is the process by which",
-    "A haiku about the sea:",
-)
+from flexeval import config
+from flexeval.errors import FlexevalError
+
+config.register()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flexeval", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model spec: a registered name, a directory or a hub id")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (CUDA only)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    args = parser.parse_args(argv)
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def app(cfg: config.RunConfig) -> None:
+    from flexeval.evaluate import evaluate  # lm-eval and the engine load only once the configuration is good
+    from flexeval.report import markdown, rows
+
     try:
-        return _run(args)
+        run = config.check(cfg)
+        hydra_config = HydraConfig.get()
+        out = Path(hydra_config.runtime.output_dir)
+        results = evaluate(run, out, overrides=list(hydra_config.overrides.task))
     except FlexevalError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        sys.exit(2)
+    print(f"\n{markdown(rows(results, out.name))}\nresults: {out}")
 
 
-def _run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
-    loaded = time.perf_counter() - start
-    print(f"loaded {args.model} ({engine.model.family}, {engine.dtype}, {engine.device}) in {loaded:.1f} s")
-    prompts = [engine.tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
-
-    start = time.perf_counter()
-    logprobs = engine.logprobs(prompts)
-    scored = time.perf_counter() - start
-    tokens = sum(len(p) for p in prompts)
-    print(f"scored {len(prompts)} prompts, {tokens} tokens: {tokens / scored:.0f} tokens/s")
-
-    start = time.perf_counter()
-    outputs = engine.generate(prompts, max_new_tokens=args.max_new_tokens)
-    generated = time.perf_counter() - start
-    new = sum(len(o) for o in outputs)
-    print(f"generated {new} tokens for {len(prompts)} prompts: {new / generated:.1f} tokens/s (prefill included)\n")
-    for text, lp, out in zip(PROMPTS, logprobs, outputs):
-        completion = engine.tokenizer.decode(out, skip_special_tokens=True).replace("\n", " ")
-        print(f"  [{lp.sum():7.2f}] {text!r} -> {completion!r}")
-    return 0
+def main() -> None:
+    try:
+        config.check_choices(sys.argv[1:])
+    except FlexevalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

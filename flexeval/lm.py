@@ -18,7 +18,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 import lm_eval.models  # noqa: F401 - lm-eval's own backends first: a non-empty registry is never filled again
@@ -34,7 +34,7 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from flexeval.engine.engine import Engine
+from flexeval.engine.engine import Engine, RunStats
 from flexeval.engine.policy import Policy
 from flexeval.errors import FlexevalError
 from flexeval.models.registry import DEFAULT_MODEL
@@ -45,20 +45,53 @@ LoglikelihoodRequest = tuple[tuple[str, str], list[int], list[int]]
 T = TypeVar("T")
 
 
+@dataclass
+class Usage:
+    """What the backend did since `reset`: the efficiency half of an accuracy-and-throughput table.
+
+    Prompt tokens are the tokens the engine computed (a shared context once); peak bytes are,
+    per tier, the most that weights, cache and activations held together during one engine call.
+    """
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, stats: RunStats, requests: int, seconds: float) -> None:
+        self.requests += requests
+        self.prompt_tokens += stats.prefill_tokens
+        self.generated_tokens += stats.decode_tokens
+        self.seconds += seconds
+        held: Counter[str] = Counter()
+        for tiers in stats.tiers.values():
+            for tier, figures in tiers.items():
+                held[tier] += int(figures["peak_bytes"])
+        for tier, nbytes in held.items():
+            self.peak_bytes[tier] = max(self.peak_bytes.get(tier, 0), nbytes)
+
+    def as_dict(self) -> dict[str, Any]:
+        tokens = self.prompt_tokens + self.generated_tokens
+        rate = 1 / self.seconds if self.seconds else 0.0
+        return asdict(self) | {"requests_per_second": self.requests * rate, "tokens_per_second": tokens * rate}
+
+
 @register_model("flexgen")
 class FlexGenLM(TemplateLM):
     """flexeval's engine behind lm-eval's model interface.
 
-    `policy` names a preset (all-resident, cpu-offload, disk-offload) and any `Policy` field
-    may be given by its own name. lm-eval's `batch_size` sets `gpu_batch_size` unless that is
-    given (the command line's default of 1 and "auto" leave the policy's own).
+    `policy` names a preset (all-resident, cpu-offload, disk-offload), or is a `Policy`, and any
+    `Policy` field may be given by its own name. lm-eval's `batch_size` sets `gpu_batch_size`
+    unless that is given (the command line's default of 1 and "auto" leave the policy's own).
+    `usage` counts requests, tokens, time and memory for throughput reports.
     """
 
     def __init__(
         self,
         pretrained: str = DEFAULT_MODEL,
         dtype: str = "float32",
-        policy: str = "all-resident",
+        policy: str | Policy = "all-resident",
         offload_dir: str | None = None,
         compression: str = "none",
         device: str | None = None,
@@ -82,7 +115,10 @@ class FlexGenLM(TemplateLM):
                 f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
                 f"max_length, add_bos_token, seed, and the Policy fields {', '.join(f.name for f in fields(Policy))}"
             )
-        self.policy = Policy.from_dict(policy_fields, preset=policy)
+        if isinstance(policy, Policy):
+            self.policy = replace(policy, **policy_fields) if policy_fields else policy
+        else:
+            self.policy = Policy.from_dict(policy_fields, preset=policy)
         self._init_distributed()
         self.engine = Engine.load(
             pretrained, dtype=dtype, device=_device(device, self._rank), policy=self.policy, offload_dir=offload_dir
@@ -91,6 +127,7 @@ class FlexGenLM(TemplateLM):
         self.pretrained = str(pretrained)
         self.add_bos_token = add_bos_token
         self.seed = seed
+        self.usage = Usage()
         self._max_length = max_length or self.engine.context_length
         if self._max_length > self.engine.context_length:
             raise FlexevalError(
@@ -197,7 +234,8 @@ class FlexGenLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood_rolling", requests[i].args, totals[i])
 
         sizes = [len(ctx) + len(conts[0]) - 1 for ctx, conts in windows]
-        self._in_blocks(windows, sizes, self.engine.score, record, "loglikelihood_rolling", None, disable_tqdm)
+        last = [int(w == len(owner) - 1 or owner[w + 1] != owner[w]) for w in range(len(owner))]  # a document done
+        self._in_blocks(windows, sizes, self.engine.score, record, "loglikelihood_rolling", last, disable_tqdm)
         return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
@@ -246,22 +284,27 @@ class FlexGenLM(TemplateLM):
         run: Callable[[list[T]], list],
         record: Callable[[int, Any], None],
         what: str,
-        weights: Sequence[int] | None,
+        counts: Sequence[int] | None,
         disable_tqdm: bool,
     ) -> None:
         """Longest first, one engine block at a time (the engine would cut the same blocks), so
-        that each block's results are recorded and shown as soon as they exist."""
+        that each block's results are recorded and shown as soon as they exist. `counts`: the
+        lm-eval requests each item completes (default one)."""
         order = sorted(range(len(items)), key=lambda i: -sizes[i])
         size = self.policy.block_size
-        total = sum(weights) if weights else len(items)
+        total = sum(counts) if counts else len(items)
         bar = tqdm(total=total, desc=f"flexgen {what}", unit="req", disable=disable_tqdm or self._rank != 0)
         start, tokens = time.perf_counter(), 0
         for b in range(0, len(order), size):
             chunk = order[b : b + size]
-            for i, result in zip(chunk, run([items[i] for i in chunk])):
+            began = time.perf_counter()
+            outputs = run([items[i] for i in chunk])
+            done = sum(counts[i] for i in chunk) if counts else len(chunk)
+            self.usage.add(self.engine.stats, done, time.perf_counter() - began)
+            for i, result in zip(chunk, outputs):
                 record(i, result)
-            tokens += sum(sizes[i] for i in chunk)
-            bar.update(sum(weights[i] for i in chunk) if weights else len(chunk))
+            tokens += self.engine.stats.prefill_tokens + self.engine.stats.decode_tokens
+            bar.update(done)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         bar.close()
 

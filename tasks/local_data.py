@@ -8,6 +8,7 @@ own, re-exported here, so that prompts and targets equal the built-in tasks'.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,19 @@ import datasets
 from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as wikitext_process_results
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+from rouge_score import rouge_scorer
 
 from flexeval.data import DATA_ENV
 from flexeval.data import data_dir as default_data_dir
 
-__all__ = ["hellaswag_process_docs", "load", "resolve_data_dir", "wikitext_detokenizer", "wikitext_process_results"]
+__all__ = [
+    "hellaswag_process_docs",
+    "load",
+    "resolve_data_dir",
+    "rouge_results",
+    "wikitext_detokenizer",
+    "wikitext_process_results",
+]
 
 
 def resolve_data_dir(given: str | os.PathLike | None = None) -> Path:
@@ -32,10 +41,37 @@ def resolve_data_dir(given: str | os.PathLike | None = None) -> Path:
     return root
 
 
-def load(files: dict[str, str], data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
-    """The splits named in `files` (split -> path under the data directory), as lm-eval expects."""
+def load(
+    files: dict[str, str | dict[str, Any]], data_dir: str | None = None, files_from: str | None = None, **metadata: Any
+) -> datasets.DatasetDict:
+    """The splits named in `files`, as lm-eval expects: split -> a path under the data directory
+    (or absolute), or {path, rows: [start, stop]} for a slice of a file's rows. `files_from`
+    names a metadata key whose value, when given, replaces `files` (a user's own MMLU files)."""
+    if files_from and metadata.get(files_from):
+        files = dict(metadata[files_from])
     root = resolve_data_dir(data_dir)
-    missing = [str(root / f) for f in files.values() if not (root / f).is_file()]
+    specs = {split: spec if isinstance(spec, dict) else {"path": spec} for split, spec in files.items()}
+    paths = {split: root / spec["path"] for split, spec in specs.items()}
+    missing = sorted({str(p) for p in paths.values() if not p.is_file()})
     if missing:
-        raise FileNotFoundError(f"task data not found: {', '.join(missing)}")
-    return datasets.load_dataset("json", data_files={split: str(root / f) for split, f in files.items()})
+        hint = f" (or give them as --metadata '{{\"{files_from}\": {{split: path}}}}')" if files_from else ""
+        raise FileNotFoundError(f"task data not found: {', '.join(missing)}{hint}")
+    splits = {}
+    for split, spec in specs.items():
+        rows = datasets.load_dataset("json", data_files=str(paths[split]), split="train")
+        if "rows" in spec:
+            start, stop = spec["rows"]
+            rows = rows.select(range(start, min(stop, len(rows))))
+        splits[split] = rows
+    return datasets.DatasetDict(splits)
+
+
+def rouge_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """ROUGE-2 and ROUGE-L F-measures of a generated summary, stemmed, as HELM scores summaries."""
+    scores = _rouge().score(doc["summary"], results[0].strip())
+    return {"rouge2": scores["rouge2"].fmeasure, "rougeL": scores["rougeL"].fmeasure}
+
+
+@functools.cache
+def _rouge() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rouge2", "rougeL"], use_stemmer=True)

@@ -74,7 +74,9 @@ class Policy:
 PRESETS: dict[str, dict[str, Any]] = {
     "all-resident": {},
     "cpu-offload": dict(w_gpu_percent=0, w_cpu_percent=100, cache_gpu_percent=0, cache_cpu_percent=100),
-    "disk-offload": dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=100),
+    "disk-offload": dict(
+        num_gpu_batches=8, w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=100
+    ),
 }
 
 

@@ -42,23 +42,31 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "flexeval")).expanduser()
 
 
-def resolve(spec: str, cache_dir: str | Path | None = None) -> Path:
-    """The checkpoint directory (config.json, tokenizer, weights) for a model spec."""
-    root = cache_root(cache_dir)
-    if spec == DEFAULT_MODEL:
-        return _cached(root / f"smollm2-135m-instruct.v{CONVERSION_VERSION}", _convert_smollm2)
-    if spec in tiny.CONFIGS:
-        return _cached(root / "tiny" / spec, lambda d: tiny.write_tiny(spec, d))
+def check(spec: str) -> str:
+    """What kind of spec this is ("name", "directory" or "hub"), or a FlexevalError; converts,
+    generates and downloads nothing, so that a run can refuse a bad spec before any work."""
+    if spec in NAMES:
+        return "name"
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FlexevalError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-        return path
+        return "directory"
     if HUB_ID.fullmatch(spec):
-        return _download(spec)
+        return "hub"
     raise FlexevalError(
         f"unknown model spec {spec!r}: use one of {', '.join(NAMES)}, a checkpoint directory, or a hub id (org/name)"
     )
+
+
+def resolve(spec: str, cache_dir: str | Path | None = None) -> Path:
+    """The checkpoint directory (config.json, tokenizer, weights) for a model spec."""
+    kind, root = check(spec), cache_root(cache_dir)
+    if spec == DEFAULT_MODEL:
+        return _cached(root / f"smollm2-135m-instruct.v{CONVERSION_VERSION}", _convert_smollm2)
+    if spec in tiny.CONFIGS:
+        return _cached(root / "tiny" / spec, lambda d: tiny.write_tiny(spec, d))
+    return Path(spec).expanduser() if kind == "directory" else _download(spec)
 
 
 def build_model(directory: Path) -> Model:

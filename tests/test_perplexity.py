@@ -1,4 +1,4 @@
-"""The main job and the perplexity check, run as a user runs them."""
+"""The perplexity check, run as a user runs it."""
 
 from __future__ import annotations
 
@@ -8,21 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flexeval.__main__ import main
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_main_job_scores_generates_and_reports_throughput(capsys) -> None:
-    assert main(["--model", "tiny-llama", "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "scored 8 prompts" in out and "generated" in out and out.count("tokens/s") == 2
-
-
-def test_main_job_reports_bad_input_in_one_line(capsys) -> None:
-    assert main(["--model", "no-such-model"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: unknown model spec") and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -1,0 +1,205 @@
+"""The run configuration of `python -m flexeval`: Hydra composes `conf/` into a `RunConfig`, and
+`check` turns that into a `Run` or a one-line error before any model is loaded.
+
+The schemas are registered with Hydra's ConfigStore, so Hydra itself refuses a misspelt key or
+a value of the wrong type; `check_choices` refuses an unknown group option (`policy=fast`) in
+one line, before Hydra composes anything; `check` covers what neither can know: whether the
+model spec exists, whether the policy is valid and fits the memory budgets, whether the data
+and the tasks are there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields, make_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import MISSING
+
+from flexeval.data import DATA_ENV, data_dir
+from flexeval.engine.engine import resolve_device, resolve_dtype
+from flexeval.engine.placement import weight_bytes_per_tier
+from flexeval.engine.policy import Policy
+from flexeval.errors import FlexevalError
+from flexeval.models import registry
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+TASKS_DIR = ROOT / "tasks"
+GROUPS = ("model", "policy", "compression", "task", "hardware")
+COMPRESSIONS = ("none",)
+GB = 2**30
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # what run directories and tables call it
+    pretrained: str = MISSING  # a registered name, a checkpoint directory or a hub id
+    dtype: str = "float32"
+    max_length: int | None = None  # default: the model's context window
+    add_bos_token: bool | None = None  # default: the tokenizer's own choice, as lm-eval's hf backend
+
+
+# FlexGen's fields, taken from `Policy` itself so that the schema cannot drift from the engine.
+PolicyConfig = make_dataclass(
+    "PolicyConfig",
+    [("name", str, field(default=MISSING))]
+    + [(f.name, type(f.default), field(default=f.default)) for f in fields(Policy)],
+)
+
+
+@dataclass
+class CompressionConfig:
+    name: str = MISSING
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    tasks: list[str] = MISSING  # lm-eval task names: tasks/ with local data, else lm-eval's built-ins
+    num_fewshot: int | None = None  # default: each task's own
+    metadata: dict[str, Any] = field(default_factory=dict)  # passed to the tasks (e.g. mmlu_files)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: str | None = None  # cuda or cpu; default: cuda when available
+    gpu_mem_gb: float | None = None  # the compute tier (RAM on a CPU-only machine)
+    cpu_mem_gb: float | None = None
+    disk_gb: float | None = None
+    offload_dir: str | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    policy: PolicyConfig = MISSING
+    compression: CompressionConfig = MISSING
+    task: TaskConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    limit: int | None = None
+    data_dir: str | None = None
+    seed: int = 0
+    bootstrap_iters: int = 1000
+
+
+def register() -> None:
+    """Make the schema available to conf/config.yaml's defaults list (as `run_schema`)."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A checked configuration: everything a run needs, nothing left to fail on but the work."""
+
+    config: Any  # the resolved RunConfig, as composed by Hydra
+    policy: Policy
+    tasks: tuple[str, ...]
+    data_dir: Path | None  # None: lm-eval's built-in tasks with their hub datasets
+    device: str
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_choices(overrides: list[str]) -> None:
+    """Refuse `group=name` overrides naming no file of conf/<group>/, listing the valid names.
+
+    Hydra would refuse them too, but over a dozen lines of search paths; anything this parser
+    cannot read is left for Hydra to report."""
+    parser = OverridesParser.create()
+    for text in overrides:
+        if text.startswith("-") or "=" not in text:  # Hydra's own flags (-m, --cfg job, ...)
+            continue
+        try:
+            (override,) = parser.parse_overrides([text])
+        except Exception:  # Hydra reports its own syntax errors
+            continue
+        group = override.key_or_group
+        if group not in GROUPS or override.is_delete():
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        valid = choices(group)
+        for value in values:
+            if isinstance(value, str) and value not in valid:
+                raise FlexevalError(f"unknown {group} {value!r}: choose one of {', '.join(valid)}")
+
+
+def check(config: Any) -> Run:
+    """Everything that can be checked without loading the model, in the order a user fixes it."""
+    if config.limit is not None and config.limit <= 0:
+        raise FlexevalError(f"limit must be a positive number of documents per task, got {config.limit}")
+    registry.check(config.model.pretrained)
+    device = resolve_device(config.hardware.device)
+    resolve_dtype(config.model.dtype, device)
+    if config.compression.name not in COMPRESSIONS:
+        raise FlexevalError(
+            f"compression={config.compression.name} is not available yet: choose one of {', '.join(COMPRESSIONS)}"
+        )
+    policy = Policy(**{f.name: config.policy[f.name] for f in fields(Policy)})
+    _check_hardware(config, policy)
+    root = _data_dir(config.data_dir)
+    tasks = tuple(config.task.tasks)
+    _check_tasks(tasks, root)
+    return Run(config=config, policy=policy, tasks=tasks, data_dir=root, device=str(device))
+
+
+def _data_dir(given: str | None) -> Path | None:
+    if given is not None:
+        root = Path(given).expanduser()
+        if not root.is_dir():
+            raise FlexevalError(f"data_dir {root} is not a directory: point data_dir at the benchmark JSONL folder")
+        return root.resolve()
+    root = data_dir()
+    if root.is_dir():
+        return root.resolve()
+    log.warning("no local benchmark data at %s ($%s): using lm-eval's built-in tasks and hub datasets", root, DATA_ENV)
+    return None
+
+
+def _check_tasks(tasks: tuple[str, ...], root: Path | None) -> None:
+    from lm_eval.tasks import TaskManager  # indexing the built-in tasks takes seconds: only here
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False) if root else TaskManager()
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        where = f"the task definitions in {TASKS_DIR}" if root else "lm-eval's built-in tasks (no local data)"
+        raise FlexevalError(f"unknown task {', '.join(unknown)} in {where}: choose from {', '.join(sorted(known))}")
+
+
+def _check_hardware(config: Any, policy: Policy) -> None:
+    """Budgets are positive, the offload directory exists, and the policy's weights fit each
+    budget (KV cache and activations join this check with the cost model)."""
+    hardware = config.hardware
+    budgets = {"compute": hardware.gpu_mem_gb, "cpu": hardware.cpu_mem_gb, "disk": hardware.disk_gb}
+    keys = {"compute": "gpu_mem_gb", "cpu": "cpu_mem_gb", "disk": "disk_gb"}
+    for tier, budget in budgets.items():
+        if budget is not None and budget <= 0:
+            raise FlexevalError(f"hardware.{keys[tier]} must be positive (GB), got {budget}")
+    if hardware.offload_dir is not None and not Path(hardware.offload_dir).expanduser().is_dir():
+        raise FlexevalError(f"hardware.offload_dir {hardware.offload_dir} does not exist: create it or choose another")
+    if all(b is None for b in budgets.values()):
+        return
+    directory = registry.resolve(config.model.pretrained)  # config.json only; no weights are read
+    dtype = resolve_dtype(config.model.dtype, resolve_device(hardware.device))
+    placed = dict(zip(budgets, weight_bytes_per_tier(registry.build_model(directory).layers, policy, dtype)))
+    total = sum(placed.values())
+    for tier, budget in budgets.items():
+        if budget is not None and placed[tier] > budget * GB:
+            fits = int(100 * budget * GB / total)
+            fix = {
+                "compute": f"w_gpu_percent at most {fits}",
+                "cpu": f"w_cpu_percent at most {fits}",
+                "disk": f"w_gpu_percent + w_cpu_percent at least {100 - fits}",
+            }[tier]
+            raise FlexevalError(
+                f"policy {config.policy.name} puts {placed[tier] / GB:.3g} GB of weights on the {tier} tier but "
+                f"hardware.{keys[tier]}={budget}: choose a policy with {fix}"
+            )

@@ -1,0 +1,193 @@
+"""`python -m flexeval`, its sweeps and `python -m flexeval.report`, run as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from flexeval import FlexevalError, Policy, config
+from flexeval.engine.policy import PRESETS
+from flexeval.report import Row, labels, pareto
+
+RUN_FILES = ("results.json", "samples_piqa.jsonl", "table.md", "table.csv")
+TINY = ["model=tiny-llama", "task=piqa", "limit=8"]
+
+
+def flexeval(cwd: Path, *args: str, module: str = "flexeval") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("results.json"))
+
+
+def table_rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.open()))
+
+
+def test_a_run_writes_results_samples_and_tables(tmp_path: Path) -> None:
+    result = flexeval(tmp_path, *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| piqa | acc_norm |" in result.stdout and "tok/s" in result.stdout  # the final table
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert run.name.endswith("-piqa-tiny-llama-all-resident-none")
+    assert all((run / name).is_file() for name in RUN_FILES)
+    results = json.loads((run / "results.json").read_text())
+    assert 0 <= results["results"]["piqa"]["acc,none"] <= 1
+    assert results["config"]["policy"]["gpu_batch_size"] == 32 and results["config"]["limit"] == 8
+    assert results["hardware"]["cpu_count"] >= 1 and results["overrides"] == TINY
+    usage = results["throughput"]["piqa"]
+    assert usage["requests"] == 16 and usage["prompt_tokens"] > 0 and usage["wall_seconds"] > 0
+    assert usage["peak_bytes"]["compute"] > 0
+    samples = [json.loads(line) for line in (run / "samples_piqa.jsonl").read_text().splitlines()]
+    assert [s["doc_id"] for s in samples] == list(range(8))
+    (row,) = table_rows(run / "table.csv")
+    assert row["task"] == "piqa" and row["metric"] == "acc_norm" and float(row["tokens_per_second"]) > 0
+    assert not list(run.glob(".tmp-*"))  # atomic writes leave nothing behind
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("sweep")
+    result = flexeval(cwd, "-m", *TINY, "policy=all-resident,cpu-offload,disk-offload")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (directory,) = (cwd / "outputs").glob("*/*-sweep")
+    return directory
+
+
+def test_a_sweep_writes_one_combined_table_and_plot(sweep: Path) -> None:
+    assert len(run_dirs(sweep)) == 3
+    rows = table_rows(sweep / "table.csv")
+    assert sorted(r["policy"] for r in rows) == ["all-resident", "cpu-offload", "disk-offload"]
+    assert len({r["value"] for r in rows}) == 1  # placement changes speed, never results
+    assert (sweep / "table.md").read_text().count("| piqa |") == 3
+    assert (sweep / "accuracy_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rebuilds_tables_and_plot_from_runs(sweep: Path, tmp_path: Path) -> None:
+    result = flexeval(tmp_path, *map(str, run_dirs(sweep)), "--out", str(tmp_path), module="flexeval.report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert table_rows(tmp_path / "table.csv") == table_rows(sweep / "table.csv")
+    assert (tmp_path / "accuracy_vs_throughput.png").is_file()
+    missing = flexeval(tmp_path, str(tmp_path / "nothing"), module="flexeval.report")
+    assert missing.returncode == 2 and missing.stderr.startswith("error:") and missing.stderr.count("\n") == 1
+
+
+def test_submitit_local_runs_each_configuration_as_its_own_job(tmp_path: Path) -> None:
+    result = flexeval(tmp_path, "-m", "hydra/launcher=submitit_local", *TINY, "policy=all-resident,cpu-offload")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (directory,) = (tmp_path / "outputs").glob("*/*-sweep")
+    jobs = [p for p in (directory / ".submitit").iterdir() if list(p.glob("*_result.pkl"))]
+    assert len(jobs) == 2 and len(run_dirs(directory)) == 2
+    assert len(table_rows(directory / "table.csv")) == 2
+
+
+def compose_run(*overrides: str):
+    config.register()
+    with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["task=no_such_task"], "unknown task 'no_such_task': choose one of arc_easy, boolq, commonsense,"),
+        (["model=gpt-5"], "unknown model 'gpt-5': choose one of llama-2-7b,"),
+        (["policy=fast"], "unknown policy 'fast': choose one of all-resident, cpu-offload, disk-offload"),
+        (["compression=4bit"], "unknown compression '4bit': choose one of none"),
+        (["-m", "policy=all-resident,cpu-offlaod"], "unknown policy 'cpu-offlaod'"),
+    ],
+)
+def test_unknown_group_options_are_named_with_the_choices(overrides: list[str], expected: str) -> None:
+    with pytest.raises(FlexevalError, match="^" + expected.replace("(", r"\(")):
+        config.check_choices(overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["limit=0"], "limit must be a positive number of documents per task, got 0"),
+        (["data_dir=/no/such/dir"], "data_dir /no/such/dir is not a directory"),
+        (["model.pretrained=no-such-spec"], "unknown model spec 'no-such-spec'"),
+        (["model.dtype=float64"], "unknown dtype 'float64'"),
+        (["policy.w_gpu_percent=80", "policy.w_cpu_percent=50"], "policy: w_gpu_percent + w_cpu_percent = 130"),
+        (["policy.gpu_batch_size=0"], "policy: gpu_batch_size must be a positive integer"),
+        (["task.tasks=[piqa,no_such_task]"], "unknown task no_such_task in the task definitions"),
+        (["hardware.gpu_mem_gb=-1"], "hardware.gpu_mem_gb must be positive"),
+        (["hardware.offload_dir=/no/such/dir"], "hardware.offload_dir /no/such/dir does not exist"),
+        (
+            ["model=tiny-llama", "hardware.gpu_mem_gb=0.0001"],
+            "policy all-resident puts 0.000429 GB of weights on the compute tier but hardware.gpu_mem_gb=0.0001: "
+            "choose a policy with w_gpu_percent at most 23",
+        ),
+    ],
+)
+def test_bad_values_are_refused_in_one_line_before_any_model_loads(overrides, expected, monkeypatch) -> None:
+    from flexeval.engine.engine import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(FlexevalError) as info:
+        config.check(compose_run(*overrides))
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_the_command_line_reports_bad_input_in_one_line(tmp_path: Path) -> None:
+    for args in (["policy=fast"], ["limit=-3"]):
+        result = flexeval(tmp_path, *args)
+        assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr[-2000:]
+        assert result.stderr.count("\n") == 1 and "flexgen" not in result.stderr
+    assert not run_dirs(tmp_path)
+
+
+def test_a_good_configuration_is_checked_into_a_run() -> None:
+    run = config.check(compose_run("model=tiny-opt", "policy=disk-offload", "policy.gpu_batch_size=4", "limit=3"))
+    assert run.policy == Policy.from_dict({"gpu_batch_size": 4}, preset="disk-offload")
+    assert run.tasks == ("hellaswag",) and run.data_dir is not None and run.device == "cpu"
+
+
+def test_policy_files_are_the_presets_of_the_backend() -> None:
+    """conf/policy/<preset>.yaml and `policy=<preset>` in lm-eval's model_args mean the same."""
+    for preset in PRESETS:
+        values = yaml.safe_load((config.CONF_DIR / "policy" / f"{preset}.yaml").read_text())
+        assert values.pop("name") == preset
+        assert Policy(**values) == Policy.from_dict({}, preset=preset)
+
+
+def test_every_task_definition_has_a_task_option() -> None:
+    options = {t for name in config.choices("task") for t in compose_run(f"task={name}").task.tasks}
+    defined = {yaml.safe_load(p.read_text().replace("!function", ""))["task"] for p in config.TASKS_DIR.glob("*.yaml")}
+    assert defined <= options
+
+
+def row(run: str, value: float, speed: float, higher: bool = True) -> Row:
+    figures = dict.fromkeys(
+        ("wall_seconds", "requests_per_second", "peak_compute_mb", "peak_cpu_mb", "peak_disk_mb"), 1.0
+    )
+    counts = dict(requests=1, prompt_tokens=1, generated_tokens=0)
+    names = dict(task="piqa", metric="acc", other_metrics="", model="m", compression="none", settings="")
+    return Row(
+        value=value,
+        stderr=0.01,
+        higher_is_better=higher,
+        tokens_per_second=speed,
+        policy=run,
+        run=run,
+        **figures,
+        **counts,
+        **names,
+    )
+
+
+def test_the_pareto_front_keeps_what_nothing_beats() -> None:
+    rows = [row("a", 0.5, 100), row("b", 0.6, 50), row("c", 0.4, 80), row("d", 0.6, 40)]
+    assert [r.run for r in pareto(rows)] == ["a", "b"]
+    perplexity = [row("a", 30, 100, higher=False), row("b", 20, 50, higher=False), row("c", 40, 60, higher=False)]
+    assert [r.run for r in pareto(perplexity)] == ["a", "b"]
+    assert labels(rows) == {"a": "a", "b": "b", "c": "c", "d": "d"}  # only the policy differs
