@@ -121,7 +121,11 @@ class FlexGenLM(TemplateLM):
             self.policy = Policy.from_dict(policy_fields, preset=policy)
         self._init_distributed()
         self.engine = Engine.load(
-            pretrained, dtype=dtype, device=_device(device, self._rank), policy=self.policy, offload_dir=offload_dir
+            pretrained,
+            dtype=dtype,
+            device=_device(device, self._world_size),
+            policy=self.policy,
+            offload_dir=offload_dir,
         )
         self.tokenizer = self.engine.tokenizer
         self.pretrained = str(pretrained)
@@ -327,16 +331,19 @@ class FlexGenLM(TemplateLM):
         self._rank, self._world_size = 0, 1
         if world > 1:
             if not torch.distributed.is_initialized():
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
+                backend = _backend()
+                if backend == "nccl":
+                    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
                 torch.distributed.init_process_group(backend)
             self._rank, self._world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._world_size == 1:
             return tensor
-        parts = [torch.zeros_like(tensor) for _ in range(self._world_size)]
-        torch.distributed.all_gather(parts, tensor)
-        return torch.cat([p.reshape(-1) for p in parts])
+        staged = tensor.cpu() if torch.distributed.get_backend() == "gloo" else tensor
+        parts = [torch.zeros_like(staged) for _ in range(self._world_size)]
+        torch.distributed.all_gather(parts, staged)
+        return torch.cat([p.reshape(-1) for p in parts]).to(tensor.device)
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
         if self._world_size == 1:
@@ -350,14 +357,25 @@ class FlexGenLM(TemplateLM):
             torch.distributed.barrier()
 
 
-def _device(device: str | None, rank: int) -> str | None:
-    """lm-eval's command line passes device=cuda:0 even on machines without CUDA: fall back."""
-    if device is None or not device.startswith("cuda"):
+def _device(device: str | None, world_size: int) -> str | None:
+    """lm-eval's command line passes device=cuda:0 even on machines without CUDA: fall back.
+    Under torchrun each process computes on its local rank's GPU, whatever device was named."""
+    if device is not None and not device.startswith("cuda"):
         return device
     if not torch.cuda.is_available():
-        log.warning("device=%s requested but CUDA is not available: running on the CPU", device)
-        return "cpu"
-    return f"cuda:{rank % torch.cuda.device_count()}" if device == "cuda" else device
+        if device is not None:
+            log.warning("device=%s requested but CUDA is not available: running on the CPU", device)
+        return "cpu" if device is not None else None
+    if world_size > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return device
+
+
+def _backend() -> str:
+    """NCCL when every local process has a GPU of its own; otherwise gloo (CPU machines, or more
+    processes than GPUs, which NCCL refuses), whose collectives then run on CPU copies."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "gloo"
 
 
 def _sampling(kwargs: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
@@ -149,7 +150,8 @@ def test_the_command_line_reports_bad_input_in_one_line(tmp_path: Path) -> None:
 def test_a_good_configuration_is_checked_into_a_run() -> None:
     run = config.check(compose_run("model=tiny-opt", "policy=disk-offload", "policy.gpu_batch_size=4", "limit=3"))
     assert run.policy == Policy.from_dict({"gpu_batch_size": 4}, preset="disk-offload")
-    assert run.tasks == ("hellaswag",) and run.data_dir is not None and run.device == "cpu"
+    assert run.tasks == ("hellaswag",) and run.data_dir is not None
+    assert run.device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_policy_files_are_the_presets_of_the_backend() -> None:
