@@ -135,6 +135,13 @@ def check(config: Any) -> Run:
     """Everything that can be checked without loading the model, in the order a user fixes it."""
     if config.limit is not None and config.limit <= 0:
         raise FlexevalError(f"limit must be a positive number of documents per task, got {config.limit}")
+    for name, value, least in (
+        ("model.max_length", config.model.max_length, 1),
+        ("task.num_fewshot", config.task.num_fewshot, 0),
+        ("bootstrap_iters", config.bootstrap_iters, 0),
+    ):
+        if value is not None and value < least:
+            raise FlexevalError(f"{name} must be at least {least}, got {value}")
     registry.check(config.model.pretrained)
     device = resolve_device(config.hardware.device)
     resolve_dtype(config.model.dtype, device)
@@ -169,9 +176,16 @@ def _check_tasks(tasks: tuple[str, ...], root: Path | None) -> None:
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False) if root else TaskManager()
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
+    if unknown and root:
+        raise FlexevalError(
+            f"unknown task {', '.join(unknown)} in the task definitions in {TASKS_DIR}: "
+            f"choose from {', '.join(sorted(known))}"
+        )
     if unknown:
-        where = f"the task definitions in {TASKS_DIR}" if root else "lm-eval's built-in tasks (no local data)"
-        raise FlexevalError(f"unknown task {', '.join(unknown)} in {where}: choose from {', '.join(sorted(known))}")
+        raise FlexevalError(
+            f"unknown task {', '.join(unknown)} in lm-eval's built-in tasks (no local data): "
+            "python -m flexeval.lm_eval ls tasks lists them"
+        )
 
 
 def _check_hardware(config: Any, policy: Policy) -> None:

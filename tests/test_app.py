@@ -116,6 +116,8 @@ def test_unknown_group_options_are_named_with_the_choices(overrides: list[str], 
     [
         (["limit=0"], "limit must be a positive number of documents per task, got 0"),
         (["data_dir=/no/such/dir"], "data_dir /no/such/dir is not a directory"),
+        (["task.num_fewshot=-1"], "task.num_fewshot must be at least 0, got -1"),
+        (["model.max_length=0"], "model.max_length must be at least 1, got 0"),
         (["model.pretrained=no-such-spec"], "unknown model spec 'no-such-spec'"),
         (["model.dtype=float64"], "unknown dtype 'float64'"),
         (["policy.w_gpu_percent=80", "policy.w_cpu_percent=50"], "policy: w_gpu_percent + w_cpu_percent = 130"),
@@ -152,6 +154,13 @@ def test_a_good_configuration_is_checked_into_a_run() -> None:
     assert run.policy == Policy.from_dict({"gpu_batch_size": 4}, preset="disk-offload")
     assert run.tasks == ("hellaswag",) and run.data_dir is not None
     assert run.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_without_local_data_the_builtin_tasks_are_used(monkeypatch, caplog) -> None:
+    monkeypatch.setenv("FLEXEVAL_DATA_DIR", "/no/such/dir")
+    with pytest.raises(FlexevalError, match=r"^unknown task helm_xsum in lm-eval's built-in tasks \(no local data\)"):
+        config.check(compose_run("task.tasks=[hellaswag,helm_xsum]"))
+    assert "no local benchmark data at /no/such/dir" in caplog.text
 
 
 def test_policy_files_are_the_presets_of_the_backend() -> None:
