@@ -47,7 +47,7 @@ T = TypeVar("T")
 
 @dataclass
 class Usage:
-    """What the backend did since `reset`: the efficiency half of an accuracy-and-throughput table.
+    """What the backend did since this was made: the efficiency half of an accuracy-and-throughput table.
 
     Prompt tokens are the tokens the engine computed (a shared context once); peak bytes are,
     per tier, the most that weights, cache and activations held together during one engine call.

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flexeval import Engine, FlexevalError, Policy
+from flexeval.engine import schedule
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.schedule import Unit, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, distribute
@@ -65,6 +66,17 @@ def test_placement_does_not_change_results(name: str, tmp_path: Path) -> None:
             else:  # the same batch shape computes the same arithmetic wherever tensors live
                 assert all(torch.equal(a, b) for a, b in zip(lp, baseline)), label
     assert list(tmp_path.iterdir()) == []  # every engine removed its offload files
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama-gqa"])
+def test_cpu_chunks_of_a_micro_batch_compute_what_the_whole_does(name: str, tmp_path: Path, monkeypatch) -> None:
+    policy = Policy(gpu_batch_size=16, num_gpu_batches=2, cache_gpu_percent=50, cache_cpu_percent=50)
+    whole_lp, whole_gen = run(name, policy, tmp_path)
+    monkeypatch.setattr(schedule, "CPU_CHUNK_TOKENS", 100)  # a few sequences per chunk, uneven last chunk
+    chunked_lp, chunked_gen = run(name, policy, tmp_path)
+    assert chunked_gen == whole_gen
+    for a, b in zip(chunked_lp, whole_lp):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_smollm2_weights_on_disk_match_resident(smollm2: Engine, tmp_path: Path) -> None:

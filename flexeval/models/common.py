@@ -10,7 +10,7 @@ without knowing the family; nothing here knows where a tensor lives.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -58,6 +58,10 @@ class KVCache:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Sequences [start, stop) of the batch: views, so writes land in this cache."""
+        return KVCache(self.k[start:stop], self.v[start:stop])
+
 
 class Readout(Protocol):
     """Reduces the logits of a step's head rows, which arrive a block of rows and vocabulary at a time."""
@@ -79,6 +83,12 @@ class Step:
     head_rows: Tensor  # (n,) indices into the flattened (b * s) tokens that need logits
     readout: Readout  # what becomes of those logits
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin: (b, s, head_dim), for rotary families
+
+    def rows(self, start: int, stop: int) -> Step:
+        """Sequences [start, stop) of the batch, for the layers that read no head rows (attention, MLP)."""
+        rope = None if self.rope is None else (self.rope[0][start:stop], self.rope[1][start:stop])
+        mask = None if self.attn_mask is None else self.attn_mask[start:stop]
+        return replace(self, ids=self.ids[start:stop], positions=self.positions[start:stop], attn_mask=mask, rope=rope)
 
 
 @dataclass(frozen=True)
