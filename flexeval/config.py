@@ -17,6 +17,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import MISSING
 
 from flexeval.data import DATA_ENV, data_dir
@@ -119,7 +120,7 @@ def check_choices(overrides: list[str]) -> None:
             continue
         try:
             (override,) = parser.parse_overrides([text])
-        except Exception:  # Hydra reports its own syntax errors
+        except OverrideParseException:  # Hydra reports its own syntax errors
             continue
         group = override.key_or_group
         if group not in GROUPS or override.is_delete():
