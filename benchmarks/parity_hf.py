@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import lm_eval
-from lm_eval.tasks import TaskManager
 
 import flexeval  # noqa: F401 - registers flexgen
+from flexeval.data import local_tasks
 from flexeval.models import registry
 
-TASKS = Path(__file__).resolve().parents[1] / "tasks"
 ACCEPTANCE = [
     "piqa:1000",
     "arc_easy:1000",
@@ -42,7 +40,7 @@ def run(model: str, model_args: str, task: str, limit: int | None, batch_size: i
         limit=limit,
         batch_size=batch_size,
         bootstrap_iters=0,
-        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+        task_manager=local_tasks(),
     )
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     return out["results"][task], samples, time.perf_counter() - start

@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import lm_eval
-from lm_eval.tasks import TaskManager
 
 import flexeval  # noqa: F401 - registers flexgen
+from flexeval.data import local_tasks
 from flexeval.models import registry
-
-TASKS = Path(__file__).resolve().parents[1] / "tasks"
 
 
 def evaluate(args, model: str, model_args: str, batch_size: int | None = None) -> tuple[float, dict, int]:
@@ -35,7 +32,7 @@ def evaluate(args, model: str, model_args: str, batch_size: int | None = None) -
         limit=args.limit,
         batch_size=batch_size,
         bootstrap_iters=0,
-        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+        task_manager=local_tasks(),
     )
     seconds = time.perf_counter() - start
     requests = sum(len(s["resps"]) for s in out["samples"][args.task])

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import MISSING
 
-from flexeval.data import DATA_ENV, data_dir
+from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, local_tasks
 from flexeval.engine.engine import resolve_device, resolve_dtype
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.policy import Policy
@@ -28,9 +29,7 @@ from flexeval.errors import FlexevalError
 from flexeval.models import registry
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
-TASKS_DIR = ROOT / "tasks"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "policy", "compression", "task", "hardware")
 COMPRESSIONS = ("none",)
 GB = 2**30
@@ -145,13 +144,13 @@ def check(config: Any) -> Run:
             raise FlexevalError(f"{name} must be at least {least}, got {value}")
     registry.check(config.model.pretrained)
     device = resolve_device(config.hardware.device)
-    resolve_dtype(config.model.dtype, device)
+    dtype = resolve_dtype(config.model.dtype, device)
     if config.compression.name not in COMPRESSIONS:
         raise FlexevalError(
             f"compression={config.compression.name} is not available yet: choose one of {', '.join(COMPRESSIONS)}"
         )
     policy = Policy(**{f.name: config.policy[f.name] for f in fields(Policy)})
-    _check_hardware(config, policy)
+    _check_hardware(config, policy, dtype)
     root = _data_dir(config.data_dir)
     tasks = tuple(config.task.tasks)
     _check_tasks(tasks, root)
@@ -174,7 +173,7 @@ def _data_dir(given: str | None) -> Path | None:
 def _check_tasks(tasks: tuple[str, ...], root: Path | None) -> None:
     from lm_eval.tasks import TaskManager  # indexing the built-in tasks takes seconds: only here
 
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False) if root else TaskManager()
+    manager = local_tasks() if root else TaskManager()
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown and root:
@@ -189,7 +188,7 @@ def _check_tasks(tasks: tuple[str, ...], root: Path | None) -> None:
         )
 
 
-def _check_hardware(config: Any, policy: Policy) -> None:
+def _check_hardware(config: Any, policy: Policy, dtype: torch.dtype) -> None:
     """Budgets are positive, the offload directory exists, and the policy's weights fit each
     budget (KV cache and activations join this check with the cost model)."""
     hardware = config.hardware
@@ -203,7 +202,6 @@ def _check_hardware(config: Any, policy: Policy) -> None:
     if all(b is None for b in budgets.values()):
         return
     directory = registry.resolve(config.model.pretrained)  # config.json only; no weights are read
-    dtype = resolve_dtype(config.model.dtype, resolve_device(hardware.device))
     placed = dict(zip(budgets, weight_bytes_per_tier(registry.build_model(directory).layers, policy, dtype)))
     total = sum(placed.values())
     for tier, budget in budgets.items():

@@ -1,16 +1,31 @@
-"""Where the benchmark data lives: $FLEXEVAL_DATA_DIR, else `../shared/data` beside the repository.
+"""Where the benchmark data and the task definitions that read it live.
 
-The data are JSONL files with the Hugging Face field names, read by the task definitions in
-`tasks/`, the benchmarks and the tests; this is the one place that decides where they are.
+The data are JSONL files with the Hugging Face field names ($FLEXEVAL_DATA_DIR, else
+`../shared/data` beside the repository), read by the task definitions in `tasks/`, the
+benchmarks and the tests; this is the one place that decides where both are.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 DATA_ENV = "FLEXEVAL_DATA_DIR"
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 
 
 def data_dir() -> Path:
     return Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def local_tasks(metadata: Mapping[str, Any] | None = None) -> TaskManager:
+    """lm-eval's task manager over the definitions in tasks/ alone; `metadata` reaches every task
+    (`data_dir`, a user's `mmlu_files`)."""
+    from lm_eval.tasks import TaskManager  # indexing tasks is slow to import: only when asked
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=dict(metadata or {}) or None)

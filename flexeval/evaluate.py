@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from omegaconf import OmegaConf
 
 from flexeval import report
 from flexeval.atomic import atomic_file, write_text
-from flexeval.config import TASKS_DIR, Run
+from flexeval.config import Run
+from flexeval.data import local_tasks
 from flexeval.errors import FlexevalError, first_line
 from flexeval.lm import FlexGenLM, Usage
 
@@ -66,7 +68,7 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
         wall = time.perf_counter() - start
         for key in PER_TASK:
             combined[key].update(out.get(key, {}))
-        combined["throughput"][name] = lm.usage.as_dict() | {"wall_seconds": wall}
+        combined["throughput"][name] = throughput(lm.usage, wall)
         write_samples(out_dir / f"samples_{name}.jsonl", out["samples"][name])
     combined |= {
         "config": OmegaConf.to_container(config, resolve=True),
@@ -80,13 +82,18 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
     return combined
 
 
+def throughput(usage: Usage, wall: float) -> dict[str, Any]:
+    """The backend's counts, and rates over the task's wall time (lm-eval's own work included)."""
+    tokens = usage.prompt_tokens + usage.generated_tokens
+    rates = {"requests_per_second": usage.requests / wall, "tokens_per_second": tokens / wall}
+    return asdict(usage) | {"wall_seconds": wall} | rates
+
+
 def task_manager(run: Run) -> TaskManager:
     metadata = dict(run.config.task.metadata)
     if run.data_dir is None:
         return TaskManager(metadata=metadata or None)
-    return TaskManager(
-        include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata | {"data_dir": str(run.data_dir)}
-    )
+    return local_tasks(metadata | {"data_dir": str(run.data_dir)})
 
 
 def build_tasks(manager: TaskManager, names: tuple[str, ...]) -> dict[str, Any]:

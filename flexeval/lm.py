@@ -18,7 +18,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 import lm_eval.models  # noqa: F401 - lm-eval's own backends first: a non-empty registry is never filled again
@@ -70,11 +70,6 @@ class Usage:
                 held[tier] += int(figures["peak_bytes"])
         for tier, nbytes in held.items():
             self.peak_bytes[tier] = max(self.peak_bytes.get(tier, 0), nbytes)
-
-    def as_dict(self) -> dict[str, Any]:
-        tokens = self.prompt_tokens + self.generated_tokens
-        rate = 1 / self.seconds if self.seconds else 0.0
-        return asdict(self) | {"requests_per_second": self.requests * rate, "tokens_per_second": tokens * rate}
 
 
 @register_model("flexgen")

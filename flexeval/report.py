@@ -72,7 +72,6 @@ def rows(results: dict[str, Any], run: str) -> list[Row]:
             continue
         name = next((m for m in PRIMARY if m in metrics), next(iter(metrics)))
         value, stderr, higher = metrics.pop(name)
-        wall = usage["wall_seconds"]
         peak = usage["peak_bytes"]
         out.append(
             Row(
@@ -85,9 +84,9 @@ def rows(results: dict[str, Any], run: str) -> list[Row]:
                 requests=usage["requests"],
                 prompt_tokens=usage["prompt_tokens"],
                 generated_tokens=usage["generated_tokens"],
-                wall_seconds=wall,
-                requests_per_second=usage["requests"] / wall,
-                tokens_per_second=(usage["prompt_tokens"] + usage["generated_tokens"]) / wall,
+                wall_seconds=usage["wall_seconds"],
+                requests_per_second=usage["requests_per_second"],
+                tokens_per_second=usage["tokens_per_second"],
                 peak_compute_mb=peak.get("compute", 0) / MB,
                 peak_cpu_mb=peak.get("cpu", 0) / MB,
                 peak_disk_mb=peak.get("disk", 0) / MB,

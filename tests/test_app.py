@@ -14,6 +14,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from flexeval import FlexevalError, Policy, config
+from flexeval.data import TASKS_DIR
 from flexeval.engine.policy import PRESETS
 from flexeval.report import Row, labels, pareto
 
@@ -173,7 +174,7 @@ def test_policy_files_are_the_presets_of_the_backend() -> None:
 
 def test_every_task_definition_has_a_task_option() -> None:
     options = {t for name in config.choices("task") for t in compose_run(f"task={name}").task.tasks}
-    defined = {yaml.safe_load(p.read_text().replace("!function", ""))["task"] for p in config.TASKS_DIR.glob("*.yaml")}
+    defined = {yaml.safe_load(p.read_text().replace("!function", ""))["task"] for p in TASKS_DIR.glob("*.yaml")}
     assert defined <= options
 
 

@@ -19,10 +19,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
 from flexeval import Engine, FlexevalError, FlexGenLM
-from flexeval.data import data_dir
+from flexeval.data import TASKS_DIR, data_dir, local_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
-TASKS = ROOT / "tasks"
 DATA = data_dir()
 
 
@@ -136,14 +134,13 @@ def test_long_contexts_are_cut_and_empty_continuations_are_certain(caplog) -> No
 
 def test_simple_evaluate_runs_local_tasks() -> None:
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     results = lm_eval.simple_evaluate(
         model="flexgen",
         model_args="pretrained=tiny-llama,policy=disk-offload",
         tasks=["piqa", "helm_synthetic_reasoning_pattern_match", "wikitext"],
         limit=4,
-        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+        task_manager=local_tasks(),
     )["results"]
     assert 0 <= results["piqa"]["acc,none"] <= 1
     assert results["helm_synthetic_reasoning_pattern_match"]["exact_match,strip"] == 0  # a random model
@@ -151,7 +148,17 @@ def test_simple_evaluate_runs_local_tasks() -> None:
 
 
 def lm_eval_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flexeval.lm_eval", "run", "--model", "flexgen", "--include_path", str(TASKS), *args]
+    return [
+        sys.executable,
+        "-m",
+        "flexeval.lm_eval",
+        "run",
+        "--model",
+        "flexgen",
+        "--include_path",
+        str(TASKS_DIR),
+        *args,
+    ]
 
 
 def cached_rows(path: Path) -> int:

@@ -14,8 +14,7 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from flexeval.config import TASKS_DIR
-from flexeval.data import data_dir
+from flexeval.data import TASKS_DIR, data_dir, local_tasks
 
 MMLU_SUBJECT = "astronomy"
 # local task -> (lm-eval's built-in task, the built-in's split -> our split, few-shot counts to compare).
@@ -70,7 +69,7 @@ def mmlu_files(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def local(mmlu_files) -> TaskManager:
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"mmlu_files": mmlu_files})
+    return local_tasks({"mmlu_files": mmlu_files})
 
 
 @pytest.fixture(scope="session")

@@ -186,7 +186,9 @@ def forward(layer: Layer, bundle: Weights, h: Tensor | None, step: Step, cache: 
     if h.shape[0] <= rows:
         return layer.forward(bundle, h, step, cache)
     parts = [
-        layer.forward(bundle, h[a : a + rows], step.rows(a, a + rows), cache and cache.rows(a, a + rows))
+        layer.forward(
+            bundle, h[a : a + rows], step.rows(a, a + rows), None if cache is None else cache.rows(a, a + rows)
+        )
         for a in range(0, h.shape[0], rows)
     ]
     return torch.cat(parts)
