@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from flexeval import Engine
-from flexeval.engine.batch import attention_mask, left_pad, positions
+from flexeval.engine.batch import left_pad, positions
 from flexeval.models import registry, tiny
+from flexeval.models.attention import visibility
 from tests.test_models import reference_logprobs
 
 
@@ -26,7 +31,7 @@ def test_padding_does_not_change_results(engine: Engine) -> None:
     together = engine.logprobs(seqs)
     for seq, lp in zip(seqs, together):
         (alone,) = engine.logprobs([seq])
-        torch.testing.assert_close(lp, alone, rtol=0, atol=1e-5)
+        assert torch.equal(lp, alone)
     batched = engine.generate(seqs, max_new_tokens=12)
     assert batched == [engine.generate([s], max_new_tokens=12)[0] for s in seqs]
 
@@ -35,12 +40,15 @@ def test_left_padding_masks_and_positions() -> None:
     batch = left_pad([torch.tensor([5, 6, 7]), torch.tensor([9])], torch.device("cpu"))
     assert batch.ids.tolist() == [[5, 6, 7], [0, 0, 9]]
     assert positions(batch.valid).tolist() == [[0, 1, 2], [0, 0, 0]]
-    mask = attention_mask(batch.valid, 3)[:, 0]
+    assert batch.pads == (0, 2)
+    mask = visibility(torch.tensor(batch.pads), 3, 3, None)[:, 0]
     assert mask[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
     assert mask[1].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
-    windowed = attention_mask(torch.ones(1, 4, dtype=torch.bool), 4, window=2)[0, 0]
+    assert visibility(torch.tensor([2]), 1, 5, None)[0, 0].tolist() == [[False, False, True, True, True]]
+    windowed = visibility(torch.zeros(1, dtype=torch.long), 4, 4, window=2)[0, 0]
     assert windowed[3].tolist() == [False, False, True, True]
-    assert attention_mask(torch.ones(2, 5, dtype=torch.bool), 5) is None  # unpadded: plain causal
+    assert visibility(torch.zeros(2, dtype=torch.long), 5, 5, None) is None  # unpadded: plain causal
+    assert visibility(torch.zeros(2, dtype=torch.long), 1, 5, window=8) is None  # one query sees every key
 
 
 def test_one_token_sequences_have_no_logprobs(engine: Engine) -> None:
@@ -112,3 +120,14 @@ def test_bin_checkpoints_load_without_pickle(tiny_dir, tmp_path) -> None:
     seqs = random_seqs((9, 4))
     for a, b in zip(Engine.load(directory).logprobs(seqs), Engine.load(tiny_dir).logprobs(seqs)):
         assert torch.equal(a, b)
+
+
+def test_a_process_without_row_invariant_gemms_is_told_so() -> None:
+    """A user's own MKL mode is kept; when it makes results depend on batch shape, loading says so."""
+    code = "import flexeval, logging; logging.basicConfig(); flexeval.Engine.load('tiny-llama')"
+    env = {**os.environ, "MKL_CBWR": "AUTO"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "depend on batch shape (MKL_CBWR=AUTO)" in done.stderr
+    env["MKL_CBWR"] = "AUTO,STRICT"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "batch shape" not in done.stderr

@@ -1,8 +1,9 @@
-"""Padding sequences of different lengths into one batch, and the masks and positions that follow.
+"""Padding sequences of different lengths into one batch: positions, and masks for packed rows.
 
 Sequences are left-padded: every sequence ends in the last column, so decoding appends one
 column for the whole batch and the KV cache stays rectangular. Positions count only real
-tokens, so a padded sequence computes exactly what it would alone.
+tokens, and attention skips each sequence's padding (`models.attention`), so a padded sequence
+computes exactly what it would alone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class PaddedBatch:
     @property
     def width(self) -> int:
         return self.ids.shape[1]
+
+    @property
+    def pads(self) -> tuple[int, ...]:
+        """Columns of left padding of each sequence."""
+        return tuple((self.width - self.lengths).tolist())
 
 
 def as_token_lists(sequences: Sequence[TokenSeq], vocab_size: int, what: str) -> list[Tensor]:
@@ -59,27 +65,6 @@ def left_pad(sequences: Sequence[Tensor], device: torch.device, pad_id: int = 0)
 def positions(valid: Tensor) -> Tensor:
     """(b, s) bool -> (b, s) position of each real token in its sequence; 0 on padding."""
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def attention_mask(valid: Tensor, queries: int, window: int | None = None) -> Tensor | None:
-    """(b, k) valid keys -> (b, 1, queries, k) bool mask for the last `queries` columns.
-
-    A query sees real keys at or before its own column (and within `window` columns when a
-    sliding window applies). Every query also sees itself, so rows of padding queries are not
-    empty (their outputs are never read, but an empty row would produce NaNs). None means plain
-    causal attention without padding, which attention kernels run faster without a mask.
-    """
-    k = valid.shape[1]
-    if (window is None or window >= k) and queries in (1, k) and bool(valid.all()):
-        return None
-    q_col = torch.arange(k - queries, k, device=valid.device)[:, None]  # (q, 1)
-    k_col = torch.arange(k, device=valid.device)[None, :]  # (1, k)
-    allowed = k_col <= q_col
-    if window is not None:
-        allowed &= q_col - k_col < window
-    mask = allowed[None] & valid[:, None, :]  # (b, q, k)
-    mask |= k_col == q_col
-    return mask[:, None]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from flexeval.engine.batch import Packed, TokenSeq, as_token_lists, attention_mask, left_pad, pack, packed_mask
+from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists, left_pad, pack, packed_mask
 from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
@@ -34,6 +34,7 @@ from flexeval.errors import FlexevalError
 from flexeval.models import registry
 from flexeval.models.checkpoint import Checkpoint, iter_weights
 from flexeval.models.common import KVCache, Model, Readout, Step
+from flexeval.reproducible import check_cpu_gemms
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TENSOR_CLASSES = ("weights", "cache", "act")
@@ -183,6 +184,8 @@ class Engine:
         policy = policy or Policy()
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if device.type == "cpu":
+            check_cpu_gemms()
         directory = registry.resolve(str(spec), cache_dir)
         model = registry.build_model(directory)
         tokenizer = registry.load_tokenizer(directory)
@@ -303,14 +306,7 @@ class Engine:
         for block in self._blocks({i: len(s) for i, s in enumerate(seqs) if budgets[i] > 0}):
             runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device, stopped) for mb in block]
             steps = [
-                self._step(
-                    r.batch.ids,
-                    r.positions,
-                    self._mask(r.batch.valid, r.batch.width),
-                    0,
-                    r.prefill_rows(),
-                    readout(len(r.outputs)),
-                )
+                self._step(r.batch, r.batch.ids, r.positions, None, 0, r.prefill_rows(), readout(len(r.outputs)))
                 for r in runs
             ]
             state = self._block_state(len(block))
@@ -360,10 +356,17 @@ class Engine:
         return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache)
 
     def _step(
-        self, ids: Tensor, pos: Tensor, mask: Tensor | None, cache_start: int, rows: Tensor, readout: Readout
+        self,
+        batch: PaddedBatch,
+        ids: Tensor,
+        pos: Tensor,
+        mask: Tensor | None,
+        cache_start: int,
+        rows: Tensor,
+        readout: Readout,
     ) -> Step:
         rope = self.model.rotary(pos, self.dtype) if self.model.rotary else None
-        return Step(ids, pos, mask, cache_start, rows, readout, rope)
+        return Step(ids, pos, batch.pads, mask, cache_start, rows, readout, rope, self.model.sliding_window)
 
     def _packed_step(self, rows: list[Packed]) -> Step:
         """A micro-batch of packed rows, left-padded; the head reads each row's `heads`."""
@@ -372,20 +375,16 @@ class Engine:
         pos = left_pad([r.positions for r in rows], self.device).ids
         heads = torch.cat([r.heads + b * width + width - len(r) for b, r in enumerate(rows)]).to(self.device)
         targets = torch.cat([r.targets for r in rows]).to(self.device)
-        if all(len(r.spans) == 1 for r in rows):  # plain sequences: a causal mask, or none at all
-            mask = self._mask(inputs.valid, width)
-        else:
+        mask = None  # plain sequences: padding, causality and the window say who sees what
+        if any(len(r.spans) > 1 for r in rows):
             segments = left_pad([r.segments for r in rows], self.device).ids
             mask = packed_mask(inputs.valid, segments, self.model.sliding_window, pos)
-        return self._step(inputs.ids, pos, mask, 0, heads, ScoreReadout(targets))
+        return self._step(inputs, inputs.ids, pos, mask, 0, heads, ScoreReadout(targets))
 
     def _decode_step(self, run: Decoding, tokens: Tensor, readout: Readout) -> Step:
         column = run.batch.width + run.t - 1  # where the fed token's keys and values go
         rows = torch.arange(len(tokens), device=self.device)
-        return self._step(tokens, run.positions, self._mask(run.valid[:, : column + 1], 1), column, rows, readout)
-
-    def _mask(self, valid_keys: Tensor, queries: int) -> Tensor | None:
-        return attention_mask(valid_keys, queries, self.model.sliding_window)
+        return self._step(run.batch, tokens, run.positions, None, column, rows, readout)
 
     def _new_cache(self, run: Decoding) -> KVCache:
         shape = (len(run.outputs), self.model.kv_heads, run.cache_length, self.model.head_dim)

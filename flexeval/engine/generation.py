@@ -69,9 +69,6 @@ class Decoding:
         self.batch = left_pad(prompts, device)
         self.budgets, self.stops, self.stopped = budgets, stops, stopped
         self.steps = int(budgets.max())
-        width = self.batch.width
-        self.valid = torch.zeros(len(prompts), width + self.steps, dtype=torch.bool, device=device)
-        self.valid[:, :width] = self.batch.valid
         self.positions = positions(self.batch.valid)
         self.outputs: list[list[int]] = [[] for _ in prompts]
         self.running = budgets > 0
@@ -100,7 +97,5 @@ class Decoding:
         if self.stopped is not None:
             for i in self.running.nonzero().squeeze(1).tolist():
                 self.running[i] = not self.stopped(self.outputs[i])
-        column = self.batch.width + self.t - 1
-        self.valid[:, column] = True
         self.positions = self.positions[:, -1:] + 1
         return tokens[:, None]

@@ -78,17 +78,26 @@ class Step:
 
     ids: Tensor  # (b, s) token ids
     positions: Tensor  # (b, s) position of each token within its own sequence
-    attn_mask: Tensor | None  # (b, 1, s, cache_start + s) bool, True = may attend; None = plain causal
+    pads: tuple[int, ...]  # left padding of each sequence: cache columns before its first token
+    attn_mask: Tensor | None  # packed rows: (b, 1, s, cache_start + s) bool, True = may attend
     cache_start: int  # column of the first token of this step in the KV cache
     head_rows: Tensor  # (n,) indices into the flattened (b * s) tokens that need logits
     readout: Readout  # what becomes of those logits
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin: (b, s, head_dim), for rotary families
+    window: int | None = None  # sliding attention window, in columns
 
     def rows(self, start: int, stop: int) -> Step:
         """Sequences [start, stop) of the batch, for the layers that read no head rows (attention, MLP)."""
         rope = None if self.rope is None else (self.rope[0][start:stop], self.rope[1][start:stop])
         mask = None if self.attn_mask is None else self.attn_mask[start:stop]
-        return replace(self, ids=self.ids[start:stop], positions=self.positions[start:stop], attn_mask=mask, rope=rope)
+        return replace(
+            self,
+            ids=self.ids[start:stop],
+            positions=self.positions[start:stop],
+            pads=self.pads[start:stop],
+            attn_mask=mask,
+            rope=rope,
+        )
 
 
 @dataclass(frozen=True)
@@ -153,28 +162,6 @@ def split_heads(x: Tensor, head_dim: int) -> Tensor:
     """(b, s, h * d) -> (b, h, s, d)"""
     b, s, _ = x.shape
     return x.view(b, s, -1, head_dim).transpose(1, 2)
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, scale: float | None = None) -> Tensor:
-    """Masked attention of this step's queries over the cached and new keys; returns (b, s, h * d).
-
-    q is (b, h, s, d); k and v are (b, kv_heads, s, d) for this step's tokens only. Without a
-    cache (scoring), the step attends to its own keys. Attention runs where the cache lives: a
-    cache kept in CPU RAM (FlexGen's CPU delegation) receives the few new rows instead of
-    sending all of its keys and values to the GPU.
-    """
-    home, mask = q.device, step.attn_mask
-    if cache is not None:
-        where = cache.k.device
-        if where != home:
-            q, k, v = q.to(where), k.to(where), v.to(where)
-            mask = None if mask is None else mask.to(where)
-        k, v = cache.write(step.cache_start, k, v)  # (b, kv_heads, cache_start + s, d)
-    causal = mask is None and q.shape[2] > 1  # None with one query: it sees every key
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    return out.transpose(1, 2).flatten(2).to(home)  # (b, s, h * d)
 
 
 def embed_tokens(w: Weights, name: str, ids: Tensor) -> Tensor:

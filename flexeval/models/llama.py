@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from flexeval.errors import FlexevalError
+from flexeval.models.attention import attend
 from flexeval.models.common import (
     KVCache,
     Layer,
@@ -26,7 +27,6 @@ from flexeval.models.common import (
     Step,
     Weights,
     apply_rotary,
-    attend,
     embed_tokens,
     gather_rows,
     rms_norm,

@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from flexeval.errors import FlexevalError
+from flexeval.models.attention import attend
 from flexeval.models.common import (
     KVCache,
     Layer,
@@ -24,7 +25,6 @@ from flexeval.models.common import (
     Param,
     Step,
     Weights,
-    attend,
     embed_tokens,
     gather_rows,
     layer_norm,

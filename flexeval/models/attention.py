@@ -1,0 +1,92 @@
+"""Attention over a left-padded batch, computed so that padding never changes a sequence's result.
+
+A batch is left-padded (see `engine.batch`), so a sequence's first key sits at a column that
+depends on which other sequences share its batch. Attention kernels reduce over key columns in
+vector lanes and blocks aligned to the first column, so the same sequence would be rounded
+differently behind different amounts of padding. On the CPU, therefore, each run of sequences
+with the same left padding attends over its own columns only: the kernel sees exactly what it
+would see for any one of them alone, and (with row-invariant GEMMs, see `flexeval.reproducible`)
+a sequence's log-probabilities and generations are bitwise the same whatever batch shape or
+placement computed them. On CUDA, cuBLAS picks kernels by shape, so that exactness is out of
+reach there; one masked call over the whole batch is faster.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flexeval.models.common import KVCache, Step
+
+
+def visibility(pads: Tensor, queries: int, keys: int, window: int | None) -> Tensor | None:
+    """(b,) left padding -> (b, 1, queries, keys) bool mask, True = may attend; the queries are
+    the last `queries` key columns.
+
+    A query sees real keys at or before its own column (and within `window` columns when a
+    sliding window applies). Every query also sees itself, so rows of padding queries are not
+    empty (their outputs are never read, but an empty row would produce NaNs). None means plain
+    causal attention (or one query seeing every key), which kernels run faster without a mask.
+    """
+    if (window is None or window >= keys) and queries in (1, keys) and not bool(pads.any()):
+        return None
+    q_col = torch.arange(keys - queries, keys, device=pads.device)[:, None]  # (q, 1)
+    k_col = torch.arange(keys, device=pads.device)[None, :]  # (1, k)
+    allowed = k_col <= q_col
+    if window is not None:
+        allowed &= q_col - k_col < window
+    mask = allowed[None] & (k_col >= pads[:, None, None])  # (b, q, k)
+    mask |= k_col == q_col
+    return mask[:, None]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, scale: float | None = None) -> Tensor:
+    """Masked attention of this step's queries over the cached and new keys; returns (b, s, h * d).
+
+    q is (b, h, s, d); k and v are (b, kv_heads, s, d) for this step's tokens only. Without a
+    cache (scoring), the step attends to its own keys. Attention runs where the cache lives: a
+    cache kept in CPU RAM (FlexGen's CPU delegation) receives the few new rows instead of
+    sending all of its keys and values to the GPU.
+    """
+    home = q.device
+    if cache is not None:
+        where = cache.k.device
+        if where != home:
+            q, k, v = q.to(where), k.to(where), v.to(where)
+        k, v = cache.write(step.cache_start, k, v)  # (b, kv_heads, cache_start + s, d)
+    out = _unpadded(q, k, v, step, scale) if q.device.type == "cpu" else _padded(q, k, v, step, scale)
+    return out.transpose(1, 2).flatten(2).to(home)  # (b, s, h * d)
+
+
+def _padded(q: Tensor, k: Tensor, v: Tensor, step: Step, scale: float | None) -> Tensor:
+    """One call over the whole batch, padding masked."""
+    mask = step.attn_mask
+    if mask is None:
+        mask = visibility(torch.tensor(step.pads, device=q.device), q.shape[2], k.shape[2], step.window)
+    return _sdpa(q, k, v, None if mask is None else mask.to(q.device), scale)
+
+
+def _unpadded(q: Tensor, k: Tensor, v: Tensor, step: Step, scale: float | None) -> Tensor:
+    """One call per run of sequences with equal padding, over their real columns only."""
+    out = torch.zeros_like(q)  # padding queries: never read
+    queries, keys, start = q.shape[2], k.shape[2], 0
+    for pad, run in groupby(step.pads):
+        rows = slice(start, start + len(list(run)))
+        start = rows.stop
+        first = max(pad - (keys - queries), 0)  # the first real query
+        if step.attn_mask is None:
+            mask = visibility(torch.zeros(1, dtype=torch.long), queries - first, keys - pad, step.window)
+        else:
+            mask = step.attn_mask[rows, :, first:, pad:].to(q.device)
+        out[rows, :, first:] = _sdpa(q[rows, :, first:], k[rows, :, pad:], v[rows, :, pad:], mask, scale)
+    return out
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    causal = mask is None and q.shape[2] > 1  # None with one query: it sees every key
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
