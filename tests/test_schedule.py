@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,18 +35,28 @@ PLACEMENTS = {
 SHAPES = [(1, 1), (4, 1), (4, 8), (16, 4)]
 
 
-def workload(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 90, (37,), generator=g).tolist()
-    seqs = [torch.randint(0, 250, (n,), generator=g) for n in lengths]
-    return seqs, seqs[:20]
+@dataclass(frozen=True)
+class Workload:
+    sequences: int = 37  # scored
+    prompts: int = 20  # the first few of them, continued
+    new_tokens: int = 16
 
 
-def run(name: str, policy: Policy, offload: Path) -> tuple[list[torch.Tensor], list[list[int]]]:
+SMALL = Workload(sequences=20, prompts=8, new_tokens=6)  # for the real model: every policy reads all of it
+
+
+def sequences(count: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 90, (count,), generator=g).tolist()
+    return [torch.randint(0, 250, (n,), generator=g) for n in lengths]
+
+
+def run(name: str, policy: Policy, offload: Path, work: Workload = Workload()) -> tuple[list[torch.Tensor], list]:
+    seqs = sequences(work.sequences)
     engine = Engine.load(name, policy=policy, offload_dir=offload)
-    seqs, prompts = workload()
     try:
-        return engine.logprobs(seqs), engine.generate(prompts, max_new_tokens=16, stop_token_ids=[])
+        generated = engine.generate(seqs[: work.prompts], max_new_tokens=work.new_tokens, stop_token_ids=[])
+        return engine.logprobs(seqs), generated
     finally:
         engine.close()
 
@@ -54,14 +65,17 @@ def bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama-gqa", "tiny-mistral"])
+@pytest.mark.parametrize(
+    "name", ["tiny-opt", "tiny-llama-gqa", "tiny-mistral", pytest.param(registry.DEFAULT_MODEL, marks=pytest.mark.slow)]
+)
 def test_placement_and_batch_shape_do_not_change_results(name: str, tmp_path: Path) -> None:
     """Every sequence computed alone (1 x 1) is the reference; no policy may change a bit of it."""
-    reference_lp, reference_gen = run(name, Policy(gpu_batch_size=1), tmp_path)
+    work = SMALL if name == registry.DEFAULT_MODEL else Workload()
+    reference_lp, reference_gen = run(name, Policy(gpu_batch_size=1), tmp_path, work)
     for gpu_batch_size, num_gpu_batches in SHAPES:
         for label, fields in PLACEMENTS.items():
             policy = Policy(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, **fields)
-            lp, gen = run(name, policy, tmp_path)
+            lp, gen = run(name, policy, tmp_path, work)
             assert gen == reference_gen, (gpu_batch_size, num_gpu_batches, label)
             assert bitwise_equal(lp, reference_lp), (gpu_batch_size, num_gpu_batches, label)
     assert list(tmp_path.iterdir()) == []  # every engine removed its offload files
@@ -166,14 +180,14 @@ def test_disk_reads_reuse_their_buffers(tmp_path: Path) -> None:
 def test_disk_bytes_read_per_block_are_one_pass_of_the_disk_weights(tmp_path: Path) -> None:
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, **DISK)
     engine = Engine.load("tiny-llama", policy=policy, offload_dir=tmp_path)
-    seqs, _ = workload()
-    engine.logprobs(seqs[:16])  # two blocks of 8
+    seqs = sequences(16)
+    engine.logprobs(seqs)  # two blocks of 8
     on_disk = weight_bytes_per_tier(engine.model.layers, policy, torch.float32)[2]
     assert on_disk == engine.model.nbytes(torch.float32)
     pages = [sum(-(-p.nbytes(torch.float32) // 4096) * 4096 for p in x.params.values()) for x in engine.model.layers]
     per_block = engine.stats.tiers["weights"]["disk"]["bytes_read"] / 2
     assert sum(pages[1:]) < per_block <= sum(pages)  # every layer once; of the embedding, the rows in use
-    assert engine.stats.prefill_tokens == sum(len(s) - 1 for s in seqs[:16])
+    assert engine.stats.prefill_tokens == sum(len(s) - 1 for s in seqs)
 
 
 @pytest.mark.parametrize("fields", [DISK, dict(w_gpu_percent=0, w_cpu_percent=100), {}])
@@ -192,10 +206,10 @@ def test_tied_embeddings_are_stored_once(fields: dict, tmp_path: Path) -> None:
 
 def test_generation_reports_throughput_and_stops_early() -> None:
     engine = Engine.load("tiny-llama", policy=Policy(gpu_batch_size=4, num_gpu_batches=2))
-    _, prompts = workload()
-    out = engine.generate(prompts[:8], max_new_tokens=[1] * 8)
+    prompts = sequences(8)
+    out = engine.generate(prompts, max_new_tokens=[1] * 8)
     assert [len(o) for o in out] == [1] * 8
-    assert engine.stats.decode_tokens == 8 and engine.stats.prefill_tokens == sum(len(p) for p in prompts[:8])
+    assert engine.stats.decode_tokens == 8 and engine.stats.prefill_tokens == sum(len(p) for p in prompts)
     assert engine.stats.prefill_tokens_per_second > 0
 
 
