@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, local_tasks
 from flexeval.engine.engine import resolve_device, resolve_dtype
 from flexeval.engine.placement import weight_bytes_per_tier
-from flexeval.engine.policy import Policy
+from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
 
@@ -48,7 +48,7 @@ class ModelConfig:
 PolicyConfig = make_dataclass(
     "PolicyConfig",
     [("name", str, field(default=MISSING))]
-    + [(f.name, type(f.default), field(default=f.default)) for f in fields(Policy)],
+    + [(f.name, type(f.default), field(default=f.default)) for f in fields(Policy) if f.name not in COMPRESSION_FIELDS],
 )
 
 
@@ -149,7 +149,7 @@ def check(config: Any) -> Run:
         raise FlexevalError(
             f"compression={config.compression.name} is not available yet: choose one of {', '.join(COMPRESSIONS)}"
         )
-    policy = Policy(**{f.name: config.policy[f.name] for f in fields(Policy)})
+    policy = Policy(**{f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS})
     _check_hardware(config, policy, dtype)
     root = _data_dir(config.data_dir)
     tasks = tuple(config.task.tasks)

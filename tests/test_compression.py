@@ -1,12 +1,28 @@
-"""Group-wise quantization: the error bound, dense packing, constant groups, bad configurations."""
+"""Group-wise quantization: the error bound, dense packing, constant groups, bad configurations;
+quantized weights in the engine."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from flexeval import FlexevalError
-from flexeval.engine.compression import BITS, CompressionConfig, dequantize, pack, quantize, unpack
+from flexeval import Engine, FlexevalError, Policy
+from flexeval.engine.compression import (
+    BITS,
+    CompressionConfig,
+    Quantized,
+    dequantize,
+    pack,
+    packed_bytes,
+    quantize,
+    unpack,
+)
+from flexeval.engine.placement import weight_bytes_per_tier
+from flexeval.models import registry
 
 SHAPES = [(130,), (7, 130), (64, 64), (3, 5, 9), (2, 3, 4, 33), (1, 1), (576, 100)]
 
@@ -51,11 +67,20 @@ def test_half_precision_tensors_keep_their_dtype_and_the_bound(dtype: torch.dtyp
 def test_packing_is_dense_and_bit_exact(bits: int) -> None:
     g = torch.Generator().manual_seed(bits)
     for n in (1, 2, 3, 7, 8, 9, 63, 64, 1000, 4097):
-        codes = torch.randint(0, 2**bits, (n,), generator=g, dtype=torch.uint8)
+        codes = torch.randint(0, 2**bits, (3, n), generator=g, dtype=torch.uint8)
         packed = pack(codes, bits)
         per, unit = (8, 3) if bits == 3 else (8 // bits, 1)
-        assert packed.dtype == torch.uint8 and len(packed) == -(-n // per) * unit
+        assert packed.dtype == torch.uint8 and packed.shape == (3, -(-n // per) * unit) == (3, packed_bytes(n, bits))
         assert torch.equal(unpack(packed, bits, n), codes)
+        assert torch.equal(unpack(packed[1], bits, n), codes[1])  # each row on its own
+
+
+def test_rows_of_a_table_grouped_along_its_width_dequantize_alone() -> None:
+    table = torch.randn(50, 70)
+    q = quantize(table, CompressionConfig(4, 32, 1))
+    rows = torch.tensor([3, 17, 49])
+    alone = Quantized(q.codes[rows], q.scale[rows], q.minimum[rows], (3, 70), q.dtype, q.config)
+    assert torch.equal(dequantize(alone), dequantize(q)[rows])
 
 
 def test_pack_puts_the_first_code_in_the_low_bits() -> None:
@@ -108,3 +133,45 @@ def test_bad_tensors_are_refused() -> None:
         quantize(torch.tensor([[1.0, float("nan")]]), CompressionConfig(group_dim=1))
     with pytest.raises(FlexevalError, match="too far apart for fp16 scales"):
         quantize(torch.tensor([[-1e9, 1e9]]), CompressionConfig(num_bits=2, group_dim=1))
+
+
+def fake_quantized_checkpoint(directory: Path, config: CompressionConfig) -> None:
+    """Rewrite a checkpoint with every matrix replaced by dequantize(quantize(.)): what an engine
+    storing quantized weights must compute. Token tables (the embedding) group along their width."""
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    for name, w in tensors.items():
+        if w.dim() == 2:
+            table = "embed_tokens" in name or "lm_head" in name
+            tensors[name] = dequantize(quantize(w, replace(config, group_dim=1) if table else config))
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("config", [CompressionConfig(4, 64, 0), CompressionConfig(3, 32, 1), CompressionConfig(8, 16)])
+def test_engine_computes_with_the_dequantized_weights_wherever_they_live(
+    config: CompressionConfig, tiny_dir: Path, tmp_path: Path
+) -> None:
+    seqs = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 40, 17, 2)]
+    compressed = {}
+    for fields in ({}, dict(w_gpu_percent=0, w_cpu_percent=0), dict(w_gpu_percent=30, w_cpu_percent=40)):
+        policy = Policy(gpu_batch_size=2, compress_weight=True, comp_weight_config=config, **fields)
+        engine = Engine.load(tiny_dir, policy=policy, offload_dir=tmp_path)
+        compressed[str(fields)] = engine.logprobs(seqs), engine.generate(seqs, max_new_tokens=6, stop_token_ids=[])
+        engine.close()
+    fake_quantized_checkpoint(tiny_dir, config)
+    reference = Engine.load(tiny_dir, policy=Policy(gpu_batch_size=2))
+    expected_lp, expected_gen = reference.logprobs(seqs), reference.generate(seqs, max_new_tokens=6, stop_token_ids=[])
+    for label, (lp, gen) in compressed.items():
+        assert gen == expected_gen, label
+        assert all(torch.equal(a, b) for a, b in zip(lp, expected_lp)), label
+
+
+def test_quantized_weights_shrink_the_disk_files(tmp_path: Path) -> None:
+    """SmolLM2-135M, 4-bit groups of 64, all weights on disk: at most 0.30 of the fp16 bytes."""
+    policy = Policy(compress_weight=True, w_gpu_percent=0, w_cpu_percent=0)
+    engine = Engine.load(registry.DEFAULT_MODEL, policy=policy, offload_dir=tmp_path)
+    on_disk = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+    fp16 = engine.model.nbytes(torch.float16)
+    assert on_disk <= 0.30 * fp16
+    assert engine.tiers["weights"][2].stats.held == weight_bytes_per_tier(engine.model.layers, policy, torch.float32)[2]
+    engine.close()

@@ -62,6 +62,8 @@ class Quantized:
 
 
 def quantize(x: Tensor, config: CompressionConfig) -> Quantized:
+    """Codes are laid out with the group dimension last and packed along it, so that every index
+    of the other dimensions (a row of a token table grouped along its width) stays readable alone."""
     dim = _dim(x, config)
     groups = _grouped(x.float(), dim, config.group_size)  # (..., groups, group_size)
     low, high = groups.amin(-1), groups.amax(-1)
@@ -70,40 +72,63 @@ def quantize(x: Tensor, config: CompressionConfig) -> Quantized:
     scale, minimum = _parameters(low, high, config.levels, x.dtype)
     step = torch.where(scale > 0, scale.float(), 1.0)[..., None]
     codes = ((groups - minimum.float()[..., None]) / step).round_().clamp_(0, config.levels).to(torch.uint8)
-    return Quantized(pack(codes.flatten(), config.num_bits), scale, minimum, tuple(x.shape), x.dtype, config)
+    return Quantized(pack(codes.flatten(-2), config.num_bits), scale, minimum, tuple(x.shape), x.dtype, config)
 
 
 def dequantize(q: Quantized) -> Tensor:
     config = q.config
     dim = config.group_dim % len(q.shape)
-    grouped_shape = (*q.scale.shape, config.group_size)
-    codes = unpack(q.codes, config.num_bits, torch.Size(grouped_shape).numel()).view(grouped_shape)
+    codes = unpack(q.codes, config.num_bits, q.scale.shape[-1] * config.group_size)
+    codes = codes.view(*q.scale.shape, config.group_size)
     values = torch.addcmul(q.minimum.float()[..., None], codes.float(), q.scale.float()[..., None])
     values = values.flatten(-2).narrow(-1, 0, q.shape[dim])  # drop the last group's padding
-    return values.movedim(-1, dim).to(q.dtype)
+    out = torch.empty(q.shape, dtype=q.dtype, device=values.device)  # contiguous, as the weights it stands for
+    return out.copy_(values.movedim(-1, dim))
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
-    """(n,) uint8 codes below 2^bits -> bytes holding them densely, first code in the low bits.
-
-    2, 4 and 8 bits tile a byte; 3-bit codes go eight to three bytes."""
-    per = 8 if bits == 3 else 8 // bits  # codes per packing unit
-    codes = torch.nn.functional.pad(codes, (0, -len(codes) % per)).view(-1, per).to(torch.int32)
-    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
-    words = (codes << shifts).sum(-1, dtype=torch.int32)  # (units,) each holding per * bits bits
-    unit_bytes = per * bits // 8
-    byte_shifts = torch.arange(unit_bytes, dtype=torch.int32, device=codes.device) * 8
-    return ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).flatten()
+    """(..., n) uint8 codes below 2^bits -> (..., bytes) holding each row's codes densely, first
+    code in the low bits. 2, 4 and 8 bits tile a byte; 3-bit codes go eight to three bytes."""
+    per, unit_bytes = _unit(bits)
+    codes = torch.nn.functional.pad(codes, (0, -codes.shape[-1] % per))
+    codes = codes.view(*codes.shape[:-1], -1, per).to(torch.int32)
+    words = (codes << _shifts(per, bits, codes.device)).sum(-1, dtype=torch.int32)  # per * bits bits each
+    packed = (words[..., None] >> _shifts(unit_bytes, 8, codes.device)) & 0xFF
+    return packed.to(torch.uint8).flatten(-2)
 
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
-    """The first n codes of `pack`'s bytes, as uint8."""
+    """The first n codes of each row of `pack`'s bytes, as uint8."""
+    per, unit_bytes = _unit(bits)
+    units = packed.view(*packed.shape[:-1], -1, unit_bytes).to(torch.int32)
+    words = (units << _shifts(unit_bytes, 8, packed.device)).sum(-1, dtype=torch.int32)
+    codes = (words[..., None] >> _shifts(per, bits, packed.device)) & (2**bits - 1)
+    return codes.to(torch.uint8).flatten(-2)[..., :n]
+
+
+def quantized_nbytes(shape: tuple[int, ...], dtype: torch.dtype, config: CompressionConfig) -> int:
+    """What `quantize` makes of a tensor of this shape and dtype, in bytes."""
+    dim = config.group_dim % len(shape)
+    groups = -(-shape[dim] // config.group_size)
+    outer = torch.Size(shape).numel() // shape[dim]
+    codes = packed_bytes(groups * config.group_size, config.num_bits)
+    return outer * (codes + groups * (HALF.itemsize + dtype.itemsize))
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    """Bytes that `pack` makes of n codes."""
+    per, unit_bytes = _unit(bits)
+    return -(-n // per) * unit_bytes
+
+
+def _unit(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of one packing unit."""
     per = 8 if bits == 3 else 8 // bits
-    unit_bytes = per * bits // 8
-    byte_shifts = torch.arange(unit_bytes, dtype=torch.int32, device=packed.device) * 8
-    words = (packed.view(-1, unit_bytes).to(torch.int32) << byte_shifts).sum(-1, dtype=torch.int32)
-    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
-    return ((words[:, None] >> shifts) & (2**bits - 1)).to(torch.uint8).flatten()[:n]
+    return per, per * bits // 8
+
+
+def _shifts(count: int, width: int, device: torch.device) -> Tensor:
+    return torch.arange(count, dtype=torch.int32, device=device) * width
 
 
 def _dim(x: Tensor, config: CompressionConfig) -> int:

@@ -4,18 +4,27 @@ Weights are placed tensor by tensor across the whole model, so each tier's share
 within one tensor's bytes (FlexGen rounds per layer and overshoots). The KV cache is placed per
 (transformer block, micro-batch) unit and activations per micro-batch, so both can be split
 across tiers too.
+
+With `compress_weight`, every weight matrix is stored, moved and counted as its quantized parts
+(codes, scales, minima; see `compression`) and dequantized on the compute device when a unit
+loads it. Vectors (norms, biases) stay as they are: their bytes are negligible and their values
+sensitive. Token tables group along their width, whatever the configured dimension, so that
+their rows (the tokens a step reads, a slice of the vocabulary) stay readable on their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from flexeval.engine.compression import CompressionConfig, Quantized, dequantize, quantize, quantized_nbytes
 from flexeval.engine.policy import Policy
 from flexeval.engine.tiers import Bundle, Fetched, Tier, distribute
-from flexeval.models.common import ROWS, KVCache, Layer
+from flexeval.models.common import ROWS, KVCache, Layer, Param
+
+PARTS = ("codes", "scale", "minimum")  # a quantized weight `w` is stored as `w#codes`, `w#scale`, `w#minimum`
 
 
 @dataclass
@@ -43,17 +52,30 @@ def owners(layers: Sequence[Layer]) -> dict[WeightKey, WeightKey]:
     }
 
 
+def compression(param: Param, policy: Policy) -> CompressionConfig | None:
+    """How a weight is stored: None means as it is."""
+    if not policy.compress_weight or len(param.shape) < 2:
+        return None
+    config = policy.comp_weight_config
+    return replace(config, group_dim=len(param.shape) - 1) if param.by_token else config
+
+
+def stored_nbytes(param: Param, policy: Policy, dtype: torch.dtype) -> int:
+    config = compression(param, policy)
+    return param.nbytes(dtype) if config is None else quantized_nbytes(param.shape, dtype, config)
+
+
 def weight_tiers(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> dict[WeightKey, int]:
     """The tier of every stored weight tensor (owners only, see `owners`)."""
     names = [key for key, owner in owners(layers).items() if key == owner]
-    sizes = [layers[j].params[name].nbytes(dtype) for j, name in names]
+    sizes = [stored_nbytes(layers[j].params[name], policy, dtype) for j, name in names]
     return dict(zip(names, distribute(sizes, policy.split("w"))))
 
 
 def weight_bytes_per_tier(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> list[int]:
     placed = [0, 0, 0]
     for (j, name), tier in weight_tiers(layers, policy, dtype).items():
-        placed[tier] += layers[j].params[name].nbytes(dtype)
+        placed[tier] += stored_nbytes(layers[j].params[name], policy, dtype)
     return placed
 
 
@@ -65,12 +87,24 @@ class WeightStore:
     ) -> None:
         self.layers = layers
         self.tiers = tiers
+        self.dtype = dtype
         self.owner = owners(layers)
         self.tier_of = weight_tiers(layers, policy, dtype)
+        self.compression = {
+            (j, n): compression(p, policy) for j, layer in enumerate(layers) for n, p in layer.params.items()
+        }
 
     def put(self, j: int, bundle: Bundle) -> None:
+        stored: Bundle = {}
+        for name, tensor in bundle.items():
+            config = self.compression[j, name]
+            if config is None:
+                stored[name] = tensor
+            else:
+                q = quantize(tensor, config)
+                stored |= {f"{name}#{part}": getattr(q, part) for part in PARTS}
         for t, tier in enumerate(self.tiers):
-            part = {n: tensor for n, tensor in bundle.items() if self.tier_of.get((j, n)) == t}
+            part = {n: tensor for n, tensor in stored.items() if self.tier_of.get((j, n.split("#")[0])) == t}
             if part:
                 tier.put(self._key(j), part)
 
@@ -85,16 +119,24 @@ class WeightStore:
         for j in indices:
             layer, bundle = self.layers[j], {}
             wanted = {} if rows is None else {name for name, p in layer.params.items() if p.by_token}
-            requests: dict[tuple[int, int], dict[str, str]] = {}  # (tier, owning layer) -> owner's name -> ours
+            requests: dict[tuple[int, int], dict[str, str]] = {}  # (tier, owning layer) -> stored name -> ours
             for name in layer.params:
                 owner, owner_name = self.owner[j, name]
-                requests.setdefault((self._tier(j, name), owner), {})[owner_name] = name
+                stored = [owner_name] if self.compression[j, name] is None else [f"{owner_name}#{p}" for p in PARTS]
+                ours = [name] if self.compression[j, name] is None else [f"{name}#{p}" for p in PARTS]
+                requests.setdefault((self._tier(j, name), owner), {}).update(zip(stored, ours))
             for (t, owner), names in requests.items():
                 tier = self.tiers[t]
-                wanted_rows = {n: rows for n, ours in names.items() if ours in wanted}
+                wanted_rows = {n: rows for n, ours in names.items() if ours.split("#")[0] in wanted}
                 fetched = tier.get(self._key(owner), wanted_rows, names=set(names))
                 bundle |= {names[n]: tensor for n, tensor in fetched.bundle.items()}
                 loaded.handles.append((tier, fetched))
+            for name, param in layer.params.items():
+                config = self.compression[j, name]
+                if config is not None:
+                    parts = [bundle.pop(f"{name}#{p}") for p in PARTS]
+                    shape = (len(rows), *param.shape[1:]) if name in wanted else param.shape
+                    bundle[name] = dequantize(Quantized(*parts, shape, self.dtype, config))
             if wanted:
                 bundle[ROWS] = rows
             loaded.bundles.append(bundle)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from flexeval.engine.compression import CompressionConfig
 from flexeval.errors import FlexevalError
 
 
@@ -30,6 +31,10 @@ class Policy:
     pin_weight: bool = True  # pinned CPU buffers for CPU-resident and disk-read weights (CUDA only)
     cpu_cache_compute: bool = False  # decode attention where a CPU-resident cache lives (CUDA only)
     attn_sparsity: float = 1.0  # fraction of attention scores kept in decode; 1 = dense
+    compress_weight: bool = False  # weights stored as group-wise quantized codes, dequantized right before use
+    comp_weight_config: CompressionConfig = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
+    compress_cache: bool = False
+    comp_cache_config: CompressionConfig = CompressionConfig(num_bits=4, group_size=64, group_dim=-1)
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -48,6 +53,11 @@ class Policy:
                 )
         if self.attn_sparsity != 1.0:
             raise FlexevalError("policy: attn_sparsity < 1 (sparse attention) is not implemented yet; use 1.0")
+        if self.compress_cache:
+            raise FlexevalError("policy: compress_cache (a quantized KV cache) is not implemented yet; use False")
+        for name in ("comp_weight_config", "comp_cache_config"):
+            if not isinstance(getattr(self, name), CompressionConfig):
+                raise FlexevalError(f"policy: {name} must be a CompressionConfig, got {getattr(self, name)!r}")
 
     @property
     def block_size(self) -> int:
@@ -80,7 +90,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Fields that say how tensors are compressed rather than where they live: the Hydra app sets them
+# through its `compression` group, not `policy`.
+COMPRESSION_FIELDS = ("compress_weight", "comp_weight_config", "compress_cache", "comp_cache_config")
+
+
 def _convert(name: str, value: Any, kind: type) -> Any:
+    if kind is CompressionConfig:
+        return _compression_config(name, value)
     if not isinstance(value, str):
         return kind(value) if kind is float and isinstance(value, int) and not isinstance(value, bool) else value
     text = value.strip().lower()
@@ -92,3 +109,19 @@ def _convert(name: str, value: Any, kind: type) -> Any:
         return kind(text)
     except ValueError:
         raise FlexevalError(f"policy: {name} must be a {kind.__name__}, got {value!r}") from None
+
+
+def _compression_config(name: str, value: Any) -> CompressionConfig:
+    """A CompressionConfig, a mapping of its fields, or 'bits:group_size:group_dim' (command lines)."""
+    if isinstance(value, CompressionConfig):
+        return value
+    if isinstance(value, Mapping):
+        return CompressionConfig(**value)
+    parts = str(value).split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        bits, size, dim = (int(part) for part in parts)
+    except ValueError:
+        raise FlexevalError(f"policy: {name} takes bits:group_size:group_dim such as 4:64:0, got {value!r}") from None
+    return CompressionConfig(bits, size, dim)

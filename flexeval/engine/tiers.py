@@ -31,6 +31,9 @@ from flexeval.errors import FlexevalError
 Bundle = dict[str, Tensor]
 Rows = Mapping[str, Tensor]  # tensor name -> sorted, distinct indices of the rows to fetch
 ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffer addresses aligned to the logical block size
+# Tensors sit this close in a layer's file (any dtype's alignment, a cache line); a read of one
+# of them covers the aligned blocks around it. Small tensors (quantization scales) waste no blocks.
+PACK = 64
 POOL_GRANULE = 2 * 2**20
 # Row reads: ranges closer than ROW_GAP_BYTES are read as one, and no single read exceeds
 # ROW_READ_BYTES, which bounds the staging memory. On this project's reference SSD a direct read
@@ -297,7 +300,8 @@ class DiskTier(Tier):
         entries, offset = [], 0
         for name, tensor in bundle.items():
             entries.append(_Entry(name, tensor.dtype, tuple(tensor.shape), offset))
-            offset += _aligned(tensor.nbytes)
+            offset += _aligned(tensor.nbytes, PACK)
+        offset = _aligned(offset)  # whole-file reads are whole blocks
         path = self._path(key)
         target = path.with_name(path.name + ".tmp") if self.durable else path
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if self.durable else 0), 0o600)
@@ -350,10 +354,11 @@ class DiskTier(Tier):
         fetched = Fetched({}, 0)
         for e in entries:
             if e.name not in rows:
-                size = _aligned(_numel(e) * e.dtype.itemsize)
+                start = e.offset // ALIGN * ALIGN
+                size = _aligned(e.offset + _numel(e) * e.dtype.itemsize) - start
                 buffer = self.pool.acquire(size)
-                _pread(fd, path, buffer[:size], e.offset)
-                fetched.bundle[e.name], fetched.read = _view(buffer, e, 0), fetched.read + size
+                _pread(fd, path, buffer[:size], start)
+                fetched.bundle[e.name], fetched.read = _view(buffer, e, e.offset - start), fetched.read + size
                 fetched.buffers.append(buffer)
                 continue
             wanted = rows[e.name].tolist()
@@ -395,8 +400,8 @@ def _row_bytes(entry: _Entry) -> int:
     return torch.Size(entry.shape[1:]).numel() * entry.dtype.itemsize
 
 
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+def _aligned(n: int, to: int = ALIGN) -> int:
+    return -(-n // to) * to
 
 
 def _view(buffer: Tensor, entry: _Entry, offset: int) -> Tensor:
