@@ -22,6 +22,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import MISSING
 
 from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, local_tasks
+from flexeval.engine.compression import CompressionConfig as Quantization
 from flexeval.engine.engine import resolve_device, resolve_dtype
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
@@ -31,7 +32,6 @@ from flexeval.models import registry
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "policy", "compression", "task", "hardware")
-COMPRESSIONS = ("none",)
 GB = 2**30
 
 
@@ -52,9 +52,21 @@ PolicyConfig = make_dataclass(
 )
 
 
-@dataclass
-class CompressionConfig:
-    name: str = MISSING
+# How weights and the KV cache are compressed: `Policy`'s compression fields, set by the group;
+# each quantization setting mirrors the engine's (frozen) `CompressionConfig`.
+QuantizationConfig = make_dataclass(
+    "QuantizationConfig", [(f.name, f.type, field(default=f.default)) for f in fields(Quantization)]
+)
+CompressionConfig = make_dataclass(
+    "CompressionConfig",
+    [
+        ("name", str, field(default=MISSING)),
+        ("compress_weight", bool, field(default=False)),
+        ("comp_weight_config", QuantizationConfig, field(default=MISSING)),
+        ("compress_cache", bool, field(default=False)),
+        ("comp_cache_config", QuantizationConfig, field(default=MISSING)),
+    ],
+)
 
 
 @dataclass
@@ -145,11 +157,8 @@ def check(config: Any) -> Run:
     registry.check(config.model.pretrained)
     device = resolve_device(config.hardware.device)
     dtype = resolve_dtype(config.model.dtype, device)
-    if config.compression.name not in COMPRESSIONS:
-        raise FlexevalError(
-            f"compression={config.compression.name} is not available yet: choose one of {', '.join(COMPRESSIONS)}"
-        )
-    policy = Policy(**{f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS})
+    placement = {f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS}
+    policy = Policy.from_dict(placement | {name: config.compression[name] for name in COMPRESSION_FIELDS})
     _check_hardware(config, policy, dtype)
     root = _data_dir(config.data_dir)
     tasks = tuple(config.task.tasks)

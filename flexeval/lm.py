@@ -35,7 +35,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from flexeval.engine.engine import Engine, RunStats
-from flexeval.engine.policy import Policy
+from flexeval.engine.policy import Policy, compression_fields
 from flexeval.errors import FlexevalError
 from flexeval.models.registry import DEFAULT_MODEL
 
@@ -98,8 +98,7 @@ class FlexGenLM(TemplateLM):
         **policy_fields: Any,
     ) -> None:
         super().__init__()
-        if compression != "none":
-            raise FlexevalError(f"compression={compression!r} is not available yet; use compression=none")
+        policy_fields = compression_fields(compression) | policy_fields
         if isinstance(batch_size, str) and batch_size.isdigit():
             batch_size = int(batch_size)
         if isinstance(batch_size, int) and batch_size > 1:

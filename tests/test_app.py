@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from flexeval import FlexevalError, Policy, config
 from flexeval.data import TASKS_DIR
-from flexeval.engine.policy import PRESETS
+from flexeval.engine.policy import COMPRESSION_FIELDS, COMPRESSIONS, PRESETS, compression_fields
 from flexeval.report import Row, labels, pareto
 
 RUN_FILES = ("results.json", "samples_piqa.jsonl", "table.md", "table.csv")
@@ -103,7 +103,7 @@ def compose_run(*overrides: str):
         (["task=no_such_task"], "unknown task 'no_such_task': choose one of arc_easy, boolq, commonsense,"),
         (["model=gpt-5"], "unknown model 'gpt-5': choose one of llama-2-7b,"),
         (["policy=fast"], "unknown policy 'fast': choose one of all-resident, cpu-offload, disk-offload"),
-        (["compression=4bit"], "unknown compression '4bit': choose one of none"),
+        (["compression=4bit"], "unknown compression '4bit': choose one of 4bit-weights, 8bit-weights, none"),
         (["-m", "policy=all-resident,cpu-offlaod"], "unknown policy 'cpu-offlaod'"),
     ],
 )
@@ -170,6 +170,15 @@ def test_policy_files_are_the_presets_of_the_backend() -> None:
         values = yaml.safe_load((config.CONF_DIR / "policy" / f"{preset}.yaml").read_text())
         assert values.pop("name") == preset
         assert Policy(**values) == Policy.from_dict({}, preset=preset)
+
+
+def test_compression_files_are_the_presets_of_the_backend() -> None:
+    """conf/compression/<preset>.yaml and `compression=<preset>` in lm-eval's model_args mean the same."""
+    assert sorted(COMPRESSIONS) == config.choices("compression")
+    for preset in COMPRESSIONS:
+        values = yaml.safe_load((config.CONF_DIR / "compression" / f"{preset}.yaml").read_text())
+        assert values.pop("name") == preset and set(values) == set(COMPRESSION_FIELDS)
+        assert Policy.from_dict(values) == Policy.from_dict(compression_fields(preset))
 
 
 def test_every_task_definition_has_a_task_option() -> None:

@@ -20,6 +20,7 @@ from lm_eval.api.registry import get_model
 
 from flexeval import Engine, FlexevalError, FlexGenLM
 from flexeval.data import TASKS_DIR, data_dir, local_tasks
+from flexeval.engine.compression import CompressionConfig
 
 DATA = data_dir()
 
@@ -118,6 +119,17 @@ def test_bad_model_args_are_named() -> None:
         FlexGenLM(pretrained="tiny-llama", policy="fast")
     with pytest.raises(FlexevalError, match="overlap must be a bool"):
         FlexGenLM(pretrained="tiny-llama", overlap="maybe")
+    with pytest.raises(FlexevalError, match="compression: unknown preset '4bit'; presets: none, 4bit-weights"):
+        FlexGenLM(pretrained="tiny-llama", compression="4bit")
+    with pytest.raises(FlexevalError, match="comp_weight_config takes bits:group_size:group_dim such as 4:64:0"):
+        FlexGenLM(pretrained="tiny-llama", compression="4bit-weights", comp_weight_config="4-64")
+
+
+def test_compression_presets_and_fields_in_model_args() -> None:
+    lm = FlexGenLM(pretrained="tiny-llama", compression="8bit-weights", w_gpu_percent=0, w_cpu_percent=100)
+    assert lm.policy.compress_weight and lm.policy.comp_weight_config == CompressionConfig(8, 64, 0)
+    lm = FlexGenLM(pretrained="tiny-llama", compression="4bit-weights", comp_weight_config="3:32:1")
+    assert lm.policy.comp_weight_config == CompressionConfig(3, 32, 1)
 
 
 def test_long_contexts_are_cut_and_empty_continuations_are_certain(caplog) -> None:

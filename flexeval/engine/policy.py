@@ -91,8 +91,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # Fields that say how tensors are compressed rather than where they live: the Hydra app sets them
-# through its `compression` group, not `policy`.
+# through its `compression` group, not `policy`, and the backend through `compression=<preset>`.
 COMPRESSION_FIELDS = ("compress_weight", "comp_weight_config", "compress_cache", "comp_cache_config")
+COMPRESSIONS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "4bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 0)),
+    "8bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(8, 64, 0)),
+}
+
+
+def compression_fields(preset: str) -> dict[str, Any]:
+    if preset not in COMPRESSIONS:
+        raise FlexevalError(f"compression: unknown preset {preset!r}; presets: {', '.join(COMPRESSIONS)}")
+    return dict(COMPRESSIONS[preset])
 
 
 def _convert(name: str, value: Any, kind: type) -> Any:
