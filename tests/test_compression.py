@@ -21,6 +21,7 @@ from flexeval.engine.compression import (
     quantize,
     unpack,
 )
+from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.models import registry
 
@@ -175,3 +176,52 @@ def test_quantized_weights_shrink_the_disk_files(tmp_path: Path) -> None:
     assert on_disk <= 0.30 * fp16
     assert engine.tiers["weights"][2].stats.held == weight_bytes_per_tier(engine.model.layers, policy, torch.float32)[2]
     engine.close()
+
+
+CACHE_PLACEMENTS = [
+    {},
+    dict(cache_gpu_percent=0, cache_cpu_percent=100),
+    dict(cache_gpu_percent=0, cache_cpu_percent=0),
+    dict(cache_gpu_percent=30, cache_cpu_percent=30, gpu_batch_size=1, num_gpu_batches=3),
+]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-opt"])
+def test_a_quantized_cache_generates_the_same_on_every_tier(name: str, tmp_path: Path) -> None:
+    seqs = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 40, 17, 2, 60)]
+    plain = Engine.load(name, policy=Policy(gpu_batch_size=2))
+    expected_lp, plain_gen = plain.logprobs(seqs), plain.generate(seqs, max_new_tokens=8, stop_token_ids=[])
+    results = []
+    for fields in CACHE_PLACEMENTS:
+        policy = Policy(**{"gpu_batch_size": 2, **fields}, compress_cache=True)
+        engine = Engine.load(name, policy=policy, offload_dir=tmp_path)
+        lp, gen = engine.logprobs(seqs), engine.generate(seqs, max_new_tokens=8, stop_token_ids=[])
+        assert all(torch.equal(a, b) for a, b in zip(lp, expected_lp))  # scoring keeps no cache
+        assert all(g[0] == p[0] for g, p in zip(gen, plain_gen))  # a prompt's prefill is exact
+        results.append(gen)
+        engine.close()
+    assert all(r == results[0] for r in results)
+    assert results[0] != plain_gen  # the cache was quantized (4 bits change these random models' choices)
+
+
+def test_cache_columns_come_back_as_quantized_and_new_columns_exact() -> None:
+    config = CompressionConfig(4, 8, -1)
+    cache = QuantizedKVCache.empty((2, 3, 10, 16), torch.float32, torch.device("cpu"), config)
+    g = torch.Generator().manual_seed(0)
+    first, second = (torch.randn(2, 3, n, 16, generator=g) for n in (6, 1))
+    k, _ = cache.write(0, first, first)
+    assert torch.equal(k, first)
+    k, v = cache.write(6, second, -second)
+    assert torch.equal(k[:, :, :6], dequantize(quantize(first, config))) and torch.equal(k[:, :, 6:], second)
+    assert torch.equal(v[:, :, 6:], -second)
+    rows = cache.rows(1, 2)
+    k, _ = rows.write(7, second[1:], second[1:])
+    assert torch.equal(k[:, :, 6:7], dequantize(quantize(second[1:], config)))  # written through the view
+
+
+def test_a_4_bit_cache_takes_under_0_3_of_its_fp16_bytes() -> None:
+    shape = (256, 3, 160, 64)  # SmolLM2-135M: 3 kv heads of 64, 256 sequences of 160 tokens
+    cache = QuantizedKVCache.empty(shape, torch.float32, torch.device("cpu"), CompressionConfig(4, 64, -1))
+    stored = sum(t.nbytes for t in cache.parts().values())
+    fp16 = 2 * torch.Size(shape).numel() * 2
+    assert stored / fp16 == 0.296875

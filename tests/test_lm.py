@@ -119,8 +119,8 @@ def test_bad_model_args_are_named() -> None:
         FlexGenLM(pretrained="tiny-llama", policy="fast")
     with pytest.raises(FlexevalError, match="overlap must be a bool"):
         FlexGenLM(pretrained="tiny-llama", overlap="maybe")
-    with pytest.raises(FlexevalError, match="compression: unknown preset '4bit'; presets: none, 4bit-weights"):
-        FlexGenLM(pretrained="tiny-llama", compression="4bit")
+    with pytest.raises(FlexevalError, match="compression: unknown preset '2bit'; presets: none, 4bit-weights"):
+        FlexGenLM(pretrained="tiny-llama", compression="2bit")
     with pytest.raises(FlexevalError, match="comp_weight_config takes bits:group_size:group_dim such as 4:64:0"):
         FlexGenLM(pretrained="tiny-llama", compression="4bit-weights", comp_weight_config="4-64")
 

@@ -13,6 +13,7 @@ import torch
 
 from flexeval import Engine, FlexevalError, Policy
 from flexeval.engine import schedule
+from flexeval.engine.compression import CompressionConfig
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.schedule import Unit, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, distribute
@@ -233,6 +234,8 @@ def test_units_group_attention_with_its_mlp_and_slice_the_unembedding(smollm2: E
         (dict(gpu_batch_size=0), "gpu_batch_size must be a positive integer"),
         (dict(num_gpu_batches=2.5), "num_gpu_batches must be a positive integer"),
         (dict(attn_sparsity=0.5), "not implemented yet"),
+        (dict(comp_weight_config="4:64:0"), "comp_weight_config must be a CompressionConfig"),
+        (dict(comp_cache_config=CompressionConfig(4, 64, 2)), "comp_cache_config.group_dim must be the head"),
     ],
 )
 def test_infeasible_policies_are_refused(fields: dict, expected: str) -> None:

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists, left_pad, pack, packed_mask
 from flexeval.engine.generation import Decoding, Sampling
+from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
 from flexeval.engine.readout import ScoreReadout, TokenReadout
@@ -342,7 +343,13 @@ class Engine:
             yield [block[m : m + micro] for m in range(0, len(block), micro)]
 
     def _block_state(self, micro_batches: int) -> BlockState:
-        return BlockState(self.tiers["act"], self.tiers["cache"], self.policy, micro_batches, self.model.num_blocks)
+        tiers, blocks = self.tiers, self.model.num_blocks
+        return BlockState(tiers["act"], tiers["cache"], self.policy, micro_batches, blocks, self._restore_cache)
+
+    def _restore_cache(self, parts: Mapping[str, Tensor]) -> KVCache:
+        if self.policy.compress_cache:
+            return QuantizedKVCache.from_parts(parts, self.model.head_dim, self.dtype, self.policy.comp_cache_config)
+        return KVCache(parts["k"], parts["v"])
 
     def _pass(
         self,
@@ -388,6 +395,8 @@ class Engine:
 
     def _new_cache(self, run: Decoding) -> KVCache:
         shape = (len(run.outputs), self.model.kv_heads, run.cache_length, self.model.head_dim)
+        if self.policy.compress_cache:
+            return QuantizedKVCache.empty(shape, self.dtype, self.device, self.policy.comp_cache_config)
         return KVCache(
             torch.empty(shape, dtype=self.dtype, device=self.device),
             torch.empty(shape, dtype=self.dtype, device=self.device),

@@ -14,7 +14,7 @@ their rows (the tokens a step reads, a slice of the vocabulary) stay readable on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -159,8 +159,10 @@ class BlockState:
         policy: Policy,
         micro_batches: int,
         num_blocks: int,
+        restore_cache: Callable[[Bundle], KVCache],
     ) -> None:
         self.act_tiers, self.cache_tiers = act_tiers, cache_tiers
+        self.restore_cache = restore_cache  # a cache from the parts it was stored as
         self.act_tier = distribute([1] * micro_batches, policy.split("act"))
         units = distribute([1] * (num_blocks * micro_batches), policy.split("cache"))
         self.cache_tier = {
@@ -187,10 +189,10 @@ class BlockState:
     def load_cache(self, block: int, k: int) -> tuple[KVCache, Loaded]:
         tier = self.cache_tiers[self.cache_tier[block, k]]
         fetched = tier.get(f"cache/{block}/{k}")
-        return KVCache(fetched.bundle["k"], fetched.bundle["v"]), Loaded([fetched.bundle], [(tier, fetched)])
+        return self.restore_cache(fetched.bundle), Loaded([fetched.bundle], [(tier, fetched)])
 
     def store_cache(self, block: int, k: int, cache: KVCache) -> None:
-        self._put(self.cache_tiers[self.cache_tier[block, k]], f"cache/{block}/{k}", {"k": cache.k, "v": cache.v})
+        self._put(self.cache_tiers[self.cache_tier[block, k]], f"cache/{block}/{k}", cache.parts())
 
     def _put(self, tier: Tier, key: str, bundle: Bundle) -> None:
         tier.put(key, bundle)

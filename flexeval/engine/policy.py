@@ -53,11 +53,14 @@ class Policy:
                 )
         if self.attn_sparsity != 1.0:
             raise FlexevalError("policy: attn_sparsity < 1 (sparse attention) is not implemented yet; use 1.0")
-        if self.compress_cache:
-            raise FlexevalError("policy: compress_cache (a quantized KV cache) is not implemented yet; use False")
         for name in ("comp_weight_config", "comp_cache_config"):
             if not isinstance(getattr(self, name), CompressionConfig):
                 raise FlexevalError(f"policy: {name} must be a CompressionConfig, got {getattr(self, name)!r}")
+        if self.comp_cache_config.group_dim not in (-1, 3):
+            raise FlexevalError(
+                "policy: comp_cache_config.group_dim must be the head dimension (-1): groups along tokens or heads "
+                f"would change as tokens are appended, got {self.comp_cache_config.group_dim}"
+            )
 
     @property
     def block_size(self) -> int:
@@ -97,6 +100,19 @@ COMPRESSIONS: dict[str, dict[str, Any]] = {
     "none": {},
     "4bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 0)),
     "8bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(8, 64, 0)),
+    "4bit-cache": dict(compress_cache=True, comp_cache_config=CompressionConfig(4, 64, -1)),
+    "4bit": dict(
+        compress_weight=True,
+        comp_weight_config=CompressionConfig(4, 64, 0),
+        compress_cache=True,
+        comp_cache_config=CompressionConfig(4, 64, -1),
+    ),
+    "8bit": dict(
+        compress_weight=True,
+        comp_weight_config=CompressionConfig(8, 64, 0),
+        compress_cache=True,
+        comp_cache_config=CompressionConfig(8, 64, -1),
+    ),
 }
 
 

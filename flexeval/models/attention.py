@@ -53,7 +53,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, s
     """
     home = q.device
     if cache is not None:
-        where = cache.k.device
+        where = cache.device
         if where != home:
             q, k, v = q.to(where), k.to(where), v.to(where)
         k, v = cache.write(step.cache_start, k, v)  # (b, kv_heads, cache_start + s, d)

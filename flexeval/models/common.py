@@ -51,6 +51,10 @@ class KVCache:
     k: Tensor  # (b, kv_heads, max_len, head_dim)
     v: Tensor  # (b, kv_heads, max_len, head_dim)
 
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
     def write(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values at columns [start, start + s) and return everything up to there."""
         end = start + k.shape[2]
@@ -61,6 +65,10 @@ class KVCache:
     def rows(self, start: int, stop: int) -> KVCache:
         """Sequences [start, stop) of the batch: views, so writes land in this cache."""
         return KVCache(self.k[start:stop], self.v[start:stop])
+
+    def parts(self) -> dict[str, Tensor]:
+        """The tensors that hold it, for storing it on a tier."""
+        return {"k": self.k, "v": self.v}
 
 
 class Readout(Protocol):

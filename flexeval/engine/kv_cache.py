@@ -1,0 +1,99 @@
+"""A KV cache kept quantized (FlexGen's compressed cache), on whichever tier holds it.
+
+Groups run along `head_dim`, so each cached token's keys and values form their own groups:
+appending a step's tokens quantizes just those columns, and what was stored is never quantized
+again (re-quantizing dequantized values would drift a little at every step). Attention reads
+the earlier columns dequantized, in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from flexeval.engine.compression import CompressionConfig, Quantized, dequantize, packed_bytes, quantize
+
+PARTS = ("codes", "scale", "minimum")
+
+
+class QuantizedKVCache:
+    """The `KVCache` interface (write, rows, device, parts) over quantized keys and values."""
+
+    def __init__(self, k: Quantized, v: Quantized) -> None:
+        self.k, self.v = k, v
+
+    @classmethod
+    def empty(
+        cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, config: CompressionConfig
+    ) -> QuantizedKVCache:
+        """Room for (b, kv_heads, max_len, head_dim) keys and values."""
+        groups = -(-shape[-1] // config.group_size)
+
+        def one() -> Quantized:
+            codes = torch.zeros(
+                (*shape[:-1], packed_bytes(groups * config.group_size, config.num_bits)),
+                dtype=torch.uint8,
+                device=device,
+            )
+            scale = torch.zeros((*shape[:-1], groups), dtype=torch.float16, device=device)
+            return Quantized(codes, scale, torch.zeros(scale.shape, dtype=dtype, device=device), shape, dtype, config)
+
+        return cls(one(), one())
+
+    @classmethod
+    def from_parts(
+        cls, parts: dict[str, Tensor], head_dim: int, dtype: torch.dtype, config: CompressionConfig
+    ) -> QuantizedKVCache:
+        def one(name: str) -> Quantized:
+            codes, scale, minimum = (parts[f"{name}#{p}"] for p in PARTS)
+            return Quantized(codes, scale, minimum, (*scale.shape[:-1], head_dim), dtype, config)
+
+        return cls(one("k"), one("v"))
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.codes.device
+
+    def write(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Quantize new keys/values into columns [start, start + s); return all columns so far:
+        the earlier ones dequantized, the new ones as computed (FlexGen's order: a step attends
+        to its own keys exactly, and a prompt's prefill is not approximated at all)."""
+        end = start + k.shape[2]
+        for stored, new in ((self.k, k), (self.v, v)):
+            q = quantize(new, stored.config)
+            stored.codes[:, :, start:end] = q.codes
+            stored.scale[:, :, start:end] = q.scale
+            stored.minimum[:, :, start:end] = q.minimum
+        if start == 0:
+            return k, v
+        old_k, old_v = dequantize(_columns(self.k, start)), dequantize(_columns(self.v, start))
+        return torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
+
+    def rows(self, start: int, stop: int) -> QuantizedKVCache:
+        """Sequences [start, stop) of the batch: views, so writes land in this cache."""
+        return QuantizedKVCache(_rows(self.k, start, stop), _rows(self.v, start, stop))
+
+    def parts(self) -> dict[str, Tensor]:
+        return {f"{name}#{p}": getattr(q, p) for name, q in (("k", self.k), ("v", self.v)) for p in PARTS}
+
+
+def _columns(q: Quantized, end: int) -> Quantized:
+    return replace(
+        q,
+        codes=q.codes[:, :, :end],
+        scale=q.scale[:, :, :end],
+        minimum=q.minimum[:, :, :end],
+        shape=(*q.shape[:2], end, q.shape[3]),
+    )
+
+
+def _rows(q: Quantized, start: int, stop: int) -> Quantized:
+    return replace(
+        q,
+        codes=q.codes[start:stop],
+        scale=q.scale[start:stop],
+        minimum=q.minimum[start:stop],
+        shape=(stop - start, *q.shape[1:]),
+    )
