@@ -16,7 +16,7 @@ ARGS ?= task=hellaswag limit=200
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup run test test-slow lint perplexity
+.PHONY: setup run test test-slow test-accuracy lint perplexity
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -35,6 +35,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-accuracy: setup
+	$(PY) -m pytest -m accuracy $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check flexeval tests benchmarks tasks

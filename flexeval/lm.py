@@ -88,7 +88,7 @@ class FlexGenLM(TemplateLM):
         dtype: str = "float32",
         policy: str | Policy = "all-resident",
         offload_dir: str | None = None,
-        compression: str = "none",
+        compression: str | None = "none",
         device: str | None = None,
         batch_size: int | str | None = None,
         max_batch_size: int | None = None,
@@ -98,7 +98,7 @@ class FlexGenLM(TemplateLM):
         **policy_fields: Any,
     ) -> None:
         super().__init__()
-        policy_fields = compression_fields(compression) | policy_fields
+        policy_fields = compression_fields(compression or "none") | policy_fields  # lm-eval reads "none" as None
         if isinstance(batch_size, str) and batch_size.isdigit():
             batch_size = int(batch_size)
         if isinstance(batch_size, int) and batch_size > 1:

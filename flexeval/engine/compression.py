@@ -62,28 +62,31 @@ class Quantized:
 
 
 def quantize(x: Tensor, config: CompressionConfig) -> Quantized:
-    """Codes are laid out with the group dimension last and packed along it, so that every index
-    of the other dimensions (a row of a token table grouped along its width) stays readable alone."""
+    """Codes keep the tensor's own layout, packed along its last dimension: dequantizing needs no
+    transpose, and each index of the leading dimensions (a row of a token table, a token of a
+    KV cache) stays readable on its own when groups run along the last one."""
     dim = _dim(x, config)
-    groups = _grouped(x.float(), dim, config.group_size)  # (..., groups, group_size)
-    low, high = groups.amin(-1), groups.amax(-1)
+    groups = _grouped(x.float(), dim, config.group_size)  # (pre..., groups, group_size, post...)
+    low, high = groups.amin(dim + 1), groups.amax(dim + 1)
     if not torch.isfinite(low).all() or not torch.isfinite(high).all():
         raise FlexevalError("compression: values are not finite; cannot quantize")
     scale, minimum = _parameters(low, high, config.levels, x.dtype)
-    step = torch.where(scale > 0, scale.float(), 1.0)[..., None]
-    codes = ((groups - minimum.float()[..., None]) / step).round_().clamp_(0, config.levels).to(torch.uint8)
-    return Quantized(pack(codes.flatten(-2), config.num_bits), scale, minimum, tuple(x.shape), x.dtype, config)
+    step = torch.where(scale > 0, scale.float(), 1.0).unsqueeze(dim + 1)
+    codes = ((groups - minimum.float().unsqueeze(dim + 1)) / step).round_().clamp_(0, config.levels)
+    codes = codes.to(torch.uint8).flatten(dim, dim + 1).narrow(dim, 0, x.shape[dim])
+    return Quantized(pack(codes, config.num_bits), scale, minimum, tuple(x.shape), x.dtype, config)
 
 
 def dequantize(q: Quantized) -> Tensor:
-    config = q.config
-    dim = config.group_dim % len(q.shape)
-    codes = unpack(q.codes, config.num_bits, q.scale.shape[-1] * config.group_size)
-    codes = codes.view(*q.scale.shape, config.group_size)
-    values = torch.addcmul(q.minimum.float()[..., None], codes.float(), q.scale.float()[..., None])
-    values = values.flatten(-2).narrow(-1, 0, q.shape[dim])  # drop the last group's padding
-    out = torch.empty(q.shape, dtype=q.dtype, device=values.device)  # contiguous, as the weights it stands for
-    return out.copy_(values.movedim(-1, dim))
+    config, shape = q.config, q.shape
+    dim = config.group_dim % len(shape)
+    codes = unpack(q.codes, config.num_bits, shape[-1])  # shape
+    pad = q.scale.shape[dim] * config.group_size - shape[dim]
+    if pad:  # the short last group: any codes do, they are cut off again below
+        codes = torch.cat((codes, codes.new_zeros(*shape[:dim], pad, *shape[dim + 1 :])), dim)
+    values = codes.view(*shape[:dim], -1, config.group_size, *shape[dim + 1 :]).to(torch.float32)
+    values = values.mul_(q.scale.unsqueeze(dim + 1)).add_(q.minimum.unsqueeze(dim + 1))
+    return values.flatten(dim, dim + 1).narrow(dim, 0, shape[dim]).to(q.dtype).contiguous()
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
@@ -99,7 +102,12 @@ def pack(codes: Tensor, bits: int) -> Tensor:
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     """The first n codes of each row of `pack`'s bytes, as uint8."""
+    if bits == 8:
+        return packed[..., :n]
     per, unit_bytes = _unit(bits)
+    if unit_bytes == 1:  # codes within single bytes: shift the bytes themselves
+        codes = (packed[..., None] >> _shifts(per, bits, packed.device).to(torch.uint8)) & (2**bits - 1)
+        return codes.flatten(-2)[..., :n]
     units = packed.view(*packed.shape[:-1], -1, unit_bytes).to(torch.int32)
     words = (units << _shifts(unit_bytes, 8, packed.device)).sum(-1, dtype=torch.int32)
     codes = (words[..., None] >> _shifts(per, bits, packed.device)) & (2**bits - 1)
@@ -109,10 +117,9 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
 def quantized_nbytes(shape: tuple[int, ...], dtype: torch.dtype, config: CompressionConfig) -> int:
     """What `quantize` makes of a tensor of this shape and dtype, in bytes."""
     dim = config.group_dim % len(shape)
-    groups = -(-shape[dim] // config.group_size)
-    outer = torch.Size(shape).numel() // shape[dim]
-    codes = packed_bytes(groups * config.group_size, config.num_bits)
-    return outer * (codes + groups * (HALF.itemsize + dtype.itemsize))
+    groups = torch.Size(shape).numel() // shape[dim] * -(-shape[dim] // config.group_size)
+    codes = torch.Size(shape[:-1]).numel() * packed_bytes(shape[-1], config.num_bits)
+    return codes + groups * (HALF.itemsize + dtype.itemsize)
 
 
 def packed_bytes(n: int, bits: int) -> int:
@@ -138,13 +145,13 @@ def _dim(x: Tensor, config: CompressionConfig) -> int:
 
 
 def _grouped(x: Tensor, dim: int, size: int) -> Tensor:
-    """x with `dim` last, cut into groups of `size`; a short last group repeats its last value,
-    which changes neither its minimum nor its maximum."""
-    x = x.movedim(dim, -1)
-    pad = -x.shape[-1] % size
+    """x viewed as (pre..., groups, size, post...) along `dim`; a short last group repeats its last
+    value, which changes neither its minimum nor its maximum."""
+    pad = -x.shape[dim] % size
     if pad:
-        x = torch.cat((x, x[..., -1:].expand(*x.shape[:-1], pad)), dim=-1)
-    return x.reshape(*x.shape[:-1], -1, size)
+        last = x.narrow(dim, x.shape[dim] - 1, 1)
+        x = torch.cat((x, last.expand(*x.shape[:dim], pad, *x.shape[dim + 1 :])), dim)
+    return x.reshape(*x.shape[:dim], -1, size, *x.shape[dim + 1 :])
 
 
 def _parameters(low: Tensor, high: Tensor, levels: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

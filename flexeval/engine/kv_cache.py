@@ -33,7 +33,7 @@ class QuantizedKVCache:
 
         def one() -> Quantized:
             codes = torch.zeros(
-                (*shape[:-1], packed_bytes(groups * config.group_size, config.num_bits)),
+                (*shape[:-1], packed_bytes(shape[-1], config.num_bits)),
                 dtype=torch.uint8,
                 device=device,
             )

@@ -1,0 +1,93 @@
+"""Accuracy of compressed SmolLM2-135M against uncompressed, through the same engine (issue 6).
+
+Each configuration runs every task through `lm_eval.simple_evaluate` with the `flexgen` backend
+(fp32, all resident); the table puts each metric next to the uncompressed run and to what a
+simulation measured (FlexGen's quantizer applied to the weights inside transformers, lm-eval's
+`hf` backend), which 4-bit weights (groups of 64 along the output dimension) should reproduce.
+
+    python benchmarks/compression_accuracy.py                               # about 20 minutes on 2 cores
+    python benchmarks/compression_accuracy.py --configs none 4bit-weights --tasks lambada_openai:200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import lm_eval
+
+import flexeval  # noqa: F401 - registers flexgen
+from flexeval.data import local_tasks
+
+CONFIGS = {  # label -> model_args
+    "none": "compression=none",
+    "4bit-weights": "compression=4bit-weights",
+    "8bit-weights": "compression=8bit-weights",
+    "4bit": "compression=4bit",
+    "8bit": "compression=8bit",
+    "4bit-g64-input": "compression=4bit-weights,comp_weight_config=4:64:1",
+    "4bit-g128-input": "compression=4bit-weights,comp_weight_config=4:128:1",
+}
+TASKS = ["hellaswag:1000", "lambada_openai:1000", "piqa:1000", "arc_easy:1000", "wikitext:20"]
+METRICS = {  # task -> metrics reported, higher-is-better ones in points
+    "hellaswag": ["acc_norm"],
+    "lambada_openai": ["acc", "perplexity"],
+    "piqa": ["acc_norm"],
+    "arc_easy": ["acc_norm"],
+    "wikitext": ["word_perplexity"],
+}
+SIMULATION = {  # the issue's reference: uncompressed -> FlexGen 4-bit weights (g64, output dimension)
+    ("hellaswag", "acc_norm"): (43.1, 41.9),
+    ("lambada_openai", "acc"): (29.7, 16.0),
+    ("lambada_openai", "perplexity"): (50.8, 149.7),
+    ("piqa", "acc_norm"): (66.0, 62.1),
+    ("arc_easy", "acc_norm"): (46.9, 44.1),
+    ("wikitext", "word_perplexity"): (31.7, 50.9),
+}
+
+
+def evaluate(model_args: str, task: str, limit: int) -> dict[str, float]:
+    out = lm_eval.simple_evaluate(
+        model="flexgen",
+        model_args=f"pretrained=smollm2-135m,gpu_batch_size=16,num_gpu_batches=4,{model_args}",
+        tasks=[task],
+        limit=limit,
+        bootstrap_iters=0,
+        task_manager=local_tasks(),
+    )
+    results = out["results"][task]
+    return {m: results[f"{m},none"] * (100 if m.startswith("acc") else 1) for m in METRICS[task]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--tasks", nargs="+", default=TASKS, help="task:limit")
+    args = parser.parse_args()
+
+    measured: dict[tuple[str, str, str], float] = {}
+    for spec in args.tasks:
+        task, _, limit = spec.partition(":")
+        for config in args.configs:
+            start = time.perf_counter()
+            for metric, value in evaluate(CONFIGS[config], task, int(limit)).items():
+                measured[config, task, metric] = value
+            print(f"{config:<18}{spec:<22}{time.perf_counter() - start:>6.0f} s", flush=True)
+
+    print("\nSmolLM2-135M fp32 through flexgen; acc in points. sim: the issue's transformers simulation")
+    print(f"{'task':<22}{'metric':<17}{'config':<18}{'value':>9}{'vs none':>9}{'sim none':>9}{'sim 4bit':>9}")
+    for spec in args.tasks:
+        task = spec.partition(":")[0]
+        for metric in METRICS[task]:
+            base = measured.get(("none", task, metric))
+            sim = SIMULATION.get((task, metric), (float("nan"), float("nan")))
+            for config in args.configs:
+                value = measured[config, task, metric]
+                delta = f"{value - base:>+9.2f}" if base is not None else f"{'':>9}"
+                print(f"{spec:<22}{metric:<17}{config:<18}{value:>9.2f}{delta}{sim[0]:>9.1f}{sim[1]:>9.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

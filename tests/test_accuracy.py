@@ -1,0 +1,136 @@
+"""Accuracy regression tests of compression: SmolLM2-135M on fixed subsets of the shared data,
+compressed against uncompressed through the same engine (`make test-accuracy`).
+
+The pinned values were measured with these very functions (2026-11-26, on the 2-core CPU of
+this project's machines; `python -m tests.test_accuracy` prints them anew). The engine's fp32
+results do not depend on batch shape or placement, so on one machine they repeat exactly; the
+tolerances leave room for another CPU's rounding and nothing more. They are tight enough that a
+quantizer defect moves the metrics out of them: the last test plants three and checks that.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+
+import lm_eval
+import pytest
+import torch
+
+from flexeval import Policy
+from flexeval.data import local_tasks
+from flexeval.engine import placement
+from flexeval.engine.compression import CompressionConfig, Quantized, dequantize
+from flexeval.engine.placement import compression
+from flexeval.models.common import Param
+
+pytestmark = pytest.mark.accuracy
+
+SUBSETS = {"lambada_openai": 300, "hellaswag": 200}  # the first documents of each task
+Metrics = dict[str, float]  # "task/metric" -> accuracy in points, or perplexity
+PINNED: dict[str, Metrics] = {
+    "none": {
+        "lambada_openai/acc": 32.667,
+        "lambada_openai/perplexity": 43.712,
+        "hellaswag/acc": 40.5,
+        "hellaswag/acc_norm": 47.0,
+    },
+    "4bit-weights": {
+        "lambada_openai/acc": 20.667,
+        "lambada_openai/perplexity": 106.035,
+        "hellaswag/acc": 36.0,
+        "hellaswag/acc_norm": 42.0,
+    },
+    "8bit-weights": {
+        "lambada_openai/acc": 33.0,
+        "lambada_openai/perplexity": 43.793,
+        "hellaswag/acc": 40.5,
+        "hellaswag/acc_norm": 48.5,
+    },
+}
+ACCURACY_POINTS = 0.51  # absolute tolerance of accuracies: one document of either subset
+PERPLEXITY_SHARE = 0.005  # relative tolerance of perplexities
+
+
+def metrics(compression: str) -> Metrics:
+    args = f"pretrained=smollm2-135m,gpu_batch_size=16,num_gpu_batches=4,compression={compression}"
+    measured: Metrics = {}
+    for task, limit in SUBSETS.items():
+        out = lm_eval.simple_evaluate(
+            model="flexgen", model_args=args, tasks=[task], limit=limit, bootstrap_iters=0, task_manager=local_tasks()
+        )
+        results = out["results"][task]
+        for name in ("acc", "acc_norm", "perplexity"):
+            if f"{name},none" in results:
+                value = results[f"{name},none"]
+                measured[f"{task}/{name}"] = value * 100 if name.startswith("acc") else value
+    return measured
+
+
+def departures(measured: Metrics, pinned: Metrics) -> list[str]:
+    """The metrics outside their tolerance of the pinned values."""
+    out = []
+    for key, expected in pinned.items():
+        value = measured[key]
+        allowed = expected * PERPLEXITY_SHARE if key.endswith("perplexity") else ACCURACY_POINTS
+        if abs(value - expected) > allowed:
+            out.append(f"{key}: {value:.3f}, pinned {expected:.3f} ± {allowed:.3f}")
+    return out
+
+
+def wrong_axis(param: Param, policy: Policy) -> CompressionConfig | None:
+    """Groups along the input dimension of the matrices configured along their output dimension."""
+    config = compression(param, policy)
+    return replace(config, group_dim=1) if config is not None and config.group_dim == 0 else config
+
+
+def lost_scale(q: Quantized) -> torch.Tensor:
+    """Dequantization that reads a zero scale: every value becomes its group's minimum."""
+    return dequantize(replace(q, scale=torch.zeros_like(q.scale)))
+
+
+def swapped_nibbles(q: Quantized) -> torch.Tensor:
+    """Each 4-bit code read from its neighbour's half of the byte."""
+    return dequantize(replace(q, codes=(q.codes << 4) | (q.codes >> 4)))
+
+
+DEFECTS: dict[str, tuple[str, Callable]] = {
+    "wrong group axis": ("compression", wrong_axis),
+    "lost scale": ("dequantize", lost_scale),
+    "swapped nibbles": ("dequantize", swapped_nibbles),
+}
+
+
+def check(compression: str) -> None:
+    assert departures(metrics(compression), PINNED[compression]) == []
+
+
+@pytest.mark.parametrize("compression", list(PINNED))
+def test_accuracy_stays_where_it_was_measured(compression: str) -> None:
+    check(compression)
+
+
+def test_compression_costs_what_was_measured() -> None:
+    """8 bits: LAMBADA within half a point and 1 % of perplexity of uncompressed (on 200
+    HellaSwag documents one document is half a point; the benchmark measures 1,000)."""
+    none, eight = PINNED["none"], PINNED["8bit-weights"]
+    assert abs(eight["lambada_openai/acc"] - none["lambada_openai/acc"]) <= 0.5
+    assert abs(eight["lambada_openai/perplexity"] / none["lambada_openai/perplexity"] - 1) <= 0.01
+
+
+@pytest.mark.parametrize("defect", list(DEFECTS))
+def test_a_broken_quantizer_fails_the_pinned_values(defect: str, monkeypatch) -> None:
+    name, broken = DEFECTS[defect]
+    monkeypatch.setattr(placement, name, broken)
+    with pytest.raises((AssertionError, ArithmeticError)):  # metrics moved, or so far that lm-eval overflows
+        check("4bit-weights")
+
+
+if __name__ == "__main__":  # measure the values to pin, and what each defect makes of them
+    for compression in sys.argv[1:] or PINNED:
+        print(compression, metrics(compression), flush=True)
+    for defect, (name, broken) in DEFECTS.items():
+        setattr(placement, name, broken)
+        print(defect, metrics("4bit-weights"), flush=True)
+        setattr(placement, name, {"compression": compression, "dequantize": dequantize}[name])
