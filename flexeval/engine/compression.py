@@ -45,6 +45,9 @@ class CompressionConfig:
         return 2**self.num_bits - 1
 
 
+PARTS = ("codes", "scale", "minimum")  # the tensors of a `Quantized`; stored as `name#codes`, ...
+
+
 @dataclass(frozen=True)
 class Quantized:
     """A tensor as packed codes plus per-group scale (fp16) and minimum (its dtype); its shape and dtype."""

@@ -13,9 +13,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from flexeval.engine.compression import CompressionConfig, Quantized, dequantize, packed_bytes, quantize
-
-PARTS = ("codes", "scale", "minimum")
+from flexeval.engine.compression import PARTS, CompressionConfig, Quantized, dequantize, packed_bytes, quantize
 
 
 class QuantizedKVCache:

@@ -19,12 +19,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from flexeval.engine.compression import CompressionConfig, Quantized, dequantize, quantize, quantized_nbytes
+from flexeval.engine.compression import (
+    PARTS,
+    CompressionConfig,
+    Quantized,
+    dequantize,
+    quantize,
+    quantized_nbytes,
+)
 from flexeval.engine.policy import Policy
 from flexeval.engine.tiers import Bundle, Fetched, Tier, distribute
 from flexeval.models.common import ROWS, KVCache, Layer, Param
-
-PARTS = ("codes", "scale", "minimum")  # a quantized weight `w` is stored as `w#codes`, `w#scale`, `w#minimum`
 
 
 @dataclass
