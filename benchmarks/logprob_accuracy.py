@@ -1,9 +1,10 @@
-"""How exact are log-probabilities? flexeval's streamed readout and torch's fp32 log_softmax
+"""How exact are log-probabilities? torch's fp32 log_softmax (what lm-eval's `hf` backend and
+flexeval's default readout compute) and flexeval's streamed readout (`stream_unembedding`)
 against an fp64 reference, on the same SmolLM2 logits of LAMBADA texts.
 
-lm-eval's `hf` backend takes log-probabilities from `log_softmax` in fp32; flexeval reduces
-vocabulary slices with an online log-sum-exp. This prints the mean (bias) and spread of each
-one's error per token, which is what decides how closely perplexities can agree.
+The streamed readout reduces vocabulary slices with an online log-sum-exp. This prints the mean
+(bias) and spread of each one's error per token, which is what decides how closely perplexities
+computed the two ways can agree.
 
     python benchmarks/logprob_accuracy.py --docs 10
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flexeval.engine.readout import ScoreReadout
+from flexeval.engine.readout import StreamedScoreReadout
 from flexeval.engine.schedule import UNEMBED_SLICE_BYTES
 from flexeval.models import registry
 
@@ -39,17 +40,17 @@ def main() -> int:
     with (args.data_dir / "lambada_openai" / "lambada_test.jsonl").open() as f:
         texts = [json.loads(line)["text"] for line, _ in zip(f, range(args.docs))]
     slice_rows = UNEMBED_SLICE_BYTES // (model.config.hidden_size * 4)
-    errors: dict[str, list[torch.Tensor]] = {"torch log_softmax (fp32)": [], "flexeval readout (fp32)": []}
+    errors: dict[str, list[torch.Tensor]] = {"torch log_softmax (fp32)": [], "streamed readout (fp32)": []}
     for text in texts:
         ids = tokenizer.encode(text)
         logits, targets = model(torch.tensor([ids])).logits[0, :-1], torch.tensor(ids[1:])
         exact = logits.double().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
         torch_lp = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-        readout = ScoreReadout(targets)
+        readout = StreamedScoreReadout(targets)
         for v in range(0, logits.shape[1], slice_rows):
             readout.update(logits[:, v : v + slice_rows], slice(0, len(targets)), v)
         errors["torch log_softmax (fp32)"].append(torch_lp.double() - exact)
-        errors["flexeval readout (fp32)"].append(readout.result().double() - exact)
+        errors["streamed readout (fp32)"].append(readout.result().double() - exact)
     tokens = sum(len(e) for e in errors["torch log_softmax (fp32)"])
     print(f"SmolLM2-135M fp32 logits of {args.docs} LAMBADA texts ({tokens} tokens); error per token against fp64")
     for name, parts in errors.items():

@@ -92,6 +92,23 @@ def test_cpu_chunks_of_a_micro_batch_compute_what_the_whole_does(name: str, tmp_
     assert bitwise_equal(chunked_lp, whole_lp)
 
 
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama-gqa"])
+def test_a_streamed_unembedding_agrees_with_the_whole_one(name: str, tmp_path: Path, monkeypatch) -> None:
+    """Vocabulary slices sum log-probabilities online: not log_softmax's bits over whole rows, but
+    its values to fp32 rounding and the same tokens; and as free of placement and batch shape."""
+    monkeypatch.setattr(schedule, "UNEMBED_SLICE_BYTES", 2**12)
+    streamed = Policy(gpu_batch_size=1, stream_unembedding=True)
+    assert len(Engine.load(name, policy=streamed).plan) > len(Engine.load(name).plan) + 2  # several slices
+    whole_lp, whole_gen = run(name, Policy(gpu_batch_size=1), tmp_path)
+    reference_lp, reference_gen = run(name, streamed, tmp_path)
+    assert reference_gen == whole_gen
+    for a, b in zip(reference_lp, whole_lp):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for fields in ({}, DISK):
+        lp, gen = run(name, Policy(gpu_batch_size=4, num_gpu_batches=8, stream_unembedding=True, **fields), tmp_path)
+        assert gen == reference_gen and bitwise_equal(lp, reference_lp), fields
+
+
 def test_smollm2_weights_on_disk_match_resident(smollm2: Engine, tmp_path: Path) -> None:
     seqs = [torch.tensor(smollm2.tokenizer(t).input_ids) for t in ("The capital of France is", "One, two, three,")]
     offloaded = Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=2, **DISK), offload_dir=tmp_path)
@@ -215,9 +232,10 @@ def test_generation_reports_throughput_and_stops_early() -> None:
     assert engine.stats.prefill_tokens_per_second > 0
 
 
-def test_units_group_attention_with_its_mlp_and_slice_the_unembedding(smollm2: Engine) -> None:
+def test_units_group_attention_with_its_mlp_and_slice_a_streamed_unembedding(smollm2: Engine) -> None:
     layers = smollm2.model.layers
-    grouped = units(layers, sep_layer=False, dtype=torch.float32)
+    assert units(layers, Policy(), torch.float32)[-1] == Unit((len(layers) - 1,))  # whole by default
+    grouped = units(layers, Policy(sep_layer=False, stream_unembedding=True), dtype=torch.float32)
     assert grouped[0] == Unit((0,), tokens=True) and grouped[1].layers == (1, 2)
     head, slices = grouped[smollm2.model.num_blocks + 1], grouped[smollm2.model.num_blocks + 2 :]
     assert head.layers == (len(layers) - 2,) and {u.layers for u in slices} == {(len(layers) - 1,)}

@@ -28,7 +28,7 @@ from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
-from flexeval.engine.readout import ScoreReadout, TokenReadout
+from flexeval.engine.readout import ScoreReadout, StreamedScoreReadout, TokenReadout
 from flexeval.engine.schedule import CacheMode, Executors, Timing, run_pass, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, Tier
 from flexeval.errors import FlexevalError
@@ -162,7 +162,8 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.policy = policy
-        self.plan = units(model.layers, policy.sep_layer, dtype)
+        self.plan = units(model.layers, policy, dtype)
+        self.score_readout = StreamedScoreReadout if policy.stream_unembedding else ScoreReadout
         self.io = Executors.make(policy.overlap)
         self.stats = RunStats()
         self._finalizer = weakref.finalize(self, _cleanup, self.io, workdir)
@@ -386,7 +387,7 @@ class Engine:
         if any(len(r.spans) > 1 for r in rows):
             segments = left_pad([r.segments for r in rows], self.device).ids
             mask = packed_mask(inputs.valid, segments, self.model.sliding_window, pos)
-        return self._step(inputs, inputs.ids, pos, mask, 0, heads, ScoreReadout(targets))
+        return self._step(inputs, inputs.ids, pos, mask, 0, heads, self.score_readout(targets))
 
     def _decode_step(self, run: Decoding, tokens: Tensor, readout: Readout) -> Step:
         column = run.batch.width + run.t - 1  # where the fed token's keys and values go

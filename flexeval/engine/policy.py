@@ -28,6 +28,9 @@ class Policy:
     act_cpu_percent: float = 0.0
     overlap: bool = True  # prefetch the next layer's weights and the next micro-batch's state while computing
     sep_layer: bool = True  # schedule attention and MLP as separate layers (False: one unit per block)
+    # read the unembedding a vocabulary slice at a time, overlapping its reads with its own compute;
+    # log-probabilities then come from an online log-sum-exp, not bit-comparable with hf's log_softmax
+    stream_unembedding: bool = False
     pin_weight: bool = True  # pinned CPU buffers for CPU-resident and disk-read weights (CUDA only)
     cpu_cache_compute: bool = False  # decode attention where a CPU-resident cache lives (CUDA only)
     attn_sparsity: float = 1.0  # fraction of attention scores kept in decode; 1 = dense

@@ -1,9 +1,10 @@
-"""What becomes of the logits: they arrive a slice of the vocabulary at a time, never whole.
+"""What becomes of the logits: they arrive a block of head rows at a time, never all at once.
 
-The unembedding streams its weights a vocabulary slice at a time (see `schedule.units`), so a
-readout reduces each (rows × slice) block of logits as it comes: scoring keeps an online
-log-sum-exp and the target's logit, greedy decoding a running maximum; only sampling, which
-needs the whole distribution of its few rows, keeps their full logits.
+By default a block holds whole rows (the unembedding is one scheduling unit); with
+`Policy.stream_unembedding` the unembedding's weights stream a vocabulary slice at a time (see
+`schedule.units`) and a block is (rows × slice). Readouts reduce each block as it comes:
+scoring takes the target's log-probability, greedy decoding a running maximum; only sampling,
+which needs the whole distribution of its few rows, keeps their full logits.
 """
 
 from __future__ import annotations
@@ -15,8 +16,32 @@ from flexeval.engine.generation import Sampling, pick_tokens
 
 
 class ScoreReadout:
-    """log p(target) for each head row: target logit minus the log-sum-exp over the vocabulary;
-    and whether the target is the row's first maximum (what greedy decoding would choose)."""
+    """log p(target) for each head row from whole rows of logits, through `log_softmax`: the very
+    arithmetic of lm-eval's `hf` backend, so that log-likelihoods agree with it as closely as the
+    logits themselves do (fp32 `log_softmax` is biased by about 1e-5 per token, and perplexities
+    summed over a corpus show it); and whether the target is the row's first maximum."""
+
+    def __init__(self, targets: Tensor) -> None:
+        self.targets = targets
+        self.logprob = torch.zeros(targets.shape, device=targets.device)
+        self.argmax = torch.zeros(targets.shape, dtype=torch.long, device=targets.device)
+
+    def update(self, logits: Tensor, rows: slice, first_token: int) -> None:
+        assert first_token == 0, "ScoreReadout takes whole rows; vocabulary slices need StreamedScoreReadout"
+        self.logprob[rows] = torch.log_softmax(logits, -1).gather(1, self.targets[rows, None]).squeeze(1)
+        self.argmax[rows] = logits.argmax(-1)  # the first maximum, as greedy decoding picks it
+
+    def result(self) -> Tensor:
+        return self.logprob
+
+    def greedy(self) -> Tensor:
+        return self.argmax == self.targets
+
+
+class StreamedScoreReadout:
+    """`ScoreReadout` for logits that arrive a vocabulary slice at a time: an online log-sum-exp
+    and the target's logit. Closer to exact than fp32 `log_softmax` (no bias), so perplexities
+    differ from `hf`'s in their fifth significant digit."""
 
     def __init__(self, targets: Tensor) -> None:
         self.targets = targets

@@ -1,11 +1,11 @@
 """The block schedule: one pass of the weights serves every micro-batch of a block.
 
 For each scheduling unit u (a layer, or a block's attention + MLP when `sep_layer` is off, or a
-slice of the unembedding): load its weights once, then run every micro-batch k of the block
-through it. With overlap, the next unit's weights are read while unit u computes, and
-micro-batch k+1's hidden state and KV cache are fetched while k computes (FlexGen's zig-zag
-order). Without overlap the very same loop runs with executors that do each task on the spot:
-the reference for tests and debugging.
+slice of the unembedding when `stream_unembedding` is on): load its weights once, then run
+every micro-batch k of the block through it. With overlap, the next unit's weights are read
+while unit u computes, and micro-batch k+1's hidden state and KV cache are fetched while k
+computes (FlexGen's zig-zag order). Without overlap the very same loop runs with executors that
+do each task on the spot: the reference for tests and debugging.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from flexeval.engine.placement import BlockState, Loaded, WeightStore
+from flexeval.engine.policy import Policy
 from flexeval.models.common import KVCache, Layer, Step, Weights
 
 CacheMode = Literal["none", "new", "stored"]  # scoring / prefill of a generation / decoding
@@ -90,17 +91,20 @@ class Unit:
         return token_ids if self.tokens else None
 
 
-def units(layers: Sequence[Layer], sep_layer: bool, dtype: torch.dtype) -> list[Unit]:
-    """The schedule's units: each layer alone, or a block's attention with its MLP; the
-    unembedding cut into vocabulary slices of about `UNEMBED_SLICE_BYTES`."""
+def units(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> list[Unit]:
+    """The schedule's units: each layer alone, or a block's attention with its MLP (`sep_layer`
+    off); the unembedding whole, or cut into vocabulary slices of about `UNEMBED_SLICE_BYTES`
+    (`stream_unembedding`), whose reads then overlap the unembedding's own compute."""
     grouped: list[Unit] = []
     for j, layer in enumerate(layers):
         by_token = [p for p in layer.params.values() if p.by_token]
-        if layer.kind == "unembed":
+        if layer.kind == "unembed" and not policy.stream_unembedding:
+            grouped.append(Unit((j,)))
+        elif layer.kind == "unembed":
             vocab, row_bytes = by_token[0].shape[0], by_token[0].nbytes(dtype) // by_token[0].shape[0]
             rows = max(1, UNEMBED_SLICE_BYTES // row_bytes)
             grouped += [Unit((j,), (v, min(v + rows, vocab))) for v in range(0, vocab, rows)]
-        elif not sep_layer and layer.kind == "mlp" and grouped and layers[grouped[-1].layers[-1]].kind == "attention":
+        elif layer.kind == "mlp" and not policy.sep_layer and layers[grouped[-1].layers[-1]].kind == "attention":
             grouped[-1] = Unit((*grouped[-1].layers, j))
         else:
             grouped.append(Unit((j,), tokens=bool(by_token)))

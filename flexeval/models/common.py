@@ -179,11 +179,11 @@ def embed_tokens(w: Weights, name: str, ids: Tensor) -> Tensor:
 
 
 def unembed(w: Weights, x: Tensor, step: Step, cache: KVCache | None) -> Tensor:
-    """Logits of the head rows x (n, d) for the vocabulary slice w[ROWS], into the step's readout.
+    """Logits of the head rows x (n, d), into the step's readout: for the whole vocabulary, or for
+    the slice w[ROWS] when the unembedding streams (`Policy.stream_unembedding`).
 
     The full (n, vocab) logits would not fit in memory at evaluation batch sizes, so they are
-    produced a slice of the vocabulary (one weight read) and `LOGITS_CHUNK_BYTES` at a time.
-    Returns x unchanged: the next slice needs the same rows.
+    produced `LOGITS_CHUNK_BYTES` at a time. Returns x unchanged: the next slice needs the same rows.
     """
     table, first = w["lm_head"], int(w[ROWS][0]) if ROWS in w else 0
     rows = max(1, LOGITS_CHUNK_BYTES // (table.shape[0] * 4))
