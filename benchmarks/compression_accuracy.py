@@ -1,11 +1,12 @@
 """Accuracy of compressed SmolLM2-135M against uncompressed, through the same engine (issue 6).
 
 Each configuration runs every task through `lm_eval.simple_evaluate` with the `flexgen` backend
-(fp32, all resident); the table puts each metric next to the uncompressed run and to what a
-simulation measured (FlexGen's quantizer applied to the weights inside transformers, lm-eval's
-`hf` backend), which 4-bit weights (groups of 64 along the output dimension) should reproduce.
+(fp32, all resident); the table puts each metric, with the stored bits per weight (fp16 scale and
+fp32 minimum per group), next to the uncompressed run and to what a simulation measured
+(FlexGen's quantizer applied to the weights inside transformers, lm-eval's `hf` backend), which
+4-bit weights (groups of 64 along the output dimension) should reproduce.
 
-    python benchmarks/compression_accuracy.py                               # about 20 minutes on 2 cores
+    python benchmarks/compression_accuracy.py                               # about 90 minutes on 2 cores
     python benchmarks/compression_accuracy.py --configs none 4bit-weights --tasks lambada_openai:200
 """
 
@@ -14,11 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-import lm_eval
+import torch
 
-import flexeval  # noqa: F401 - registers flexgen
-from flexeval.data import local_tasks
+from flexeval import Policy
+from flexeval.engine.compression import quantized_nbytes
+from flexeval.engine.policy import compression_fields
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import evaluate_task  # noqa: E402
 
 CONFIGS = {  # label -> model_args
     "none": "compression=none",
@@ -28,6 +34,10 @@ CONFIGS = {  # label -> model_args
     "8bit": "compression=8bit",
     "4bit-g64-input": "compression=4bit-weights,comp_weight_config=4:64:1",
     "4bit-g128-input": "compression=4bit-weights,comp_weight_config=4:128:1",
+    "4bit-mse": "compression=4bit-weights,comp_weight_config=4:64:0:mse",
+    "4bit-g64-input-mse": "compression=4bit-weights,comp_weight_config=4:64:1:mse",
+    "4bit-g128-input-mse": "compression=4bit-weights,comp_weight_config=4:128:1:mse",
+    "4bit-g128-output-mse": "compression=4bit-weights,comp_weight_config=4:128:0:mse",
 }
 TASKS = ["hellaswag:1000", "lambada_openai:1000", "piqa:1000", "arc_easy:1000", "wikitext:20"]
 METRICS = {  # task -> metrics reported, higher-is-better ones in points
@@ -47,15 +57,18 @@ SIMULATION = {  # the issue's reference: uncompressed -> FlexGen 4-bit weights (
 }
 
 
+def bits_per_weight(model_args: str) -> float:
+    """Stored bits per weight of a SmolLM2 matrix (576 x 1536, fp32) under these model_args."""
+    fields = dict(item.split("=", 1) for item in model_args.split(","))
+    policy = Policy.from_dict(compression_fields(fields.pop("compression")) | fields)
+    if not policy.compress_weight:
+        return 32.0
+    return 8 * quantized_nbytes((576, 1536), torch.float32, policy.comp_weight_config) / (576 * 1536)
+
+
 def evaluate(model_args: str, task: str, limit: int) -> dict[str, float]:
-    out = lm_eval.simple_evaluate(
-        model="flexgen",
-        model_args=f"pretrained=smollm2-135m,gpu_batch_size=16,num_gpu_batches=4,{model_args}",
-        tasks=[task],
-        limit=limit,
-        bootstrap_iters=0,
-        task_manager=local_tasks(),
-    )
+    args = f"pretrained=smollm2-135m,gpu_batch_size=16,num_gpu_batches=4,{model_args}"
+    out = evaluate_task("flexgen", args, task, limit)
     results = out["results"][task]
     return {m: results[f"{m},none"] * (100 if m.startswith("acc") else 1) for m in METRICS[task]}
 
@@ -73,10 +86,11 @@ def main() -> int:
             start = time.perf_counter()
             for metric, value in evaluate(CONFIGS[config], task, int(limit)).items():
                 measured[config, task, metric] = value
-            print(f"{config:<18}{spec:<22}{time.perf_counter() - start:>6.0f} s", flush=True)
+            print(f"{config:<22}{spec:<22}{time.perf_counter() - start:>6.0f} s", flush=True)
 
     print("\nSmolLM2-135M fp32 through flexgen; acc in points. sim: the issue's transformers simulation")
-    print(f"{'task':<22}{'metric':<17}{'config':<18}{'value':>9}{'vs none':>9}{'sim none':>9}{'sim 4bit':>9}")
+    header = f"{'task':<22}{'metric':<17}{'config':<22}{'bits':>6}{'value':>9}{'vs none':>9}"
+    print(f"{header}{'sim none':>9}{'sim 4bit':>9}")
     for spec in args.tasks:
         task = spec.partition(":")[0]
         for metric in METRICS[task]:
@@ -85,7 +99,8 @@ def main() -> int:
             for config in args.configs:
                 value = measured[config, task, metric]
                 delta = f"{value - base:>+9.2f}" if base is not None else f"{'':>9}"
-                print(f"{spec:<22}{metric:<17}{config:<18}{value:>9.2f}{delta}{sim[0]:>9.1f}{sim[1]:>9.1f}")
+                bits = bits_per_weight(CONFIGS[config])
+                print(f"{spec:<22}{metric:<17}{config:<22}{bits:>6.2f}{value:>9.2f}{delta}{sim[0]:>9.1f}{sim[1]:>9.1f}")
     return 0
 
 

@@ -3,7 +3,6 @@ quantized weights in the engine."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from flexeval.engine.compression import (
     unpack,
 )
 from flexeval.engine.kv_cache import QuantizedKVCache
-from flexeval.engine.placement import weight_bytes_per_tier
+from flexeval.engine.placement import group_rows, table_rows, weight_bytes_per_tier
 from flexeval.models import registry
 
 SHAPES = [(130,), (7, 130), (64, 64), (3, 5, 9), (2, 3, 4, 33), (1, 1), (576, 100)]
@@ -84,6 +83,19 @@ def test_rows_of_a_table_grouped_along_its_width_dequantize_alone() -> None:
     assert torch.equal(dequantize(alone), dequantize(q)[rows])
 
 
+@pytest.mark.parametrize("group_dim", [0, 1])
+def test_rows_of_a_table_dequantize_from_their_own_parts(group_dim: int) -> None:
+    """What the weight store fetches for some rows of a token table: their codes, and their
+    groups' scales and minima (each group once when groups run along the rows)."""
+    table = torch.randn(150, 70)
+    q = quantize(table, CompressionConfig(4, 32, group_dim))
+    rows = torch.tensor([3, 17, 31, 32, 33, 149])
+    groups = torch.unique_consecutive(rows // 32) if group_dim == 0 else rows
+    assert torch.equal(group_rows(rows, q.config, 2), groups)
+    fetched = Quantized(q.codes[rows], q.scale[groups], q.minimum[groups], q.shape, q.dtype, q.config)
+    assert torch.equal(dequantize(table_rows(fetched, rows)), dequantize(q)[rows])
+
+
 def test_pack_puts_the_first_code_in_the_low_bits() -> None:
     assert pack(torch.tensor([1, 2], dtype=torch.uint8), 4).tolist() == [0x21]
     assert pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
@@ -105,6 +117,19 @@ def test_a_group_with_one_outlier_keeps_the_bound() -> None:
     assert excess(x, CompressionConfig(4, 64, 1)).max() <= 1e-6
 
 
+@pytest.mark.parametrize("bits, gain", [(2, 0.7), (3, 0.9), (4, 0.97), (8, 1.0)])
+def test_the_mse_fit_never_errs_more_than_min_max_and_clips_outliers(bits: int, gain: float) -> None:
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits))
+    x[:, 7] *= 12  # one outlier per group of 64 along dimension 1
+    minmax, mse = (CompressionConfig(bits, 64, 1, fit) for fit in ("minmax", "mse"))
+    error = {c.fit: groups((dequantize(quantize(x, c)) - x).square(), c).sum(-1) for c in (minmax, mse)}
+    assert (error["mse"] <= error["minmax"]).all()
+    assert error["mse"].sum() <= gain * error["minmax"].sum()  # 8 bits: clipping an outlier never pays
+    for value in (0.0, -1.7, 1000.0):
+        constant = torch.full((3, 130), value)
+        assert torch.equal(dequantize(quantize(constant, mse)), constant)
+
+
 @pytest.mark.parametrize("dtype, ratio", [(torch.float16, 0.28125), (torch.float32, 0.296875)])
 def test_footprint_of_4_bit_groups_of_64(dtype: torch.dtype, ratio: float) -> None:
     q = quantize(torch.randn(576, 1536).to(dtype), CompressionConfig(4, 64, 0))
@@ -120,6 +145,7 @@ def test_footprint_of_4_bit_groups_of_64(dtype: torch.dtype, ratio: float) -> No
         (dict(group_size=0), "group_size must be a positive integer"),
         (dict(group_size=2.5), "group_size must be a positive integer"),
         (dict(group_dim="0"), "group_dim must be an integer"),
+        (dict(fit="gptq"), "fit must be one of ('minmax', 'mse')"),
     ],
 )
 def test_bad_configurations_are_refused(fields: dict, message: str) -> None:
@@ -138,13 +164,12 @@ def test_bad_tensors_are_refused() -> None:
 
 def fake_quantized_checkpoint(directory: Path, config: CompressionConfig) -> None:
     """Rewrite a checkpoint with every matrix replaced by dequantize(quantize(.)): what an engine
-    storing quantized weights must compute. Token tables (the embedding) group along their width."""
+    storing quantized weights must compute."""
     path = directory / "model.safetensors"
     tensors = load_file(path)
     for name, w in tensors.items():
         if w.dim() == 2:
-            table = "embed_tokens" in name or "lm_head" in name
-            tensors[name] = dequantize(quantize(w, replace(config, group_dim=1) if table else config))
+            tensors[name] = dequantize(quantize(w, config))
     save_file(tensors, path, metadata={"format": "pt"})
 
 
@@ -187,13 +212,14 @@ CACHE_PLACEMENTS = [
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-opt"])
-def test_a_quantized_cache_generates_the_same_on_every_tier(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("attn_sparsity", [1.0, 0.4])
+def test_a_quantized_cache_generates_the_same_on_every_tier(name: str, attn_sparsity: float, tmp_path: Path) -> None:
     seqs = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 40, 17, 2, 60)]
-    plain = Engine.load(name, policy=Policy(gpu_batch_size=2))
+    plain = Engine.load(name, policy=Policy(gpu_batch_size=2, attn_sparsity=attn_sparsity))
     expected_lp, plain_gen = plain.logprobs(seqs), plain.generate(seqs, max_new_tokens=8, stop_token_ids=[])
     results = []
     for fields in CACHE_PLACEMENTS:
-        policy = Policy(**{"gpu_batch_size": 2, **fields}, compress_cache=True)
+        policy = Policy(**{"gpu_batch_size": 2, **fields}, compress_cache=True, attn_sparsity=attn_sparsity)
         engine = Engine.load(name, policy=policy, offload_dir=tmp_path)
         lp, gen = engine.logprobs(seqs), engine.generate(seqs, max_new_tokens=8, stop_token_ids=[])
         assert all(torch.equal(a, b) for a, b in zip(lp, expected_lp))  # scoring keeps no cache

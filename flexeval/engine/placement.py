@@ -8,8 +8,10 @@ across tiers too.
 With `compress_weight`, every weight matrix is stored, moved and counted as its quantized parts
 (codes, scales, minima; see `compression`) and dequantized on the compute device when a unit
 loads it. Vectors (norms, biases) stay as they are: their bytes are negligible and their values
-sensitive. Token tables group along their width, whatever the configured dimension, so that
-their rows (the tokens a step reads, a slice of the vocabulary) stay readable on their own.
+sensitive. Token tables (vocabulary × width) group like any matrix, whose output dimension the
+vocabulary is; their rows (the tokens a step reads, a slice of the vocabulary) stay readable on
+their own all the same, because codes are packed along the width and a row needs only its own
+codes and its group's scale and minimum.
 """
 
 from __future__ import annotations
@@ -61,8 +63,7 @@ def compression(param: Param, policy: Policy) -> CompressionConfig | None:
     """How a weight is stored: None means as it is."""
     if not policy.compress_weight or len(param.shape) < 2:
         return None
-    config = policy.comp_weight_config
-    return replace(config, group_dim=len(param.shape) - 1) if param.by_token else config
+    return policy.comp_weight_config
 
 
 def stored_nbytes(param: Param, policy: Policy, dtype: torch.dtype) -> int:
@@ -82,6 +83,24 @@ def weight_bytes_per_tier(layers: Sequence[Layer], policy: Policy, dtype: torch.
     for (j, name), tier in weight_tiers(layers, policy, dtype).items():
         placed[tier] += stored_nbytes(layers[j].params[name], policy, dtype)
     return placed
+
+
+def group_rows(rows: torch.Tensor, config: CompressionConfig, ndim: int) -> torch.Tensor:
+    """The rows of a quantized table's scales and minima that some of its rows (sorted) need:
+    the same rows when groups run across them, each group once when groups run along them."""
+    return torch.unique_consecutive(rows // config.group_size) if config.group_dim % ndim == 0 else rows
+
+
+def table_rows(q: Quantized, rows: torch.Tensor) -> Quantized:
+    """Some rows of a quantized token table, from their codes and the parameters `group_rows`
+    chose; with groups along the rows, each row takes its group's scale and minimum and becomes
+    a group of its own."""
+    shape = (len(rows), *q.shape[1:])
+    if q.config.group_dim % len(q.shape) != 0:
+        return replace(q, shape=shape)
+    groups = rows // q.config.group_size
+    index = torch.searchsorted(group_rows(rows, q.config, len(q.shape)), groups).to(q.scale.device)
+    return Quantized(q.codes, q.scale[index], q.minimum[index], shape, q.dtype, replace(q.config, group_size=1))
 
 
 class WeightStore:
@@ -132,20 +151,29 @@ class WeightStore:
                 requests.setdefault((self._tier(j, name), owner), {}).update(zip(stored, ours))
             for (t, owner), names in requests.items():
                 tier = self.tiers[t]
-                wanted_rows = {n: rows for n, ours in names.items() if ours.split("#")[0] in wanted}
+                wanted_rows = {
+                    n: self._rows(j, ours, rows) for n, ours in names.items() if ours.split("#")[0] in wanted
+                }
                 fetched = tier.get(self._key(owner), wanted_rows, names=set(names))
                 bundle |= {names[n]: tensor for n, tensor in fetched.bundle.items()}
                 loaded.handles.append((tier, fetched))
             for name, param in layer.params.items():
                 config = self.compression[j, name]
-                if config is not None:
-                    parts = [bundle.pop(f"{name}#{p}") for p in PARTS]
-                    shape = (len(rows), *param.shape[1:]) if name in wanted else param.shape
-                    bundle[name] = dequantize(Quantized(*parts, shape, self.dtype, config))
+                if config is None:
+                    continue
+                q = Quantized(*(bundle.pop(f"{name}#{p}") for p in PARTS), param.shape, self.dtype, config)
+                bundle[name] = dequantize(q if name not in wanted else table_rows(q, rows))
             if wanted:
                 bundle[ROWS] = rows
             loaded.bundles.append(bundle)
         return loaded
+
+    def _rows(self, j: int, stored: str, rows: torch.Tensor) -> torch.Tensor:
+        """The rows of a stored tensor or part that these rows of a token table need."""
+        name, _, part = stored.partition("#")
+        if part in ("scale", "minimum"):
+            return group_rows(rows, self.compression[j, name], len(self.layers[j].params[name].shape))
+        return rows
 
     def _key(self, j: int) -> str:
         return f"w/{self.layers[j].name}"
