@@ -1,13 +1,20 @@
-"""Attention over padded batches: the CPU's per-padding calls and the single masked call agree."""
+"""Attention over padded batches: the CPU's per-padding calls and the single masked call agree;
+sparse decoding reads the values FlexGen's top-k attention would."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from flexeval.engine.batch import left_pad, pack, packed_mask
-from flexeval.models.attention import _padded, _unpadded
-from flexeval.models.common import Step
+from flexeval.engine.compression import CompressionConfig, dequantize
+from flexeval.engine.kv_cache import QuantizedKVCache
+from flexeval.models.attention import _padded, _unpadded, attend
+from flexeval.models.common import KVCache, Step
+
+CPU = torch.device("cpu")
 
 
 def step(pads: tuple[int, ...], queries: int, keys: int, window: int | None, mask=None) -> Step:
@@ -43,3 +50,39 @@ def test_packed_rows_keep_their_segment_mask() -> None:
     q, k, v = qkv(2, width, width, seed=1)
     a, b = _unpadded(q, k, v, s, None), _padded(q, k, v, s, None)
     torch.testing.assert_close(a.transpose(1, 2)[batch.valid], b.transpose(1, 2)[batch.valid], rtol=0, atol=1e-6)
+
+
+def sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, share: float) -> torch.Tensor:
+    """One sequence, one query (h, 1, d) over keys/values (kv_heads, n, d) visible from column
+    `first` on, the last being its own: FlexGen's top-k sparse attention, head by head in fp64."""
+    heads, kv_heads, n = q.shape[0], k.shape[0], k.shape[1]
+    out = torch.empty(heads, 1, q.shape[-1], dtype=torch.float64)
+    for h in range(heads):
+        kh, vh = k[h * kv_heads // heads].double()[first:], v[h * kv_heads // heads].double()[first:]
+        probs = torch.softmax(q[h].double() @ kh.T / q.shape[-1] ** 0.5, -1)[0]
+        kept = probs[:-1].topk(int(share * (n - 1 - first))).indices
+        out[h, 0] = probs[kept] @ vh[kept] + probs[-1] * vh[-1]
+    return out
+
+
+@pytest.mark.parametrize("share", [0.1, 0.5, 0.99])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_sparse_decoding_reads_the_top_values_of_each_query(share: float, window: int | None, quantized: bool) -> None:
+    pads, keys = (0, 0, 3, 5, 9), 16
+    q, k, v = qkv(len(pads), 1, keys, seed=2)
+    s = dataclasses.replace(step(pads, 1, keys, window), attn_sparsity=share)
+    shape = (len(pads), 2, keys, 8)
+    cache = (
+        QuantizedKVCache.empty(shape, torch.float32, CPU, CompressionConfig(8, 8, -1))
+        if quantized
+        else KVCache(torch.zeros(shape), torch.zeros(shape))
+    )
+    cache.store(0, k[:, :, :-1], v[:, :, :-1])  # the earlier columns; this step's are the last
+    all_k = cache.keys(keys - 1, k[:, :, -1:])  # earlier keys as stored (dequantized), then this step's
+    all_v = torch.cat(((dequantize(cache.v) if quantized else cache.v)[:, :, :-1], v[:, :, -1:]), 2)
+    out = attend(q, k[:, :, -1:], v[:, :, -1:], s, cache).view(len(pads), 1, 4, 8).transpose(1, 2)
+    for i, pad in enumerate(pads):
+        first = pad if window is None else max(pad, keys - window)
+        expected = sparse_reference(q[i], all_k[i], all_v[i], first, share)
+        torch.testing.assert_close(out[i].double(), expected, rtol=0, atol=1e-5)

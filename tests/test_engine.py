@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from flexeval import Engine
+from flexeval import Engine, FlexevalError, Policy
 from flexeval.engine.batch import left_pad, positions
 from flexeval.models import registry, tiny
 from flexeval.models.attention import visibility
@@ -60,6 +60,31 @@ def test_one_token_sequences_have_no_logprobs(engine: Engine) -> None:
 def test_logprobs_are_log_probabilities(engine: Engine) -> None:
     (lp,) = engine.logprobs(random_seqs((30,)))
     assert lp.dtype == torch.float32 and (lp <= 0).all() and torch.isfinite(lp).all()
+
+
+def test_decoding_along_a_continuation_scores_what_one_pass_does(engine: Engine) -> None:
+    prompts, continuations = random_seqs((5, 30, 12), seed=3), random_seqs((9, 1, 20), seed=4)
+    decoded = engine.decode_logprobs(prompts, continuations)
+    whole = engine.logprobs([torch.cat((p, c)) for p, c in zip(prompts, continuations)])
+    for d, w, c in zip(decoded, whole, continuations):
+        torch.testing.assert_close(d, w[-len(c) :], rtol=0, atol=2e-5)  # one query at a time, the same math
+    with pytest.raises(FlexevalError, match="3 prompts but 2 continuations"):
+        engine.decode_logprobs(prompts, continuations[:2])
+    with pytest.raises(FlexevalError, match="sequence 0 is empty"):
+        engine.decode_logprobs(prompts[:1], [[]])
+
+
+def test_sparse_attention_costs_little_log_likelihood_when_most_is_kept() -> None:
+    prompts, continuations = random_seqs((40, 60), seed=5), random_seqs((30, 30), seed=6)
+    dense = torch.cat(Engine.load("tiny-llama-gqa").decode_logprobs(prompts, continuations))
+    half = torch.cat(
+        Engine.load("tiny-llama-gqa", policy=Policy(attn_sparsity=0.5)).decode_logprobs(prompts, continuations)
+    )
+    tenth = torch.cat(
+        Engine.load("tiny-llama-gqa", policy=Policy(attn_sparsity=0.1)).decode_logprobs(prompts, continuations)
+    )
+    assert not torch.equal(half, dense)
+    assert (half - dense).abs().mean() < (tenth - dense).abs().mean()
 
 
 def test_per_prompt_budgets_and_stop_tokens(engine: Engine) -> None:

@@ -109,6 +109,22 @@ def test_a_streamed_unembedding_agrees_with_the_whole_one(name: str, tmp_path: P
         assert gen == reference_gen and bitwise_equal(lp, reference_lp), fields
 
 
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-mistral"])
+def test_sparse_attention_changes_decoding_but_not_its_independence_of_the_batch(name: str, tmp_path: Path) -> None:
+    sparse = dict(attn_sparsity=0.3)
+    dense_lp, dense_gen = run(name, Policy(gpu_batch_size=1), tmp_path)
+    reference_lp, reference_gen = run(name, Policy(gpu_batch_size=1, **sparse), tmp_path)
+    assert bitwise_equal(reference_lp, dense_lp)  # scoring has no decoding steps
+    assert reference_gen != dense_gen
+    for shape, fields in [
+        ((4, 8), {}),
+        ((16, 4), dict(cache_gpu_percent=0, cache_cpu_percent=0)),
+        ((4, 1), dict(cache_gpu_percent=0, cache_cpu_percent=50, w_gpu_percent=0, w_cpu_percent=0)),
+    ]:
+        _, gen = run(name, Policy(*shape, **sparse, **fields), tmp_path)
+        assert gen == reference_gen, (shape, fields)
+
+
 def test_smollm2_weights_on_disk_match_resident(smollm2: Engine, tmp_path: Path) -> None:
     seqs = [torch.tensor(smollm2.tokenizer(t).input_ids) for t in ("The capital of France is", "One, two, three,")]
     offloaded = Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=2, **DISK), offload_dir=tmp_path)
@@ -251,7 +267,8 @@ def test_units_group_attention_with_its_mlp_and_slice_a_streamed_unembedding(smo
         (dict(act_gpu_percent=101), "act_gpu_percent must be between 0 and 100"),
         (dict(gpu_batch_size=0), "gpu_batch_size must be a positive integer"),
         (dict(num_gpu_batches=2.5), "num_gpu_batches must be a positive integer"),
-        (dict(attn_sparsity=0.5), "not implemented yet"),
+        (dict(attn_sparsity=0.0), r"attn_sparsity must be in \(0, 1\]"),
+        (dict(attn_sparsity=1.5), r"attn_sparsity must be in \(0, 1\]"),
         (dict(comp_weight_config="4:64:0"), "comp_weight_config must be a CompressionConfig"),
         (dict(comp_cache_config=CompressionConfig(4, 64, 2)), "comp_cache_config.group_dim must be the head"),
     ],

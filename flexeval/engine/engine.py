@@ -16,7 +16,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
-from flexeval.engine.readout import ScoreReadout, StreamedScoreReadout, TokenReadout
+from flexeval.engine.readout import ForcedReadout, ScoreReadout, StreamedScoreReadout, TokenReadout
 from flexeval.engine.schedule import CacheMode, Executors, Timing, run_pass, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, Tier
 from flexeval.errors import FlexevalError
@@ -300,16 +300,57 @@ class Engine:
         stopped = self._text_stop(stop_strings)
         generator = None if sampling.greedy else torch.Generator(self.device).manual_seed(seed)
 
-        def readout(n: int) -> Readout:
-            return TokenReadout(n, self.model.vocab_size, sampling, generator, self.device)
+        def readout(mb: list[int], t: int) -> Readout:
+            return TokenReadout(len(mb), self.model.vocab_size, sampling, generator, self.device)
 
+        return self._decode(seqs, budgets, stops, stopped, readout)
+
+    @torch.inference_mode()
+    def decode_logprobs(self, prompts: Sequence[TokenSeq], continuations: Sequence[TokenSeq]) -> list[Tensor]:
+        """log p of each continuation token given the prompt and the tokens before it, computed as
+        generation computes it: the prompt prefilled, then one decoding step per token against the
+        KV cache (compressed, or read sparsely, as the policy says). `logprobs` scores a whole
+        sequence in one exact pass; this measures what the cache's approximations cost."""
+        seqs = as_token_lists(prompts, self.model.vocab_size, "decode_logprobs")
+        targets = as_token_lists(continuations, self.model.vocab_size, "decode_logprobs")
+        if len(targets) != len(seqs):
+            raise FlexevalError(f"decode_logprobs: {len(seqs)} prompts but {len(targets)} continuations")
+        self._check_positions([len(s) + len(c) - 1 for s, c in zip(seqs, targets)], "decode_logprobs")
+        scored: list[tuple[list[int], int, Readout]] = []
+
+        def readout(mb: list[int], t: int) -> Readout:
+            wanted = torch.tensor([int(targets[i][t]) if t < len(targets[i]) else 0 for i in mb], device=self.device)
+            score = self.score_readout(wanted)
+            scored.append((mb, t, score))
+            return ForcedReadout(score)
+
+        budgets = torch.tensor([len(c) for c in targets])
+        self._decode(seqs, budgets, torch.zeros(0, dtype=torch.long), None, readout)
+        out = [torch.empty(len(c)) for c in targets]
+        for mb, t, score in scored:
+            for i, lp in zip(mb, score.result().cpu().tolist()):
+                if t < len(targets[i]):
+                    out[i][t] = lp
+        return out
+
+    def _decode(
+        self,
+        seqs: list[Tensor],
+        budgets: Tensor,
+        stops: Tensor,
+        stopped: Callable[[list[int]], bool] | None,
+        readout: Callable[[list[int], int], Readout],
+    ) -> list[list[int]]:
+        """Prefill each block's prompts, then decode step by step; `readout(micro_batch, t)` says
+        what becomes of the logits predicting each sequence's t-th new token, and which tokens
+        are fed on."""
         results: list[list[int]] = [[] for _ in seqs]
         timing, start = self._begin()
         for block in self._blocks({i: len(s) for i, s in enumerate(seqs) if budgets[i] > 0}):
             runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device, stopped) for mb in block]
             steps = [
-                self._step(r.batch, r.batch.ids, r.positions, None, 0, r.prefill_rows(), readout(len(r.outputs)))
-                for r in runs
+                self._step(r.batch, r.batch.ids, r.positions, None, 0, r.prefill_rows(), readout(mb, 0))
+                for mb, r in zip(block, runs)
             ]
             state = self._block_state(len(block))
             try:
@@ -321,7 +362,7 @@ class Engine:
                     fed = [r.record(out) for r, out in zip(runs, outputs)]
                     if all(r.done for r in runs):
                         break
-                    steps = [self._decode_step(r, tokens, readout(len(tokens))) for r, tokens in zip(runs, fed)]
+                    steps = [self._decode_step(r, tokens, readout(mb, r.t)) for mb, r, tokens in zip(block, runs, fed)]
                     outputs = self._pass(state, steps, timing, "stored")
             finally:
                 state.close()
@@ -392,7 +433,8 @@ class Engine:
     def _decode_step(self, run: Decoding, tokens: Tensor, readout: Readout) -> Step:
         column = run.batch.width + run.t - 1  # where the fed token's keys and values go
         rows = torch.arange(len(tokens), device=self.device)
-        return self._step(run.batch, tokens, run.positions, None, column, rows, readout)
+        step = self._step(run.batch, tokens, run.positions, None, column, rows, readout)
+        return replace(step, attn_sparsity=self.policy.attn_sparsity)
 
     def _new_cache(self, run: Decoding) -> KVCache:
         shape = (len(run.outputs), self.model.kv_heads, run.cache_length, self.model.head_dim)

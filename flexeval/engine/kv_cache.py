@@ -58,16 +58,39 @@ class QuantizedKVCache:
         """Quantize new keys/values into columns [start, start + s); return all columns so far:
         the earlier ones dequantized, the new ones as computed (FlexGen's order: a step attends
         to its own keys exactly, and a prompt's prefill is not approximated at all)."""
+        self.store(start, k, v)
+        if start == 0:
+            return k, v
+        return self.keys(start, k), torch.cat((dequantize(_columns(self.v, start)), v), dim=2)
+
+    def store(self, start: int, k: Tensor, v: Tensor) -> None:
         end = start + k.shape[2]
         for stored, new in ((self.k, k), (self.v, v)):
             q = quantize(new, stored.config)
             stored.codes[:, :, start:end] = q.codes
             stored.scale[:, :, start:end] = q.scale
             stored.minimum[:, :, start:end] = q.minimum
-        if start == 0:
-            return k, v
-        old_k, old_v = dequantize(_columns(self.k, start)), dequantize(_columns(self.v, start))
-        return torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
+
+    def keys(self, start: int, k: Tensor) -> Tensor:
+        """After `store(start, k, v)`: the earlier keys dequantized, then the new ones as computed."""
+        return k if start == 0 else torch.cat((dequantize(_columns(self.k, start)), k), dim=2)
+
+    def values_at(self, columns: Tensor) -> Tensor:
+        """(b, kv_heads, m) column indices -> (b, kv_heads, m, head_dim): only those values dequantized."""
+
+        def take(part: Tensor) -> Tensor:
+            return part.gather(2, columns[..., None].expand(-1, -1, -1, part.shape[-1]))
+
+        v = self.v
+        return dequantize(
+            replace(
+                v,
+                codes=take(v.codes),
+                scale=take(v.scale),
+                minimum=take(v.minimum),
+                shape=(*columns.shape, v.shape[-1]),
+            )
+        )
 
     def rows(self, start: int, stop: int) -> QuantizedKVCache:
         """Sequences [start, stop) of the batch: views, so writes land in this cache."""

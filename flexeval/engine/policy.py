@@ -33,7 +33,7 @@ class Policy:
     stream_unembedding: bool = False
     pin_weight: bool = True  # pinned CPU buffers for CPU-resident and disk-read weights (CUDA only)
     cpu_cache_compute: bool = False  # decode attention where a CPU-resident cache lives (CUDA only)
-    attn_sparsity: float = 1.0  # fraction of attention scores kept in decode; 1 = dense
+    attn_sparsity: float = 1.0  # decoding reads the values of this share of earlier positions (top-k); 1 = dense
     compress_weight: bool = False  # weights stored as group-wise quantized codes, dequantized right before use
     comp_weight_config: CompressionConfig = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
     compress_cache: bool = False
@@ -54,8 +54,11 @@ class Policy:
                     f"policy: {kind}_gpu_percent + {kind}_cpu_percent = {gpu + cpu} exceeds 100 "
                     "(the disk share is what remains)"
                 )
-        if self.attn_sparsity != 1.0:
-            raise FlexevalError("policy: attn_sparsity < 1 (sparse attention) is not implemented yet; use 1.0")
+        if not 0 < self.attn_sparsity <= 1:
+            raise FlexevalError(
+                f"policy: attn_sparsity must be in (0, 1] (the share of cached values each decoding query "
+                f"reads; 1 = dense), got {self.attn_sparsity}"
+            )
         for name in ("comp_weight_config", "comp_cache_config"):
             if not isinstance(getattr(self, name), CompressionConfig):
                 raise FlexevalError(f"policy: {name} must be a CompressionConfig, got {getattr(self, name)!r}")
@@ -142,16 +145,18 @@ def _convert(name: str, value: Any, kind: type) -> Any:
 
 
 def _compression_config(name: str, value: Any) -> CompressionConfig:
-    """A CompressionConfig, a mapping of its fields, or 'bits:group_size:group_dim' (command lines)."""
+    """A CompressionConfig, a mapping of its fields, or 'bits:group_size:group_dim[:fit]' (command lines)."""
     if isinstance(value, CompressionConfig):
         return value
     if isinstance(value, Mapping):
         return CompressionConfig(**value)
     parts = str(value).split(":")
     try:
-        if len(parts) != 3:
+        if len(parts) not in (3, 4):
             raise ValueError
-        bits, size, dim = (int(part) for part in parts)
+        bits, size, dim = (int(part) for part in parts[:3])
     except ValueError:
-        raise FlexevalError(f"policy: {name} takes bits:group_size:group_dim such as 4:64:0, got {value!r}") from None
-    return CompressionConfig(bits, size, dim)
+        raise FlexevalError(
+            f"policy: {name} takes bits:group_size:group_dim[:fit] such as 4:64:0 or 4:128:1:mse, got {value!r}"
+        ) from None
+    return CompressionConfig(bits, size, dim, *parts[3:])

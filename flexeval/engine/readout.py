@@ -93,3 +93,17 @@ class TokenReadout:
 
     def result(self) -> Tensor:
         return self.token if self.sampling.greedy else pick_tokens(self.logits, self.sampling, self.generator)
+
+
+class ForcedReadout:
+    """Decoding along a known continuation: a score readout of each row's given next token,
+    which is also the token fed on."""
+
+    def __init__(self, score: ScoreReadout | StreamedScoreReadout) -> None:
+        self.score = score
+
+    def update(self, logits: Tensor, rows: slice, first_token: int) -> None:
+        self.score.update(logits, rows, first_token)
+
+    def result(self) -> Tensor:
+        return self.score.targets

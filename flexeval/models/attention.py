@@ -56,9 +56,41 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, s
         where = cache.device
         if where != home:
             q, k, v = q.to(where), k.to(where), v.to(where)
+        if step.attn_sparsity < 1 and q.shape[2] == 1:
+            return _sparse(q, k, v, step, cache, scale).transpose(1, 2).flatten(2).to(home)
         k, v = cache.write(step.cache_start, k, v)  # (b, kv_heads, cache_start + s, d)
     out = _unpadded(q, k, v, step, scale) if q.device.type == "cpu" else _padded(q, k, v, step, scale)
     return out.transpose(1, 2).flatten(2).to(home)  # (b, s, h * d)
+
+
+def _sparse(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache, scale: float | None) -> Tensor:
+    """One decoding query per sequence attending to its own key and value and to the values of
+    only the top `attn_sparsity` share of its earlier positions, by attention probability
+    (FlexGen's sparse attention): all keys are read, but only the chosen values. As in FlexGen,
+    the probabilities are those of the full softmax, not renormalised over the kept positions.
+
+    Runs of equally padded sequences are computed together, so that a sequence's result does not
+    depend on its batch."""
+    b, heads, _, d = q.shape
+    kv_heads = k.shape[1]
+    cache.store(step.cache_start, k, v)
+    keys = cache.keys(step.cache_start, k)  # (b, kv_heads, n, d); the last column is this step's
+    n = keys.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    out, start = torch.empty_like(q), 0
+    for pad, run in groupby(step.pads):
+        rows = slice(start, start + len(list(run)))
+        start = rows.stop
+        first = pad if step.window is None else max(pad, n - step.window)  # the first visible column
+        query = q[rows].float().reshape(-1, kv_heads, heads // kv_heads, d)  # (r, kv_heads, group, d)
+        probs = torch.softmax(query @ keys[rows, :, first:].float().transpose(-1, -2) * scale, -1)
+        kept = int(step.attn_sparsity * (n - 1 - first))
+        top, columns = probs[..., :-1].topk(kept, -1)  # (r, kv_heads, group, kept)
+        values = cache.rows(rows.start, rows.stop).values_at(columns.flatten(2) + first).float()
+        values = values.view(*columns.shape, d)  # (r, kv_heads, group, kept, d)
+        mixed = (top.unsqueeze(-2) @ values).squeeze(-2) + probs[..., -1:] * v[rows].float()
+        out[rows] = mixed.reshape(-1, heads, 1, d).to(q.dtype)
+    return out
 
 
 def _padded(q: Tensor, k: Tensor, v: Tensor, step: Step, scale: float | None) -> Tensor:

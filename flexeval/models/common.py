@@ -22,11 +22,13 @@ LayerKind = Literal["embed", "attention", "mlp", "head", "unembed"]
 
 # A layer whose weights are tables indexed by token id gets, beside them, under this key the
 # sorted token ids of the rows it was given: the embedding only needs the rows of the tokens
-# being read, and the unembedding is streamed a slice of the vocabulary at a time.
+# being read, and a streamed unembedding takes a slice of the vocabulary at a time.
 ROWS = "rows"
 # Logits materialised at once by the unembedding: bounds its working memory while keeping each
-# matmul large enough to run at speed.
+# matmul large enough to run at speed; but never fewer rows than LOGITS_CHUNK_ROWS, because each
+# chunk reads the unembedding's weights once (whole vocabulary rows: 256 x 49,152 x 4 B = 50 MB).
 LOGITS_CHUNK_BYTES = 4 * 2**20
+LOGITS_CHUNK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,22 @@ class KVCache:
 
     def write(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values at columns [start, start + s) and return everything up to there."""
+        self.store(start, k, v)
+        end = start + k.shape[2]
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def store(self, start: int, k: Tensor, v: Tensor) -> None:
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def keys(self, start: int, k: Tensor) -> Tensor:
+        """After `store(start, k, v)`: the keys of every column up to its new ones."""
+        return self.k[:, :, : start + k.shape[2]]
+
+    def values_at(self, columns: Tensor) -> Tensor:
+        """(b, kv_heads, m) column indices -> (b, kv_heads, m, head_dim): only those values."""
+        return self.v.gather(2, columns[..., None].expand(-1, -1, -1, self.v.shape[-1]))
 
     def rows(self, start: int, stop: int) -> KVCache:
         """Sequences [start, stop) of the batch: views, so writes land in this cache."""
@@ -93,6 +107,7 @@ class Step:
     readout: Readout  # what becomes of those logits
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin: (b, s, head_dim), for rotary families
     window: int | None = None  # sliding attention window, in columns
+    attn_sparsity: float = 1.0  # decoding: the share of earlier positions whose values each query reads
 
     def rows(self, start: int, stop: int) -> Step:
         """Sequences [start, stop) of the batch, for the layers that read no head rows (attention, MLP)."""
@@ -183,10 +198,11 @@ def unembed(w: Weights, x: Tensor, step: Step, cache: KVCache | None) -> Tensor:
     the slice w[ROWS] when the unembedding streams (`Policy.stream_unembedding`).
 
     The full (n, vocab) logits would not fit in memory at evaluation batch sizes, so they are
-    produced `LOGITS_CHUNK_BYTES` at a time. Returns x unchanged: the next slice needs the same rows.
+    produced a chunk of rows at a time (see `LOGITS_CHUNK_BYTES`). Returns x unchanged: the next
+    slice needs the same rows.
     """
     table, first = w["lm_head"], int(w[ROWS][0]) if ROWS in w else 0
-    rows = max(1, LOGITS_CHUNK_BYTES // (table.shape[0] * 4))
+    rows = max(LOGITS_CHUNK_ROWS, LOGITS_CHUNK_BYTES // (table.shape[0] * 4))
     for i in range(0, x.shape[0], rows):
         chunk = slice(i, min(i + rows, x.shape[0]))
         step.readout.update(F.linear(x[chunk], table).float(), chunk, first)
