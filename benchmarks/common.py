@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from flexeval.data import data_dir
 
-__all__ = ["data_dir", "rss_bytes", "wikitext_pages", "wikitext_tokens"]
+__all__ = [
+    "data_dir",
+    "evaluate_task",
+    "generate_from_disk",
+    "prompt_windows",
+    "rss_bytes",
+    "wikitext_pages",
+    "wikitext_tokens",
+]
 
 WIKITEXT = "wikitext2/wikitext_document_level-2-raw-v1_test.jsonl"
 
@@ -29,6 +41,46 @@ def wikitext_tokens(tokenizer, directory: Path, count: int) -> list[int]:
         if len(tokens) >= count:
             return tokens[:count]
     raise SystemExit(f"WikiText-2 has fewer than {count} tokens")
+
+
+def prompt_windows(tokenizer, directory: Path, count: int, length: int) -> torch.Tensor:
+    """(count, length) prompts: consecutive windows of WikiText-2 text."""
+    return torch.tensor(wikitext_tokens(tokenizer, directory, count * length)).view(count, length)
+
+
+def generate_from_disk(policy, directory: Path, count: int, length: int, new_tokens: int):
+    """SmolLM2 generating exactly `new_tokens` for each prompt window, with a fresh engine whose
+    disk tier lives in a temporary directory: (seconds, generated tokens, the engine's RunStats)."""
+    from flexeval import Engine
+    from flexeval.models import registry
+
+    with tempfile.TemporaryDirectory() as offload:
+        engine = Engine.load(registry.DEFAULT_MODEL, policy=policy, offload_dir=offload)
+        ids = prompt_windows(engine.tokenizer, directory, count, length)
+        start = time.perf_counter()
+        out = engine.generate(list(ids), max_new_tokens=new_tokens, stop_token_ids=[])
+        seconds = time.perf_counter() - start
+        engine.close()
+    assert all(len(o) == new_tokens for o in out)
+    return seconds, out, engine.stats
+
+
+def evaluate_task(model: str, model_args: str, task: str, limit: int | None, **kwargs) -> dict:
+    """lm-eval's `simple_evaluate` on one of this repository's tasks (local data), without
+    bootstrapped standard errors: what the benchmarks compare."""
+    import lm_eval
+
+    from flexeval.data import local_tasks
+
+    return lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=[task],
+        limit=limit,
+        bootstrap_iters=0,
+        task_manager=local_tasks(),
+        **kwargs,
+    )
 
 
 def rss_bytes() -> int:

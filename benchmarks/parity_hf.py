@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-
-import lm_eval
+from pathlib import Path
 
 import flexeval  # noqa: F401 - registers flexgen
-from flexeval.data import local_tasks
 from flexeval.models import registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import evaluate_task  # noqa: E402
 
 ACCEPTANCE = [
     "piqa:1000",
@@ -33,15 +34,7 @@ ACCEPTANCE = [
 
 def run(model: str, model_args: str, task: str, limit: int | None, batch_size: int | None) -> tuple[dict, list, float]:
     start = time.perf_counter()
-    out = lm_eval.simple_evaluate(
-        model=model,
-        model_args=model_args,
-        tasks=[task],
-        limit=limit,
-        batch_size=batch_size,
-        bootstrap_iters=0,
-        task_manager=local_tasks(),
-    )
+    out = evaluate_task(model, model_args, task, limit, batch_size=batch_size)
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     return out["results"][task], samples, time.perf_counter() - start
 

@@ -27,17 +27,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, wikitext_tokens  # noqa: E402
-
-
-def prompts(tokenizer, args) -> torch.Tensor:
-    tokens = wikitext_tokens(tokenizer, args.data_dir, args.prompts * args.prompt_tokens)
-    return torch.tensor(tokens).view(args.prompts, args.prompt_tokens)
+from common import data_dir, generate_from_disk, prompt_windows  # noqa: E402
 
 
 def run_flexeval(args) -> dict:
-    from flexeval import Engine, Policy
-    from flexeval.models import registry
+    from flexeval import Policy
 
     policy = Policy(
         gpu_batch_size=args.gpu_batch_size,
@@ -45,15 +39,7 @@ def run_flexeval(args) -> dict:
         w_gpu_percent=0,
         w_cpu_percent=0,
     )
-    with tempfile.TemporaryDirectory() as offload:
-        engine = Engine.load(registry.DEFAULT_MODEL, policy=policy, offload_dir=offload)
-        ids = prompts(engine.tokenizer, args)
-        start = time.perf_counter()
-        out = engine.generate(list(ids), max_new_tokens=args.new_tokens, stop_token_ids=[])
-        seconds = time.perf_counter() - start
-        stats = engine.stats
-        engine.close()
-    assert all(len(o) == args.new_tokens for o in out)
+    seconds, _, stats = generate_from_disk(policy, args.data_dir, args.prompts, args.prompt_tokens, args.new_tokens)
     return {
         "seconds": seconds,
         "bytes_read": stats.tiers["weights"]["disk"]["bytes_read"],
@@ -82,7 +68,7 @@ def run_accelerate(args) -> dict:
 
         for module in [model.model.embed_tokens, *model.model.layers, model.lm_head]:
             module.register_forward_pre_hook(evict)
-        ids = prompts(tokenizer, args)
+        ids = prompt_windows(tokenizer, args.data_dir, args.prompts, args.prompt_tokens)
         start = time.perf_counter()
         with torch.inference_mode():
             for b in range(0, len(ids), args.batch_size):
