@@ -109,17 +109,23 @@ def _squared_error(groups: Tensor, codes: Tensor, scale: Tensor, minimum: Tensor
     return (values - groups).square_().sum(dim + 1)
 
 
-def dequantize(q: Quantized) -> Tensor:
+def dequantize(q: Quantized, out: Tensor | None = None) -> Tensor:
+    """The tensor again, in its dtype; into `out` (its shape and dtype) when given, so that a
+    caller can reuse memory: fresh pages for a model's worth of weights on every pass cost more
+    than the arithmetic."""
     config, shape = q.config, q.shape
     dim = config.group_dim % len(shape)
     codes = unpack(q.codes, config.num_bits, shape[-1])  # shape
     pad = q.scale.shape[dim] * config.group_size - shape[dim]
     if pad:  # the short last group: any codes do, they are cut off again below
         codes = torch.cat((codes, codes.new_zeros(*shape[:dim], pad, *shape[dim + 1 :])), dim)
-    codes = codes.view(*shape[:dim], q.scale.shape[dim], config.group_size, *shape[dim + 1 :])
+    grouped = (*shape[:dim], q.scale.shape[dim], config.group_size, *shape[dim + 1 :])
+    codes = codes.view(grouped)
     scale, minimum = q.scale.float().unsqueeze(dim + 1), q.minimum.float().unsqueeze(dim + 1)
-    values = torch.addcmul(minimum, codes, scale)  # one pass, codes converted on the fly: 3x faster than three
-    return values.flatten(dim, dim + 1).narrow(dim, 0, shape[dim]).to(q.dtype).contiguous()
+    if out is not None and not pad:  # one pass, codes converted on the fly: 3x faster than three
+        return torch.addcmul(minimum, codes, scale, out=out.view(grouped)).view(shape)
+    values = torch.addcmul(minimum, codes, scale).flatten(dim, dim + 1).narrow(dim, 0, shape[dim]).to(q.dtype)
+    return values.contiguous() if out is None else out.copy_(values)
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:

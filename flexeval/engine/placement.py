@@ -30,21 +30,26 @@ from flexeval.engine.compression import (
     quantized_nbytes,
 )
 from flexeval.engine.policy import Policy
-from flexeval.engine.tiers import Bundle, Fetched, Tier, distribute
+from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute
 from flexeval.models.common import ROWS, KVCache, Layer, Param
 
 
 @dataclass
 class Loaded:
-    """Bundles fetched for one scheduling unit, plus the staging memory to hand back afterwards."""
+    """Bundles fetched for one scheduling unit, plus the staging memory to hand back afterwards:
+    tiers' read buffers, and the pooled buffers that weights were dequantized into."""
 
     bundles: list[Bundle]
     handles: list[tuple[Tier, Fetched]] = field(default_factory=list)
+    pooled: list[tuple[BufferPool, torch.Tensor]] = field(default_factory=list)
 
     def release(self) -> None:
         for tier, fetched in self.handles:
             tier.release(fetched)
+        for pool, buffer in self.pooled:
+            pool.release(buffer)
         self.handles.clear()
+        self.pooled.clear()
 
 
 WeightKey = tuple[int, str]  # (layer index, tensor name)
@@ -117,6 +122,8 @@ class WeightStore:
         self.compression = {
             (j, n): compression(p, policy) for j, layer in enumerate(layers) for n, p in layer.params.items()
         }
+        # dequantized weights go to reused buffers on the CPU (CUDA's caching allocator reuses its own)
+        self.pool = BufferPool(pin=False) if any(self.compression.values()) else None
 
     def put(self, j: int, bundle: Bundle) -> None:
         stored: Bundle = {}
@@ -162,11 +169,21 @@ class WeightStore:
                 if config is None:
                     continue
                 q = Quantized(*(bundle.pop(f"{name}#{p}") for p in PARTS), param.shape, self.dtype, config)
-                bundle[name] = dequantize(q if name not in wanted else table_rows(q, rows))
+                q = q if name not in wanted else table_rows(q, rows)
+                bundle[name] = dequantize(q, self._buffer(q, loaded))
             if wanted:
                 bundle[ROWS] = rows
             loaded.bundles.append(bundle)
         return loaded
+
+    def _buffer(self, q: Quantized, loaded: Loaded) -> torch.Tensor | None:
+        """Memory for a dequantized weight, handed back with the unit, or None for a fresh tensor."""
+        if self.pool is None or q.codes.device.type != "cpu":
+            return None
+        nbytes = torch.Size(q.shape).numel() * q.dtype.itemsize
+        buffer = self.pool.acquire(nbytes)
+        loaded.pooled.append((self.pool, buffer))
+        return buffer[:nbytes].view(q.dtype).view(q.shape)
 
     def _rows(self, j: int, stored: str, rows: torch.Tensor) -> torch.Tensor:
         """The rows of a stored tensor or part that these rows of a token table need."""
