@@ -96,6 +96,15 @@ def test_rows_of_a_table_dequantize_from_their_own_parts(group_dim: int) -> None
     assert torch.equal(dequantize(table_rows(fetched, rows)), dequantize(q)[rows])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(128, 64), (130, 70)])  # whole groups; a short last group
+def test_dequantizing_into_a_given_buffer_computes_the_same(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    q = quantize(torch.randn(shape).to(dtype), CompressionConfig(4, 64, 0))
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    assert dequantize(q, out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, dequantize(q))
+
+
 def test_pack_puts_the_first_code_in_the_low_bits() -> None:
     assert pack(torch.tensor([1, 2], dtype=torch.uint8), 4).tolist() == [0x21]
     assert pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
