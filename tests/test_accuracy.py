@@ -85,14 +85,14 @@ def wrong_axis(param: Param, policy: Policy) -> CompressionConfig | None:
     return replace(config, group_dim=1) if config is not None and config.group_dim == 0 else config
 
 
-def lost_scale(q: Quantized) -> torch.Tensor:
+def lost_scale(q: Quantized, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantization that reads a zero scale: every value becomes its group's minimum."""
-    return dequantize(replace(q, scale=torch.zeros_like(q.scale)))
+    return dequantize(replace(q, scale=torch.zeros_like(q.scale)), out)
 
 
-def swapped_nibbles(q: Quantized) -> torch.Tensor:
+def swapped_nibbles(q: Quantized, out: torch.Tensor | None = None) -> torch.Tensor:
     """Each 4-bit code read from its neighbour's half of the byte."""
-    return dequantize(replace(q, codes=(q.codes << 4) | (q.codes >> 4)))
+    return dequantize(replace(q, codes=(q.codes << 4) | (q.codes >> 4)), out)
 
 
 DEFECTS: dict[str, tuple[str, Callable]] = {
