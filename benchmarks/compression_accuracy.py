@@ -1,8 +1,8 @@
 """Accuracy of compressed SmolLM2-135M against uncompressed, through the same engine (issue 6).
 
 Each configuration runs every task through `lm_eval.simple_evaluate` with the `flexgen` backend
-(fp32, all resident); the table puts each metric, with the stored bits per weight (fp16 scale and
-fp32 minimum per group), next to the uncompressed run and to what a simulation measured
+(fp32, all resident); the table puts each metric, with the stored bits per weight (fp32 scale and
+minimum per group), next to the uncompressed run and to what a simulation measured
 (FlexGen's quantizer applied to the weights inside transformers, lm-eval's `hf` backend), which
 4-bit weights (groups of 64 along the output dimension) should reproduce.
 

@@ -13,7 +13,15 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from flexeval.engine.compression import PARTS, CompressionConfig, Quantized, dequantize, packed_bytes, quantize
+from flexeval.engine.compression import (
+    PARTS,
+    CompressionConfig,
+    Quantized,
+    dequantize,
+    packed_bytes,
+    quantize,
+    scale_dtype,
+)
 
 
 class QuantizedKVCache:
@@ -35,7 +43,7 @@ class QuantizedKVCache:
                 dtype=torch.uint8,
                 device=device,
             )
-            scale = torch.zeros((*shape[:-1], groups), dtype=torch.float16, device=device)
+            scale = torch.zeros((*shape[:-1], groups), dtype=scale_dtype(dtype), device=device)
             return Quantized(codes, scale, torch.zeros(scale.shape, dtype=dtype, device=device), shape, dtype, config)
 
         return cls(one(), one())
