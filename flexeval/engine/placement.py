@@ -37,9 +37,10 @@ from flexeval.models.common import ROWS, KVCache, Layer, Param
 @dataclass
 class Loaded:
     """Bundles fetched for one scheduling unit, plus the staging memory to hand back afterwards:
-    tiers' read buffers, and the pooled buffers that weights were dequantized into."""
+    tiers' read buffers, and the pooled buffers that weights were dequantized into. Quantized
+    weights arrive as `Quantized` until `WeightStore.dequantize`."""
 
-    bundles: list[Bundle]
+    bundles: list[dict[str, torch.Tensor | Quantized]]
     handles: list[tuple[Tier, Fetched]] = field(default_factory=list)
     pooled: list[tuple[BufferPool, torch.Tensor]] = field(default_factory=list)
 
@@ -169,11 +170,21 @@ class WeightStore:
                 if config is None:
                     continue
                 q = Quantized(*(bundle.pop(f"{name}#{p}") for p in PARTS), param.shape, self.dtype, config)
-                q = q if name not in wanted else table_rows(q, rows)
-                bundle[name] = dequantize(q, self._buffer(q, loaded))
+                bundle[name] = q if name not in wanted else table_rows(q, rows)
             if wanted:
                 bundle[ROWS] = rows
             loaded.bundles.append(bundle)
+        return loaded
+
+    def dequantize(self, loaded: Loaded) -> Loaded:
+        """The loaded weights ready to compute with: quantized ones dequantized, on the compute
+        device by the compute thread (FlexGen dequantizes in its compute stream). A loader
+        thread doing it on the CPU would run its own parallel team beside the compute's and
+        oversubscribe the cores (4-bit decoding with weights on disk: 0.35 s a step there)."""
+        for bundle in loaded.bundles:
+            for name, value in bundle.items():
+                if isinstance(value, Quantized):
+                    bundle[name] = dequantize(value, self._buffer(value, loaded))
         return loaded
 
     def _buffer(self, q: Quantized, loaded: Loaded) -> torch.Tensor | None:
