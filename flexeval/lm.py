@@ -80,6 +80,9 @@ class FlexGenLM(TemplateLM):
     `Policy` field may be given by its own name. lm-eval's `batch_size` sets `gpu_batch_size`
     unless that is given (the command line's default of 1 and "auto" leave the policy's own).
     `usage` counts requests, tokens, time and memory for throughput reports.
+    `score_through_cache` scores log-likelihoods through decoding steps against the KV cache
+    (`Engine.decode_score`), one token at a time as generation reads them, instead of one exact
+    pass: what a compressed cache or sparse attention costs a task (slower; off by default).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class FlexGenLM(TemplateLM):
         max_length: int | None = None,
         add_bos_token: bool | None = None,
         seed: int = 0,
+        score_through_cache: bool = False,
         **policy_fields: Any,
     ) -> None:
         super().__init__()
@@ -107,8 +111,11 @@ class FlexGenLM(TemplateLM):
         if unknown:
             raise FlexevalError(
                 f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
-                f"max_length, add_bos_token, seed, and the Policy fields {', '.join(f.name for f in fields(Policy))}"
+                f"max_length, add_bos_token, seed, score_through_cache, "
+                f"and the Policy fields {', '.join(f.name for f in fields(Policy))}"
             )
+        if not isinstance(score_through_cache, bool):
+            raise FlexevalError(f"flexgen: score_through_cache must be true or false, got {score_through_cache!r}")
         if isinstance(policy, Policy):
             self.policy = replace(policy, **policy_fields) if policy_fields else policy
         else:
@@ -125,6 +132,7 @@ class FlexGenLM(TemplateLM):
         self.pretrained = str(pretrained)
         self.add_bos_token = add_bos_token
         self.seed = seed
+        self.score = self.engine.decode_score if score_through_cache else self.engine.score
         self.usage = Usage()
         self._max_length = max_length or self.engine.context_length
         if self._max_length > self.engine.context_length:
@@ -205,9 +213,7 @@ class FlexGenLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
 
         sizes = [len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in packed]
-        self._in_blocks(
-            packed, sizes, self.engine.score, record, "loglikelihood", [len(m) for m in owners], disable_tqdm
-        )
+        self._in_blocks(packed, sizes, self.score, record, "loglikelihood", [len(m) for m in owners], disable_tqdm)
         return results
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
@@ -233,7 +239,7 @@ class FlexGenLM(TemplateLM):
 
         sizes = [len(ctx) + len(conts[0]) - 1 for ctx, conts in windows]
         last = [int(w == len(owner) - 1 or owner[w + 1] != owner[w]) for w in range(len(owner))]  # a document done
-        self._in_blocks(windows, sizes, self.engine.score, record, "loglikelihood_rolling", last, disable_tqdm)
+        self._in_blocks(windows, sizes, self.score, record, "loglikelihood_rolling", last, disable_tqdm)
         return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:

@@ -74,6 +74,17 @@ def test_decoding_along_a_continuation_scores_what_one_pass_does(engine: Engine)
         engine.decode_logprobs(prompts[:1], [[]])
 
 
+def test_scores_through_decoding_steps_are_those_of_one_pass(engine: Engine) -> None:
+    contexts, endings = random_seqs((5, 30), seed=7), random_seqs((1, 9, 4), seed=8)
+    requests = [(contexts[0], endings), (contexts[1], endings[1:])]
+    for decoded, whole in zip(engine.decode_score(requests), engine.score(requests)):
+        assert len(decoded) == len(whole)
+        for d, w in zip(decoded, whole):
+            assert d.logprob == pytest.approx(w.logprob, abs=1e-4) and d.greedy == w.greedy
+    with pytest.raises(FlexevalError, match="decode_score: request 0 is not a"):
+        engine.decode_score([(contexts[0], [])])
+
+
 def test_sparse_attention_costs_little_log_likelihood_when_most_is_kept() -> None:
     prompts, continuations = random_seqs((40, 60), seed=5), random_seqs((30, 30), seed=6)
     dense = torch.cat(Engine.load("tiny-llama-gqa").decode_logprobs(prompts, continuations))

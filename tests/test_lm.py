@@ -101,6 +101,21 @@ def test_shared_contexts_score_as_if_alone() -> None:
     assert together[0][2].logprob == pytest.approx(float(whole.sum()), abs=1e-5)
 
 
+def test_scoring_through_the_cache_gives_what_one_pass_gives() -> None:
+    """`score_through_cache`: each continuation token read by a decoding step against the KV cache;
+    with nothing approximated that is the same math, one query at a time."""
+    g = torch.Generator().manual_seed(1)
+    context = [int(t) for t in torch.randint(0, 250, (23,), generator=g)]
+    token_requests = [
+        (("", ""), context, [int(t) for t in torch.randint(0, 250, (n,), generator=g)]) for n in (1, 4, 7)
+    ] + [(("", ""), context[:5], [9, 8, 7])]
+    one_pass = FlexGenLM(pretrained="tiny-llama-gqa")._loglikelihood_tokens(token_requests)
+    through = FlexGenLM(pretrained="tiny-llama-gqa", score_through_cache=True)
+    assert through.score == through.engine.decode_score
+    for (lp, greedy), (expected, expected_greedy) in zip(through._loglikelihood_tokens(token_requests), one_pass):
+        assert lp == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+
+
 def test_sampled_generation_is_seeded() -> None:
     kwargs = {"until": ["."], "max_gen_toks": 12, "do_sample": True, "temperature": 0.9, "top_p": 0.95}
     requests = [request("generate_until", prompt, kwargs) for prompt in ("Once upon a", "The sea")]
@@ -117,6 +132,8 @@ def test_bad_model_args_are_named() -> None:
         FlexGenLM(pretrained="tiny-llama", w_gpu=10)
     with pytest.raises(FlexevalError, match="unknown preset 'fast'.*disk-offload"):
         FlexGenLM(pretrained="tiny-llama", policy="fast")
+    with pytest.raises(FlexevalError, match="score_through_cache must be true or false, got 'yes'"):
+        FlexGenLM(pretrained="tiny-llama", score_through_cache="yes")
     with pytest.raises(FlexevalError, match="overlap must be a bool"):
         FlexGenLM(pretrained="tiny-llama", overlap="maybe")
     with pytest.raises(FlexevalError, match="compression: unknown preset '2bit'; presets: none, 4bit-weights"):

@@ -17,6 +17,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -311,12 +312,36 @@ class Engine:
         generation computes it: the prompt prefilled, then one decoding step per token against the
         KV cache (compressed, or read sparsely, as the policy says). `logprobs` scores a whole
         sequence in one exact pass; this measures what the cache's approximations cost."""
-        seqs = as_token_lists(prompts, self.model.vocab_size, "decode_logprobs")
-        targets = as_token_lists(continuations, self.model.vocab_size, "decode_logprobs")
+        return [logprob for logprob, _ in self._decode_scored(prompts, continuations, "decode_logprobs")]
+
+    def decode_score(self, requests: Sequence[tuple[TokenSeq, Sequence[TokenSeq]]]) -> list[list[Scored]]:
+        """`score` computed through decoding steps, as `decode_logprobs` is: what a task's
+        log-likelihoods become when every continuation token is read against the KV cache as
+        generation keeps it (the lm-eval backend's `score_through_cache`)."""
+        if not isinstance(requests, Sequence) or not requests:
+            raise FlexevalError("decode_score takes a non-empty list of (context, continuations) pairs")
+        prompts, continuations = [], []
+        for i, request in enumerate(requests):
+            if not (isinstance(request, Sequence) and len(request) == 2 and request[1]):
+                raise FlexevalError(f"decode_score: request {i} is not a (context, [continuation, ...]) pair")
+            prompts += [request[0]] * len(request[1])
+            continuations += list(request[1])
+        scored = iter(self._decode_scored(prompts, continuations, "decode_score"))
+        return [
+            [Scored(float(lp.sum()), bool(greedy.all())) for lp, greedy in islice(scored, len(conts))]
+            for _, conts in requests
+        ]
+
+    def _decode_scored(
+        self, prompts: Sequence[TokenSeq], continuations: Sequence[TokenSeq], what: str
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Each continuation's (log-probability, greedy) per token, through decoding steps."""
+        seqs = as_token_lists(prompts, self.model.vocab_size, what)
+        targets = as_token_lists(continuations, self.model.vocab_size, what)
         if len(targets) != len(seqs):
-            raise FlexevalError(f"decode_logprobs: {len(seqs)} prompts but {len(targets)} continuations")
-        self._check_positions([len(s) + len(c) - 1 for s, c in zip(seqs, targets)], "decode_logprobs")
-        scored: list[tuple[list[int], int, Readout]] = []
+            raise FlexevalError(f"{what}: {len(seqs)} prompts but {len(targets)} continuations")
+        self._check_positions([len(s) + len(c) - 1 for s, c in zip(seqs, targets)], what)
+        scored: list[tuple[list[int], int, ScoreReadout | StreamedScoreReadout]] = []
 
         def readout(mb: list[int], t: int) -> Readout:
             wanted = torch.tensor([int(targets[i][t]) if t < len(targets[i]) else 0 for i in mb], device=self.device)
@@ -326,11 +351,11 @@ class Engine:
 
         budgets = torch.tensor([len(c) for c in targets])
         self._decode(seqs, budgets, torch.zeros(0, dtype=torch.long), None, readout)
-        out = [torch.empty(len(c)) for c in targets]
+        out = [(torch.empty(len(c)), torch.empty(len(c), dtype=torch.bool)) for c in targets]
         for mb, t, score in scored:
-            for i, lp in zip(mb, score.result().cpu().tolist()):
+            for i, lp, greedy in zip(mb, score.result().cpu().tolist(), score.greedy().cpu().tolist()):
                 if t < len(targets[i]):
-                    out[i][t] = lp
+                    out[i][0][t], out[i][1][t] = lp, greedy
         return out
 
     def _decode(
