@@ -98,6 +98,7 @@ class RunConfig:
     data_dir: str | None = None
     seed: int = 0
     bootstrap_iters: int = 1000
+    score_through_cache: bool = False
 
 
 def register() -> None:

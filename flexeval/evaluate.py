@@ -51,6 +51,7 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
         max_length=config.model.max_length,
         add_bos_token=config.model.add_bos_token,
         seed=config.seed,
+        score_through_cache=config.score_through_cache,
     )
     combined: dict[str, Any] = {key: {} for key in PER_TASK} | {"throughput": {}}
     for name, task in tasks.items():

@@ -157,6 +157,25 @@ def test_a_good_configuration_is_checked_into_a_run() -> None:
     assert run.device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_scoring_through_the_cache_reaches_the_backend(monkeypatch, tmp_path: Path) -> None:
+    from flexeval import evaluate as app
+
+    given = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(**kwargs):
+        given.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(app, "FlexGenLM", capture)
+    for overrides, expected in (((), False), (("score_through_cache=true",), True)):
+        with pytest.raises(Stop):
+            app.evaluate(config.check(compose_run("model=tiny-llama", "limit=2", *overrides)), tmp_path)
+        assert given["score_through_cache"] is expected
+
+
 def test_without_local_data_the_builtin_tasks_are_used(monkeypatch, caplog) -> None:
     monkeypatch.setenv("FLEXEVAL_DATA_DIR", "/no/such/dir")
     with pytest.raises(FlexevalError, match=r"^unknown task helm_xsum in lm-eval's built-in tasks \(no local data\)"):
