@@ -269,6 +269,22 @@ def test_a_quantized_cache_generates_the_same_on_every_tier(name: str, attn_spar
     assert results[0] != plain_gen  # the cache was quantized (4 bits change these random models' choices)
 
 
+def test_a_quantized_cache_outlasts_its_shortest_budgets() -> None:
+    """A micro-batch whose sequences are all done still takes its block's decoding steps: its
+    cache must hold them (a quantized cache whose budget was its own failed on the next write)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 250, (int(n),), generator=g) for n in torch.randint(3, 60, (40,), generator=g)]
+    budgets = [int(b) for b in torch.randint(1, 9, (40,), generator=g)]
+    out = {}
+    for shape in ((1, 1), (3, 2)):
+        policy = Policy(gpu_batch_size=shape[0], num_gpu_batches=shape[1], compress_cache=True)
+        out[shape] = Engine.load("tiny-llama-gqa", policy=policy).generate(
+            prompts, max_new_tokens=budgets, stop_token_ids=[]
+        )
+    assert [len(o) for o in out[3, 2]] == budgets
+    assert out[3, 2] == out[1, 1]
+
+
 def test_cache_columns_come_back_as_quantized_and_new_columns_exact() -> None:
     config = CompressionConfig(4, 8, -1)
     cache = QuantizedKVCache.empty((2, 3, 10, 16), torch.float32, torch.device("cpu"), config)

@@ -372,7 +372,8 @@ class Engine:
         results: list[list[int]] = [[] for _ in seqs]
         timing, start = self._begin()
         for block in self._blocks({i: len(s) for i, s in enumerate(seqs) if budgets[i] > 0}):
-            runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device, stopped) for mb in block]
+            most = max(int(budgets[mb].max()) for mb in block)  # steps every micro-batch of the block takes
+            runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device, stopped, most) for mb in block]
             steps = [
                 self._step(r.batch, r.batch.ids, r.positions, None, 0, r.prefill_rows(), readout(mb, 0))
                 for mb, r in zip(block, runs)

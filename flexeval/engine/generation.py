@@ -56,6 +56,8 @@ class Decoding:
 
     Prompts are left-padded, so step t writes cache column `width + t` for every sequence; a
     sequence that has stopped keeps computing (its results are dropped) until the batch ends.
+    So does a micro-batch whose sequences have all stopped, until its block ends: `steps`, the
+    block's most decoding steps, sizes the cache for that.
     """
 
     def __init__(
@@ -65,10 +67,11 @@ class Decoding:
         stops: Tensor,
         device: torch.device,
         stopped: Callable[[list[int]], bool] | None = None,
+        steps: int | None = None,
     ) -> None:
         self.batch = left_pad(prompts, device)
         self.budgets, self.stops, self.stopped = budgets, stops, stopped
-        self.steps = int(budgets.max())
+        self.steps = int(budgets.max()) if steps is None else steps
         self.positions = positions(self.batch.valid)
         self.outputs: list[list[int]] = [[] for _ in prompts]
         self.running = budgets > 0
