@@ -90,9 +90,11 @@ def main() -> int:
         task, _, limit = spec.partition(":")
         for config in args.configs:
             start = time.perf_counter()
-            for metric, value in evaluate(CONFIGS[config], task, int(limit), args.through_cache).items():
+            values = evaluate(CONFIGS[config], task, int(limit), args.through_cache)
+            for metric, value in values.items():
                 measured[config, task, metric] = value
-            print(f"{config:<22}{spec:<22}{time.perf_counter() - start:>6.0f} s", flush=True)
+            shown = "  ".join(f"{metric} {value:.2f}" for metric, value in values.items())
+            print(f"{config:<22}{spec:<22}{time.perf_counter() - start:>6.0f} s  {shown}", flush=True)  # kept if cut
 
     how = "scored through decoding steps (KV cache)" if args.through_cache else "scored in one pass"
     print(f"\nSmolLM2-135M fp32 through flexgen, {how}; acc in points. sim: the issue's transformers simulation")
