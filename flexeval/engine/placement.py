@@ -178,9 +178,8 @@ class WeightStore:
 
     def dequantize(self, loaded: Loaded) -> Loaded:
         """The loaded weights ready to compute with: quantized ones dequantized, on the compute
-        device by the compute thread (FlexGen dequantizes in its compute stream). A loader
-        thread doing it on the CPU would run its own parallel team beside the compute's and
-        oversubscribe the cores (4-bit decoding with weights on disk: 0.35 s a step there)."""
+        device by the compute thread, as FlexGen dequantizes in its compute stream: the I/O
+        threads only move bytes (see `schedule.Executors.make` for why they stay single-threaded)."""
         for bundle in loaded.bundles:
             for name, value in bundle.items():
                 if isinstance(value, Quantized):
