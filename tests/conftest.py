@@ -14,6 +14,20 @@ from flexeval.models import registry, tiny
 TINY_MODELS = tuple(tiny.CONFIGS)
 
 
+def same_results(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether two runs' log-probabilities agree as far as the compute device promises.
+
+    Engines compute on CUDA when it exists. On the CPU a sequence's results are bitwise free of
+    batch shape and placement (MKL's strict mode, attention over real columns); cuBLAS picks its
+    kernels by shape, so on CUDA they agree to float32 rounding only (README, Engine).
+    """
+    if len(a) != len(b):
+        return False
+    if not torch.cuda.is_available():
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+    return all(torch.allclose(x, y, rtol=1e-5, atol=1e-5) for x, y in zip(a, b))
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return registry.resolve(registry.DEFAULT_MODEL)

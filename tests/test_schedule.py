@@ -18,6 +18,7 @@ from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.schedule import Unit, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, distribute
 from flexeval.models import registry
+from tests.conftest import same_results
 
 CPU = torch.device("cpu")
 DISK = dict(w_gpu_percent=0, w_cpu_percent=0)
@@ -62,10 +63,6 @@ def run(name: str, policy: Policy, offload: Path, work: Workload = Workload()) -
         engine.close()
 
 
-def bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize(
     "name", ["tiny-opt", "tiny-llama-gqa", "tiny-mistral", pytest.param(registry.DEFAULT_MODEL, marks=pytest.mark.slow)]
 )
@@ -78,7 +75,7 @@ def test_placement_and_batch_shape_do_not_change_results(name: str, tmp_path: Pa
             policy = Policy(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches, **fields)
             lp, gen = run(name, policy, tmp_path, work)
             assert gen == reference_gen, (gpu_batch_size, num_gpu_batches, label)
-            assert bitwise_equal(lp, reference_lp), (gpu_batch_size, num_gpu_batches, label)
+            assert same_results(lp, reference_lp), (gpu_batch_size, num_gpu_batches, label)
     assert list(tmp_path.iterdir()) == []  # every engine removed its offload files
 
 
@@ -89,7 +86,7 @@ def test_cpu_chunks_of_a_micro_batch_compute_what_the_whole_does(name: str, tmp_
     monkeypatch.setattr(schedule, "CPU_CHUNK_TOKENS", 100)  # a few sequences per chunk, uneven last chunk
     chunked_lp, chunked_gen = run(name, policy, tmp_path)
     assert chunked_gen == whole_gen
-    assert bitwise_equal(chunked_lp, whole_lp)
+    assert same_results(chunked_lp, whole_lp)
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama-gqa"])
@@ -106,7 +103,7 @@ def test_a_streamed_unembedding_agrees_with_the_whole_one(name: str, tmp_path: P
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     for fields in ({}, DISK):
         lp, gen = run(name, Policy(gpu_batch_size=4, num_gpu_batches=8, stream_unembedding=True, **fields), tmp_path)
-        assert gen == reference_gen and bitwise_equal(lp, reference_lp), fields
+        assert gen == reference_gen and same_results(lp, reference_lp), fields
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-mistral"])
@@ -114,7 +111,7 @@ def test_sparse_attention_changes_decoding_but_not_its_independence_of_the_batch
     sparse = dict(attn_sparsity=0.3)
     dense_lp, dense_gen = run(name, Policy(gpu_batch_size=1), tmp_path)
     reference_lp, reference_gen = run(name, Policy(gpu_batch_size=1, **sparse), tmp_path)
-    assert bitwise_equal(reference_lp, dense_lp)  # scoring has no decoding steps
+    assert same_results(reference_lp, dense_lp)  # scoring has no decoding steps
     assert reference_gen != dense_gen
     for shape, fields in [
         ((4, 8), {}),
@@ -129,7 +126,7 @@ def test_smollm2_weights_on_disk_match_resident(smollm2: Engine, tmp_path: Path)
     seqs = [torch.tensor(smollm2.tokenizer(t).input_ids) for t in ("The capital of France is", "One, two, three,")]
     offloaded = Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=2, **DISK), offload_dir=tmp_path)
     resident = Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=2))
-    assert bitwise_equal(offloaded.logprobs(seqs), resident.logprobs(seqs))
+    assert same_results(offloaded.logprobs(seqs), resident.logprobs(seqs))
     assert offloaded.generate(seqs, max_new_tokens=8) == resident.generate(seqs, max_new_tokens=8)
 
 
