@@ -14,10 +14,12 @@ import torch
 from flexeval import Engine, FlexevalError, Policy
 from flexeval.engine import schedule
 from flexeval.engine.compression import CompressionConfig
-from flexeval.engine.placement import weight_bytes_per_tier
+from flexeval.engine.kv_cache import QuantizedKVCache
+from flexeval.engine.placement import BlockState, weight_bytes_per_tier
 from flexeval.engine.schedule import Unit, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, distribute
 from flexeval.models import registry
+from flexeval.models.common import KVCache
 from tests.conftest import same_results
 
 CPU = torch.device("cpu")
@@ -199,6 +201,79 @@ def test_tiers_fetch_only_the_requested_rows(rows: list[int], tmp_path: Path) ->
         tier.evict("x")
 
 
+def test_tiers_overwrite_only_the_rows_given(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    bundle = {"table": torch.randn(500, 64, generator=g), "other": torch.randn(10, generator=g)}
+    index = torch.tensor([3, 4, 5, 200, 499])  # a run of three, two alone
+    new = torch.randn(5, 64, generator=g)
+    expected = bundle["table"].clone()
+    expected[index] = new
+    for tier in (MemoryTier("cpu", CPU, home=CPU), DiskTier(tmp_path, CPU)):
+        tier.put("x", {n: t.clone() for n, t in bundle.items()})
+        tier.write_rows("x", {"table": (index, new)})
+        fetched = tier.get("x")
+        assert torch.equal(fetched.bundle["table"], expected) and torch.equal(fetched.bundle["other"], bundle["other"])
+        assert tier.stats.bytes_written == (0 if tier.in_place else 500 * 64 * 4 + 10 * 4 + new.nbytes)
+        tier.release(fetched)
+        tier.evict("x")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_cache_on_disk_moves_its_new_columns_and_only_the_values_attention_chose(
+    quantized: bool, tmp_path: Path
+) -> None:
+    """Decoding writes back the step's column alone; with `values=False` the values stay on disk
+    and `at` reads the pages of the chosen columns, not the whole cache."""
+    g = torch.Generator().manual_seed(0)
+    config = CompressionConfig(4, 64, -1)
+    policy = Policy(cache_gpu_percent=0, cache_cpu_percent=0)
+    disk = DiskTier(tmp_path, CPU)
+    tiers = [MemoryTier("compute", CPU, home=CPU), MemoryTier("cpu", CPU, home=CPU), disk]
+
+    def restore(parts: dict, stored) -> KVCache | QuantizedKVCache:
+        if quantized:
+            return QuantizedKVCache.from_parts(parts, 64, torch.float32, config, stored)
+        return KVCache(parts["k"], parts["v"], stored)
+
+    state = BlockState(tiers, tiers, policy, micro_batches=1, num_blocks=1, restore_cache=restore)
+    shape = (4, 2, 1024, 64)  # 256-byte rows: 16 columns to a 4 KiB page
+    if quantized:
+        cache = QuantizedKVCache.empty(shape, torch.float32, CPU, config)
+        cache.store(0, torch.randn(4, 2, 1000, 64, generator=g), torch.randn(4, 2, 1000, 64, generator=g))
+    else:
+        cache = KVCache(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    whole = sum(t.nbytes for t in cache.parts().values())
+    state.store_cache(0, 0, cache)
+    assert disk.stats.bytes_written == whole
+
+    step_k, step_v = torch.randn(4, 2, 1, 64, generator=g), torch.randn(4, 2, 1, 64, generator=g)
+    cache.store(1000, step_k, step_v)  # what a decoding step at column 1000 writes
+    fetched, loaded = state.load_cache(0, 0)
+    fetched.store(1000, step_k, step_v)
+    state.store_cache(0, 0, fetched, columns=(1000, 1001))
+    loaded.release()
+    assert disk.stats.bytes_written == whole + whole // 1024  # one column of every part
+
+    sparse, loaded = state.load_cache(0, 0, values=False)
+    assert all(torch.equal(a, b) for n, (a, b) in _parts(sparse, cache) if n.startswith("k"))
+    columns = torch.randint(0, 1001, (4, 2, 30), generator=g)
+    assert torch.equal(sparse.rows(1, 3).values_at(columns[1:3]), cache.rows(1, 3).values_at(columns[1:3]))
+    disk.stats.reset()
+    far_apart = torch.tensor([100, 500, 900]).expand(2, 2, 3)  # >= 56 KiB apart: every row its own read
+    assert torch.equal(sparse.rows(1, 3).values_at(far_apart), cache.rows(1, 3).values_at(far_apart))
+    if quantized:  # 4- to 32-byte rows: reads merge across gaps, but only the sequences asked for
+        assert disk.stats.bytes_read == sum(t[1:3].nbytes for n, t in cache.parts().items() if n.startswith("v"))
+    else:
+        assert disk.stats.bytes_read == 2 * 2 * 3 * 4096  # a page per row
+    loaded.release()
+    state.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _parts(a, b) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    return [(n, (t, b.parts()[n])) for n, t in a.parts().items()]
+
+
 def test_disk_reads_reuse_their_buffers(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, CPU)
     tier.put("small", {"w": torch.ones(1000)})
@@ -220,6 +295,17 @@ def test_disk_bytes_read_per_block_are_one_pass_of_the_disk_weights(tmp_path: Pa
     per_block = engine.stats.tiers["weights"]["disk"]["bytes_read"] / 2
     assert sum(pages[1:]) < per_block <= sum(pages)  # every layer once; of the embedding, the rows in use
     assert engine.stats.prefill_tokens == sum(len(s) - 1 for s in seqs)
+
+
+def test_decoding_writes_a_cache_on_disk_a_column_a_step(tmp_path: Path) -> None:
+    """The prefill stores each cache whole; each later step writes its own column alone."""
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=0)
+    engine = Engine.load("tiny-llama", policy=policy, offload_dir=tmp_path)
+    engine.generate(sequences(8), max_new_tokens=10, stop_token_ids=[])
+    disk, model = engine.stats.tiers["cache"]["disk"], engine.model
+    column = 2 * policy.gpu_batch_size * model.kv_heads * model.head_dim * 4  # keys and values, fp32
+    steps = 9  # the first token comes from the prefill
+    assert disk["bytes_written"] == disk["peak_bytes"] + steps * column * model.num_blocks * policy.num_gpu_batches
 
 
 @pytest.mark.parametrize("fields", [DISK, dict(w_gpu_percent=0, w_cpu_percent=100), {}])

@@ -35,7 +35,7 @@ from flexeval.engine.tiers import DiskTier, MemoryTier, Tier
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
 from flexeval.models.checkpoint import Checkpoint, iter_weights
-from flexeval.models.common import KVCache, Model, Readout, Step
+from flexeval.models.common import KVCache, Model, Readout, Step, StoredValues
 from flexeval.reproducible import check_cpu_gemms
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -414,10 +414,11 @@ class Engine:
         tiers, blocks = self.tiers, self.model.num_blocks
         return BlockState(tiers["act"], tiers["cache"], self.policy, micro_batches, blocks, self._restore_cache)
 
-    def _restore_cache(self, parts: Mapping[str, Tensor]) -> KVCache:
+    def _restore_cache(self, parts: Mapping[str, Tensor], stored: StoredValues | None) -> KVCache:
         if self.policy.compress_cache:
-            return QuantizedKVCache.from_parts(parts, self.model.head_dim, self.dtype, self.policy.comp_cache_config)
-        return KVCache(parts["k"], parts["v"])
+            config = self.policy.comp_cache_config
+            return QuantizedKVCache.from_parts(parts, self.model.head_dim, self.dtype, config, stored)
+        return KVCache(parts["k"], parts["v"], stored)
 
     def _pass(
         self,

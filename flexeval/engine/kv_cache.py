@@ -8,6 +8,7 @@ the earlier columns dequantized, in the model's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -22,13 +23,17 @@ from flexeval.engine.compression import (
     quantize,
     scale_dtype,
 )
+from flexeval.models.common import StoredValues
 
 
 class QuantizedKVCache:
-    """The `KVCache` interface (write, rows, device, parts) over quantized keys and values."""
+    """The `KVCache` interface (write, rows, device, parts) over quantized keys and values.
 
-    def __init__(self, k: Quantized, v: Quantized) -> None:
-        self.k, self.v = k, v
+    With `stored`, the values stay on their tier and `v` holds only the columns written since
+    the cache was fetched (see `KVCache`)."""
+
+    def __init__(self, k: Quantized, v: Quantized, stored: StoredValues | None = None) -> None:
+        self.k, self.v, self.stored = k, v, stored
 
     @classmethod
     def empty(
@@ -50,13 +55,18 @@ class QuantizedKVCache:
 
     @classmethod
     def from_parts(
-        cls, parts: dict[str, Tensor], head_dim: int, dtype: torch.dtype, config: CompressionConfig
+        cls,
+        parts: Mapping[str, Tensor],
+        head_dim: int,
+        dtype: torch.dtype,
+        config: CompressionConfig,
+        stored: StoredValues | None = None,
     ) -> QuantizedKVCache:
         def one(name: str) -> Quantized:
             codes, scale, minimum = (parts[f"{name}#{p}"] for p in PARTS)
             return Quantized(codes, scale, minimum, (*scale.shape[:-1], head_dim), dtype, config)
 
-        return cls(one("k"), one("v"))
+        return cls(one("k"), one("v"), stored)
 
     @property
     def device(self) -> torch.device:
@@ -90,19 +100,17 @@ class QuantizedKVCache:
             return part.gather(2, columns[..., None].expand(-1, -1, -1, part.shape[-1]))
 
         v = self.v
-        return dequantize(
-            replace(
-                v,
-                codes=take(v.codes),
-                scale=take(v.scale),
-                minimum=take(v.minimum),
-                shape=(*columns.shape, v.shape[-1]),
-            )
-        )
+        if self.stored is None:
+            codes, scale, minimum = take(v.codes), take(v.scale), take(v.minimum)
+        else:
+            fetched = self.stored.at(columns)
+            codes, scale, minimum = (fetched[f"v#{p}"] for p in PARTS)
+        return dequantize(replace(v, codes=codes, scale=scale, minimum=minimum, shape=(*columns.shape, v.shape[-1])))
 
     def rows(self, start: int, stop: int) -> QuantizedKVCache:
         """Sequences [start, stop) of the batch: views, so writes land in this cache."""
-        return QuantizedKVCache(_rows(self.k, start, stop), _rows(self.v, start, stop))
+        stored = None if self.stored is None else self.stored.rows(start, stop)
+        return QuantizedKVCache(_rows(self.k, start, stop), _rows(self.v, start, stop), stored)
 
     def parts(self) -> dict[str, Tensor]:
         return {f"{name}#{p}": getattr(q, p) for name, q in (("k", self.k), ("v", self.v)) for p in PARTS}

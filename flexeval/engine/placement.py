@@ -31,7 +31,7 @@ from flexeval.engine.compression import (
 )
 from flexeval.engine.policy import Policy
 from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute
-from flexeval.models.common import ROWS, KVCache, Layer, Param
+from flexeval.models.common import ROWS, KVCache, Layer, Param, StoredValues
 
 
 @dataclass
@@ -210,7 +210,12 @@ class WeightStore:
 
 
 class BlockState:
-    """The hidden states and KV caches of one block's micro-batches between scheduling units."""
+    """The hidden states and KV caches of one block's micro-batches between scheduling units.
+
+    A cache is stored with its parts flattened to rows of their last dimension, one row per
+    (sequence, head, column), so that a tier can read and write single columns: a decoding step
+    writes back only its new columns, and sparse attention fetches only the values it chose.
+    """
 
     def __init__(
         self,
@@ -219,7 +224,7 @@ class BlockState:
         policy: Policy,
         micro_batches: int,
         num_blocks: int,
-        restore_cache: Callable[[Bundle], KVCache],
+        restore_cache: Callable[[Bundle, StoredValues | None], KVCache],
     ) -> None:
         self.act_tiers, self.cache_tiers = act_tiers, cache_tiers
         self.restore_cache = restore_cache  # a cache from the parts it was stored as
@@ -229,6 +234,7 @@ class BlockState:
             (b, k): units[b * micro_batches + k] for b in range(num_blocks) for k in range(micro_batches)
         }
         self._stored: dict[str, Tier] = {}
+        self._cache_parts: dict[str, dict[str, tuple[torch.Size, torch.dtype]]] = {}
 
     @property
     def moves(self) -> bool:
@@ -246,13 +252,29 @@ class BlockState:
     def store_hidden(self, k: int, h: torch.Tensor) -> None:
         self._put(self.act_tiers[self.act_tier[k]], f"act/{k}", {"h": h})
 
-    def load_cache(self, block: int, k: int) -> tuple[KVCache, Loaded]:
-        tier = self.cache_tiers[self.cache_tier[block, k]]
-        fetched = tier.get(f"cache/{block}/{k}")
-        return self.restore_cache(fetched.bundle), Loaded([fetched.bundle], [(tier, fetched)])
+    def load_cache(self, block: int, k: int, values: bool = True) -> tuple[KVCache, Loaded]:
+        """Micro-batch k's cache of a block; without `values` (a sparse decoding step), a tier that
+        copies sends only the keys, and attention fetches the values it chooses."""
+        key = f"cache/{block}/{k}"
+        tier, parts = self.cache_tiers[self.cache_tier[block, k]], self._cache_parts[key]
+        left = set() if values or tier.in_place else {n for n in parts if n.split("#")[0] == "v"}
+        fetched = tier.get(key, names=set(parts) - left if left else None)
+        bundle = {n: t.view(parts[n][0]) for n, t in fetched.bundle.items()}
+        bundle |= {n: torch.empty(parts[n][0], dtype=parts[n][1], device=tier.device) for n in left}
+        stored = TierValues(tier, key, {n: parts[n] for n in sorted(left)}) if left else None
+        return self.restore_cache(bundle, stored), Loaded([fetched.bundle], [(tier, fetched)])
 
-    def store_cache(self, block: int, k: int, cache: KVCache) -> None:
-        self._put(self.cache_tiers[self.cache_tier[block, k]], f"cache/{block}/{k}", cache.parts())
+    def store_cache(self, block: int, k: int, cache: KVCache, columns: tuple[int, int] | None = None) -> None:
+        """Store micro-batch k's cache of a block: whole, or (a decoding step) only its `columns`."""
+        key = f"cache/{block}/{k}"
+        tier, parts = self.cache_tiers[self.cache_tier[block, k]], cache.parts()
+        if columns is None or tier.in_place:
+            self._cache_parts[key] = {n: (t.shape, t.dtype) for n, t in parts.items()}
+            self._put(tier, key, {n: t.flatten(0, -2) for n, t in parts.items()})
+            return
+        b, heads, length = next(iter(parts.values())).shape[:3]
+        index = _cache_rows(b, heads, length, torch.arange(*columns).expand(b, heads, -1))
+        tier.write_rows(key, {n: (index, t[:, :, slice(*columns)].flatten(0, -2)) for n, t in parts.items()})
 
     def _put(self, tier: Tier, key: str, bundle: Bundle) -> None:
         tier.put(key, bundle)
@@ -263,3 +285,42 @@ class BlockState:
         for key, tier in self._stored.items():
             tier.evict(key)
         self._stored.clear()
+        self._cache_parts.clear()
+
+
+@dataclass(frozen=True)
+class TierValues:
+    """A cache's value parts left on their tier (`StoredValues`), for sequences `first`... of the
+    micro-batch stored under `key`."""
+
+    tier: Tier
+    key: str
+    parts: dict[str, tuple[torch.Size, torch.dtype]]  # name -> (b, kv_heads, max_len, last), dtype
+    first: int = 0
+
+    def rows(self, start: int, stop: int) -> TierValues:
+        return replace(self, first=self.first + start)
+
+    def at(self, columns: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, heads, m = columns.shape
+        if m == 0:
+            device = self.tier.device
+            return {
+                n: torch.empty((b, heads, 0, shape[-1]), dtype=dt, device=device)
+                for n, (shape, dt) in self.parts.items()
+            }
+        length = next(iter(self.parts.values()))[0][2]
+        index = _cache_rows(b, heads, length, columns.cpu(), self.first)
+        wanted, inverse = torch.unique(index, return_inverse=True)  # query heads sharing a kv head overlap
+        fetched = self.tier.get(self.key, rows=dict.fromkeys(self.parts, wanted), names=set(self.parts))
+        try:
+            inverse = inverse.to(self.tier.device)
+            return {n: t[inverse].view(b, heads, m, -1) for n, t in fetched.bundle.items()}
+        finally:
+            self.tier.release(fetched)
+
+
+def _cache_rows(b: int, heads: int, length: int, columns: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Stored row indices of (b, heads, m) cache columns of sequences first... (see `BlockState`)."""
+    sequences = torch.arange(first, first + b)[:, None, None]
+    return ((sequences * heads + torch.arange(heads)[None, :, None]) * length + columns).flatten()

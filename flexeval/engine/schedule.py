@@ -155,15 +155,16 @@ def run_pass(
         caches, handles = {}, [loaded]
         if cache_mode == "stored":
             for block in (layers[j].block for j in plan[u].layers if layers[j].block is not None):
-                caches[block], handle = state.load_cache(block, k)
+                caches[block], handle = state.load_cache(block, k, values=not steps[k].sparse)
                 handles.append(handle)
         return h, caches, handles
 
     def store(u: int, k: int, h: Tensor, changed: bool, caches: dict[int, KVCache], handles: list[Loaded]) -> None:
         if u < last and changed:
             state.store_hidden(k, h)
+        columns = (steps[k].cache_start, steps[k].cache_start + steps[k].ids.shape[1])
         for block, cache in caches.items():
-            state.store_cache(block, k, cache)
+            state.store_cache(block, k, cache, columns if cache_mode == "stored" else None)
         for handle in handles:
             handle.release()
 

@@ -1,11 +1,12 @@
 """The three places a tensor can live — the compute device, CPU RAM, disk — behind one interface.
 
 Every tier stores *bundles* (a dict of named tensors: one layer's weights, one micro-batch's KV
-cache or hidden state) under a key, with the same `put` / `get` / `release` / `evict`; `get`
-always answers with tensors on the compute device, so the schedule asks for "layer j's weights"
-and never branches on where they are. `get` can also fetch only some rows of a tensor (the
-embedding rows of the tokens at hand, a slice of the vocabulary). All movement goes through
-`to_device`.
+cache or hidden state) under a key, with the same `put` / `get` / `write_rows` / `release` /
+`evict`; `get` always answers with tensors on the compute device, so the schedule asks for
+"layer j's weights" and never branches on where they are. `get` can also fetch only some rows of
+a tensor (the embedding rows of the tokens at hand, a slice of the vocabulary, the cache values
+sparse attention chose), and `write_rows` overwrites some (a decoding step's cache column). All
+movement goes through `to_device`.
 
 On a machine without CUDA the compute device *is* CPU RAM: the compute and CPU tiers then hold
 tensors in place and `get` costs nothing; only the disk tier moves bytes. On CUDA each tier copies
@@ -30,6 +31,7 @@ from flexeval.errors import FlexevalError
 
 Bundle = dict[str, Tensor]
 Rows = Mapping[str, Tensor]  # tensor name -> sorted, distinct indices of the rows to fetch
+RowWrites = Mapping[str, tuple[Tensor, Tensor]]  # tensor name -> (sorted, distinct row indices, their new rows)
 ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffer addresses aligned to the logical block size
 # Tensors sit this close in a layer's file (any dtype's alignment, a cache line); a read of one
 # of them covers the aligned blocks around it. Small tensors (quantization scales) waste no blocks.
@@ -153,6 +155,15 @@ class Tier(ABC):
         self.stats.count(written=size if copied else 0, held=held, seconds=time.perf_counter() - start)
         self._sizes[key] = size
 
+    def write_rows(self, key: str, rows: RowWrites) -> None:
+        """Overwrite some rows of a stored bundle's tensors: a decoding step's new KV cache columns,
+        without sending back the columns that did not change."""
+        start = time.perf_counter()
+        with self._copying(after_compute=True):
+            self._write_rows(key, rows)
+        written = 0 if self.in_place else sum(new.nbytes for _, new in rows.values())
+        self.stats.count(written=written, seconds=time.perf_counter() - start)
+
     def get(self, key: str, rows: Rows | None = None, names: Set[str] | None = None) -> Fetched:
         """The bundle stored under key (only its tensors in `names`, when given), with `rows` only
         those rows of the tensors it names."""
@@ -198,6 +209,9 @@ class Tier(ABC):
     def _get(self, key: str, rows: Rows, names: Set[str] | None) -> Fetched: ...
 
     @abstractmethod
+    def _write_rows(self, key: str, rows: RowWrites) -> None: ...
+
+    @abstractmethod
     def _evict(self, key: str) -> None: ...
 
 
@@ -230,6 +244,11 @@ class MemoryTier(Tier):
         if self.home == self.device:
             return Fetched(bundle, read=0)
         return Fetched(to_device(bundle, self.device), read=nbytes(bundle))
+
+    def _write_rows(self, key: str, rows: RowWrites) -> None:
+        stored = self._data[key]
+        for name, (index, new) in rows.items():
+            stored[name].index_copy_(0, index.to(self.home), new.to(self.home))
 
     def _evict(self, key: str) -> None:
         del self._data[key]
@@ -381,6 +400,26 @@ class DiskTier(Tier):
                 self.pool.release(buffer)
             fetched.bundle[e.name] = table
         return fetched
+
+    def _write_rows(self, key: str, rows: RowWrites) -> None:
+        entries = {e.name: e for e in self._layout[key][0]}
+        path = self._path(key)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for name, (index, new) in rows.items():
+                entry, data = entries[name], new.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+                row_bytes, index = _row_bytes(entries[name]), index.tolist()
+                first = 0
+                for i in range(1, len(index) + 1):  # one write per run of consecutive rows
+                    if i == len(index) or index[i] != index[i - 1] + 1:
+                        chunk = data[first:i].reshape(-1)
+                        if os.pwrite(fd, chunk, entry.offset + index[first] * row_bytes) != chunk.nbytes:
+                            raise OSError(f"short write to {path}")
+                        first = i
+        except OSError as err:
+            raise FlexevalError(f"cannot write {path} in the offload directory: {err.strerror or err}") from err
+        finally:
+            os.close(fd)
 
     def release(self, fetched: Fetched) -> None:
         for buffer in fetched.buffers:

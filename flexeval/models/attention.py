@@ -56,7 +56,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, s
         where = cache.device
         if where != home:
             q, k, v = q.to(where), k.to(where), v.to(where)
-        if step.attn_sparsity < 1 and q.shape[2] == 1:
+        if step.sparse:
             return _sparse(q, k, v, step, cache, scale).transpose(1, 2).flatten(2).to(home)
         k, v = cache.write(step.cache_start, k, v)  # (b, kv_heads, cache_start + s, d)
     out = _unpadded(q, k, v, step, scale) if q.device.type == "cpu" else _padded(q, k, v, step, scale)

@@ -46,12 +46,24 @@ class Param:
         return torch.Size(self.shape).numel() * dtype.itemsize
 
 
+class StoredValues(Protocol):
+    """A cache's values left where the cache lives, on a tier that copies (disk; CPU RAM under
+    CUDA): sparse attention fetches only the columns it chose."""
+
+    def rows(self, start: int, stop: int) -> StoredValues:
+        """The values of sequences [start, stop) of the batch."""
+
+    def at(self, columns: Tensor) -> dict[str, Tensor]:
+        """(b, kv_heads, m) column indices -> each stored value part at them, (b, kv_heads, m, last)."""
+
+
 @dataclass
 class KVCache:
     """The keys and values of one attention layer for a padded batch; columns are time steps."""
 
     k: Tensor  # (b, kv_heads, max_len, head_dim)
-    v: Tensor  # (b, kv_heads, max_len, head_dim)
+    v: Tensor  # (b, kv_heads, max_len, head_dim); when `stored` is set, only the columns written since the fetch
+    stored: StoredValues | None = None
 
     @property
     def device(self) -> torch.device:
@@ -74,11 +86,14 @@ class KVCache:
 
     def values_at(self, columns: Tensor) -> Tensor:
         """(b, kv_heads, m) column indices -> (b, kv_heads, m, head_dim): only those values."""
+        if self.stored is not None:
+            return self.stored.at(columns)["v"]
         return self.v.gather(2, columns[..., None].expand(-1, -1, -1, self.v.shape[-1]))
 
     def rows(self, start: int, stop: int) -> KVCache:
         """Sequences [start, stop) of the batch: views, so writes land in this cache."""
-        return KVCache(self.k[start:stop], self.v[start:stop])
+        stored = None if self.stored is None else self.stored.rows(start, stop)
+        return KVCache(self.k[start:stop], self.v[start:stop], stored)
 
     def parts(self) -> dict[str, Tensor]:
         """The tensors that hold it, for storing it on a tier."""
@@ -108,6 +123,12 @@ class Step:
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin: (b, s, head_dim), for rotary families
     window: int | None = None  # sliding attention window, in columns
     attn_sparsity: float = 1.0  # decoding: the share of earlier positions whose values each query reads
+
+    @property
+    def sparse(self) -> bool:
+        """Whether attention reads only some cached values: decoding steps (one query per
+        sequence) under `attn_sparsity` < 1."""
+        return self.attn_sparsity < 1 and self.ids.shape[1] == 1
 
     def rows(self, start: int, stop: int) -> Step:
         """Sequences [start, stop) of the batch, for the layers that read no head rows (attention, MLP)."""
