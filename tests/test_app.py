@@ -103,7 +103,10 @@ def compose_run(*overrides: str):
         (["task=no_such_task"], "unknown task 'no_such_task': choose one of arc_easy, boolq, commonsense,"),
         (["model=gpt-5"], "unknown model 'gpt-5': choose one of llama-2-7b,"),
         (["policy=fast"], "unknown policy 'fast': choose one of all-resident, cpu-offload, disk-offload"),
-        (["compression=2bit"], "unknown compression '2bit': choose one of 4bit, 4bit-cache, 4bit-weights, 8bit, "),
+        (
+            ["compression=2bit"],
+            "unknown compression '2bit': choose one of 4bit, 4bit-cache, 4bit-weights, 4bit-weights-input, 8bit, ",
+        ),
         (["-m", "policy=all-resident,cpu-offlaod"], "unknown policy 'cpu-offlaod'"),
     ],
 )

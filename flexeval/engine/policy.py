@@ -105,6 +105,7 @@ COMPRESSION_FIELDS = ("compress_weight", "comp_weight_config", "compress_cache",
 COMPRESSIONS: dict[str, dict[str, Any]] = {
     "none": {},
     "4bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 0)),
+    "4bit-weights-input": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1)),
     "8bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(8, 64, 0)),
     "4bit-cache": dict(compress_cache=True, comp_cache_config=CompressionConfig(4, 64, -1)),
     "4bit": dict(
