@@ -268,9 +268,11 @@ class BlockState:
         """Store micro-batch k's cache of a block: whole, or (a decoding step) only its `columns`."""
         key = f"cache/{block}/{k}"
         tier, parts = self.cache_tiers[self.cache_tier[block, k]], cache.parts()
-        if columns is None or tier.in_place:
+        if columns is None:
             self._cache_parts[key] = {n: (t.shape, t.dtype) for n, t in parts.items()}
             self._put(tier, key, {n: t.flatten(0, -2) for n, t in parts.items()})
+            return
+        if tier.in_place:  # the step wrote into the stored tensors themselves
             return
         b, heads, length = next(iter(parts.values())).shape[:3]
         index = _cache_rows(b, heads, length, torch.arange(*columns).expand(b, heads, -1))

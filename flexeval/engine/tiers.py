@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -331,9 +332,7 @@ class DiskTier(Tier):
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if self.durable else 0), 0o600)
         try:
             for entry, tensor in zip(entries, bundle.values()):
-                data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-                if os.pwrite(fd, data, entry.offset) != data.nbytes:
-                    raise OSError(f"short write to {target}")
+                _pwrite(fd, target, tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy(), entry.offset)
             os.ftruncate(fd, offset)
             if self.durable:
                 os.fdatasync(fd)
@@ -415,13 +414,10 @@ class DiskTier(Tier):
         try:
             for name, (index, new) in rows.items():
                 entry, data = entries[name], new.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-                row_bytes, index = _row_bytes(entries[name]), index.tolist()
-                first = 0
+                index, first = index.tolist(), 0
                 for i in range(1, len(index) + 1):  # one write per run of consecutive rows
                     if i == len(index) or index[i] != index[i - 1] + 1:
-                        chunk = data[first:i].reshape(-1)
-                        if os.pwrite(fd, chunk, entry.offset + index[first] * row_bytes) != chunk.nbytes:
-                            raise OSError(f"short write to {path}")
+                        _pwrite(fd, path, data[first:i].reshape(-1), entry.offset + index[first] * _row_bytes(entry))
                         first = i
         except OSError as err:
             raise FlexevalError(f"cannot write {path} in the offload directory: {err.strerror or err}") from err
@@ -476,6 +472,11 @@ def _row_ranges(entry: _Entry, rows: list[int]) -> list[tuple[int, int, int, int
         else:
             ranges.append((lo, hi, i, 1))
     return ranges
+
+
+def _pwrite(fd: int, path: Path, data: np.ndarray, offset: int) -> None:
+    if os.pwrite(fd, data, offset) != data.nbytes:
+        raise OSError(f"short write to {path}")
 
 
 def _pread(fd: int, path: Path, into: Tensor, offset: int) -> None:
