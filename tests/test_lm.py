@@ -145,7 +145,7 @@ def test_bad_model_args_are_named() -> None:
 def test_compression_presets_and_fields_in_model_args() -> None:
     assert not FlexGenLM(pretrained="tiny-llama", compression=None).policy.compress_weight  # lm-eval's "none"
     lm = FlexGenLM(pretrained="tiny-llama", compression="8bit-weights", w_gpu_percent=0, w_cpu_percent=100)
-    assert lm.policy.compress_weight and lm.policy.comp_weight_config == CompressionConfig(8, 64, 0)
+    assert lm.policy.compress_weight and lm.policy.comp_weight_config == CompressionConfig(8, 64, 1)
     lm = FlexGenLM(pretrained="tiny-llama", compression="4bit-weights", comp_weight_config="3:32:1")
     assert lm.policy.comp_weight_config == CompressionConfig(3, 32, 1)
 

@@ -106,7 +106,7 @@ COMPRESSIONS: dict[str, dict[str, Any]] = {
     "none": {},
     "4bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 0)),
     "4bit-weights-input": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1)),
-    "8bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(8, 64, 0)),
+    "8bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(8, 64, 1)),
     "4bit-cache": dict(compress_cache=True, comp_cache_config=CompressionConfig(4, 64, -1)),
     "4bit": dict(
         compress_weight=True,
@@ -116,7 +116,7 @@ COMPRESSIONS: dict[str, dict[str, Any]] = {
     ),
     "8bit": dict(
         compress_weight=True,
-        comp_weight_config=CompressionConfig(8, 64, 0),
+        comp_weight_config=CompressionConfig(8, 64, 1),
         compress_cache=True,
         comp_cache_config=CompressionConfig(8, 64, -1),
     ),
