@@ -37,6 +37,7 @@ CONFIGS = {  # label -> model_args
     "8bit": "compression=8bit",
     "4bit-cache": "compression=4bit-cache",
     "4bit-weights-input": "compression=4bit-weights-input",
+    "4bit-weights-gptq": "compression=4bit-weights-gptq",
     "4bit-g128-input": "compression=4bit-weights,comp_weight_config=4:128:1",
     "4bit-mse": "compression=4bit-weights,comp_weight_config=4:64:0:mse",
     "4bit-g64-input-mse": "compression=4bit-weights,comp_weight_config=4:64:1:mse",

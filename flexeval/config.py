@@ -11,7 +11,7 @@ and the tasks are there.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from omegaconf import MISSING
 from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, local_tasks
 from flexeval.engine.compression import CompressionConfig as Quantization
 from flexeval.engine.engine import resolve_device, resolve_dtype
+from flexeval.engine.gptq import Calibration
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
 from flexeval.errors import FlexevalError
@@ -68,6 +69,12 @@ CompressionConfig = make_dataclass(
     ],
 )
 
+# The text a GPTQ fit of the weights is fitted to (`engine.gptq.Calibration`); a relative path is
+# under the data directory.
+CalibrationConfig = make_dataclass(
+    "CalibrationConfig", [(f.name, f.type, field(default=f.default)) for f in fields(Calibration)]
+)
+
 
 @dataclass
 class TaskConfig:
@@ -94,6 +101,7 @@ class RunConfig:
     compression: CompressionConfig = MISSING
     task: TaskConfig = MISSING
     hardware: HardwareConfig = MISSING
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     limit: int | None = None
     data_dir: str | None = None
     seed: int = 0
@@ -115,6 +123,7 @@ class Run:
     tasks: tuple[str, ...]
     data_dir: Path | None  # None: lm-eval's built-in tasks with their hub datasets
     device: str
+    calibration: Calibration | None = None  # when the weights take a GPTQ fit
 
 
 def choices(group: str) -> list[str]:
@@ -162,9 +171,24 @@ def check(config: Any) -> Run:
     policy = Policy.from_dict(placement | {name: config.compression[name] for name in COMPRESSION_FIELDS})
     _check_hardware(config, policy, dtype)
     root = _data_dir(config.data_dir)
+    calibration = _calibration(config, policy, root)
     tasks = tuple(config.task.tasks)
     _check_tasks(tasks, root)
-    return Run(config=config, policy=policy, tasks=tasks, data_dir=root, device=str(device))
+    return Run(config=config, policy=policy, tasks=tasks, data_dir=root, device=str(device), calibration=calibration)
+
+
+def _calibration(config: Any, policy: Policy, root: Path | None) -> Calibration | None:
+    if not (policy.compress_weight and policy.comp_weight_config.fit == "gptq"):
+        return None
+    calibration = Calibration(**config.calibration)
+    path = Path(calibration.path).expanduser()
+    if not path.is_absolute():
+        if root is None:
+            raise FlexevalError(f"calibration.path {path} is relative but there is no data directory: give a full path")
+        calibration = replace(calibration, path=str(root / path))
+    if not calibration.file.is_file():
+        raise FlexevalError(f"calibration.path {calibration.file} does not exist: the gptq fit needs text to fit to")
+    return calibration
 
 
 def _data_dir(given: str | None) -> Path | None:

@@ -52,6 +52,7 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
         add_bos_token=config.model.add_bos_token,
         seed=config.seed,
         score_through_cache=config.score_through_cache,
+        calibration=run.calibration,
     )
     combined: dict[str, Any] = {key: {} for key in PER_TASK} | {"throughput": {}}
     for name, task in tasks.items():

@@ -35,6 +35,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from flexeval.engine.engine import Engine, RunStats
+from flexeval.engine.gptq import Calibration
 from flexeval.engine.policy import Policy, compression_fields
 from flexeval.errors import FlexevalError
 from flexeval.models.registry import DEFAULT_MODEL
@@ -83,6 +84,8 @@ class FlexGenLM(TemplateLM):
     `score_through_cache` scores log-likelihoods through decoding steps against the KV cache
     (`Engine.decode_score`), one token at a time as generation reads them, instead of one exact
     pass: what a compressed cache or sparse attention costs a task (slower; off by default).
+    `calibration` ('path[:field[:sequences[:length]]]') is the text a GPTQ fit of the weights
+    (`comp_weight_config=4:64:1:gptq`, preset `4bit-weights-gptq`) is fitted to.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class FlexGenLM(TemplateLM):
         add_bos_token: bool | None = None,
         seed: int = 0,
         score_through_cache: bool = False,
+        calibration: str | Calibration | None = None,
         **policy_fields: Any,
     ) -> None:
         super().__init__()
@@ -111,7 +115,7 @@ class FlexGenLM(TemplateLM):
         if unknown:
             raise FlexevalError(
                 f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
-                f"max_length, add_bos_token, seed, score_through_cache, "
+                f"max_length, add_bos_token, seed, score_through_cache, calibration, "
                 f"and the Policy fields {', '.join(f.name for f in fields(Policy))}"
             )
         if not isinstance(score_through_cache, bool):
@@ -127,6 +131,7 @@ class FlexGenLM(TemplateLM):
             device=_device(device, self._world_size),
             policy=self.policy,
             offload_dir=offload_dir,
+            calibration=None if calibration is None else Calibration.parse(calibration),
         )
         self.tokenizer = self.engine.tokenizer
         self.pretrained = str(pretrained)

@@ -105,7 +105,8 @@ def compose_run(*overrides: str):
         (["policy=fast"], "unknown policy 'fast': choose one of all-resident, cpu-offload, disk-offload"),
         (
             ["compression=2bit"],
-            "unknown compression '2bit': choose one of 4bit, 4bit-cache, 4bit-weights, 4bit-weights-input, 8bit, ",
+            "unknown compression '2bit': choose one of 4bit, 4bit-cache, 4bit-weights, 4bit-weights-gptq, "
+            "4bit-weights-input, 8bit, ",
         ),
         (["-m", "policy=all-resident,cpu-offlaod"], "unknown policy 'cpu-offlaod'"),
     ],
@@ -129,6 +130,11 @@ def test_unknown_group_options_are_named_with_the_choices(overrides: list[str], 
         (["task.tasks=[piqa,no_such_task]"], "unknown task no_such_task in the task definitions"),
         (["hardware.gpu_mem_gb=-1"], "hardware.gpu_mem_gb must be positive"),
         (["hardware.offload_dir=/no/such/dir"], "hardware.offload_dir /no/such/dir does not exist"),
+        (
+            ["compression=4bit-weights-gptq", "calibration.path=/no/such.jsonl"],
+            "calibration.path /no/such.jsonl does not exist: the gptq fit needs text to fit to",
+        ),
+        (["compression=4bit-weights-gptq", "calibration.length=0"], "calibration: length must be a positive integer"),
         (
             ["model=tiny-llama", "hardware.gpu_mem_gb=0.0001"],
             "policy all-resident puts 0.000429 GB of weights on the compute tier but hardware.gpu_mem_gb=0.0001: "
@@ -158,6 +164,13 @@ def test_a_good_configuration_is_checked_into_a_run() -> None:
     assert run.policy == Policy.from_dict({"gpu_batch_size": 4}, preset="disk-offload")
     assert run.tasks == ("hellaswag",) and run.data_dir is not None
     assert run.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert run.calibration is None  # no gptq fit, no calibration text to check
+
+
+def test_a_gptq_fit_finds_its_calibration_text_under_the_data_directory() -> None:
+    run = config.check(compose_run("model=tiny-llama", "compression=4bit-weights-gptq", "calibration.sequences=8"))
+    assert run.calibration.file == run.data_dir / "helm_xsum/xsum_test_1000.jsonl"
+    assert run.calibration.file.is_file() and run.calibration.sequences == 8
 
 
 def test_scoring_through_the_cache_reaches_the_backend(monkeypatch, tmp_path: Path) -> None:

@@ -181,7 +181,7 @@ def test_footprint_of_4_bit_groups_of_64(dtype: torch.dtype, ratio: float) -> No
         (dict(group_size=0), "group_size must be a positive integer"),
         (dict(group_size=2.5), "group_size must be a positive integer"),
         (dict(group_dim="0"), "group_dim must be an integer"),
-        (dict(fit="gptq"), "fit must be one of ('minmax', 'mse')"),
+        (dict(fit="awq"), "fit must be one of ('minmax', 'mse', 'gptq')"),
     ],
 )
 def test_bad_configurations_are_refused(fields: dict, message: str) -> None:

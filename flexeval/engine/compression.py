@@ -26,7 +26,7 @@ from torch import Tensor
 from flexeval.errors import FlexevalError
 
 BITS = (2, 3, 4, 8)
-FITS = ("minmax", "mse")
+FITS = ("minmax", "mse", "gptq")
 HALF = torch.float16
 DEQUANTIZE_VALUES = 2**20  # values that `dequantize` unpacks at a time
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 21).tolist()  # the ranges that the "mse" fit tries, as shares of min-max
@@ -40,7 +40,9 @@ class CompressionConfig:
     # "minmax": each group's grid spans its values, every value within half a step (FlexGen's);
     # "mse": of the grids spanning the min-max range shrunk toward zero by each of CLIP_RATIOS,
     # each group takes the one with the least squared error: outliers are clipped, the rest
-    # get finer steps
+    # get finer steps; "gptq": weight matrices' codes fitted to the model's inputs on min-max
+    # grids stored in 16 bits (see `engine.gptq`; anything it does not fit is min-max rounded
+    # on such grids)
     fit: str = "minmax"
 
     def __post_init__(self) -> None:
@@ -66,8 +68,8 @@ class Quantized:
     """A tensor as packed codes plus per-group scale and minimum; its shape and dtype."""
 
     codes: Tensor  # uint8, densely packed
-    scale: Tensor  # `scale_dtype(dtype)`, (..., groups) over the other dimensions
-    minimum: Tensor  # the tensor's dtype, like scale
+    scale: Tensor  # `grid_dtypes(dtype, config)[0]`, (..., groups) over the other dimensions
+    minimum: Tensor  # `grid_dtypes(dtype, config)[1]`, like scale
     shape: tuple[int, ...]
     dtype: torch.dtype
     config: CompressionConfig
@@ -96,6 +98,12 @@ def quantize(x: Tensor, config: CompressionConfig) -> Quantized:
             scale, minimum = torch.where(better, candidate[0], scale), torch.where(better, candidate[1], minimum)
             codes = torch.where(better.unsqueeze(dim + 1), candidate_codes, codes)
             error = torch.minimum(error, candidate_error)
+    if config.fit == "gptq":
+        scale_as, minimum_as = grid_dtypes(x.dtype, config)
+        scale, minimum = scale.to(scale_as), minimum.to(minimum_as)
+        if not (torch.isfinite(scale).all() and torch.isfinite(minimum).all()):
+            raise FlexevalError("compression: values beyond fp16's range; the gptq fit stores 16-bit grids: use minmax")
+        codes = _codes(groups, scale, minimum, dim, config.levels)
     codes = codes.to(torch.uint8).flatten(dim, dim + 1).narrow(dim, 0, x.shape[dim])
     return Quantized(pack(codes, config.num_bits), scale, minimum, tuple(x.shape), x.dtype, config)
 
@@ -176,12 +184,21 @@ def quantized_nbytes(shape: tuple[int, ...], dtype: torch.dtype, config: Compres
     dim = config.group_dim % len(shape)
     groups = torch.Size(shape).numel() // shape[dim] * -(-shape[dim] // config.group_size)
     codes = torch.Size(shape[:-1]).numel() * packed_bytes(shape[-1], config.num_bits)
-    return codes + groups * (scale_dtype(dtype).itemsize + dtype.itemsize)
+    return codes + groups * sum(t.itemsize for t in grid_dtypes(dtype, config))
 
 
 def scale_dtype(dtype: torch.dtype) -> torch.dtype:
     """What a tensor of this dtype stores its groups' scales in."""
     return torch.float32 if dtype == torch.float32 else HALF
+
+
+def grid_dtypes(dtype: torch.dtype, config: CompressionConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(scale, minimum) dtypes of a tensor's groups. The "gptq" fit keeps both in 16 bits in
+    every model (4.5 bits a weight at groups of 64): it chooses codes on the stored grid, so a
+    rounded grid costs nothing its fit does not absorb, and it has no exact arithmetic to match."""
+    if config.fit == "gptq":
+        return HALF, HALF if dtype == torch.float32 else dtype
+    return scale_dtype(dtype), dtype
 
 
 def packed_bytes(n: int, bits: int) -> int:

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists, left_pad, pack, packed_mask
 from flexeval.engine.generation import Decoding, Sampling
+from flexeval.engine.gptq import Calibration, FittedWeights
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
@@ -179,8 +180,10 @@ class Engine:
         cache_dir: str | Path | None = None,
         policy: Policy | None = None,
         offload_dir: str | Path | None = None,
+        calibration: Calibration | None = None,
     ) -> Engine:
         """Load a model spec (a registered name, a checkpoint directory or a hub id) under a policy.
+        `calibration` is the text that a GPTQ fit of the weights (`fit="gptq"`) is fitted to.
 
         Everything that can be wrong with the request is checked before weights are read.
         """
@@ -195,6 +198,18 @@ class Engine:
         layers = iter_weights(model, Checkpoint(directory), dtype)  # checks names and shapes, then builds
         uses_disk = any(policy.split(kind)[2] > 0 for kind in ("w", "cache", "act"))
         on_disk = weight_bytes_per_tier(model.layers, policy, dtype)[2]
+        fitted = None
+        if policy.compress_weight and policy.comp_weight_config.fit == "gptq":
+            fitted = FittedWeights(
+                model,
+                directory,
+                policy.comp_weight_config,
+                dtype,
+                device,
+                calibration or Calibration(),
+                tokenizer,
+                registry.cache_root(cache_dir),
+            )
         workdir = _prepare_offload_dir(offload_dir, on_disk) if uses_disk else None
         try:
             tiers = {
@@ -202,7 +217,9 @@ class Engine:
             }
             store = WeightStore(model.layers, tiers["weights"], policy, dtype)
             for j, bundle in enumerate(layers):
-                store.put(j, bundle)
+                store.put(j, bundle, fitted.layer(j, bundle) if fitted else None)
+            if fitted:
+                fitted.save()
         except BaseException:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)

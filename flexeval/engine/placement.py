@@ -16,7 +16,7 @@ codes and its group's scale and minimum.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -126,14 +126,15 @@ class WeightStore:
         # dequantized weights go to reused buffers on the CPU (CUDA's caching allocator reuses its own)
         self.pool = BufferPool(pin=False) if any(self.compression.values()) else None
 
-    def put(self, j: int, bundle: Bundle) -> None:
+    def put(self, j: int, bundle: Bundle, fitted: Mapping[str, Quantized] | None = None) -> None:
+        """Store a layer's weights; `fitted` are some of them already quantized (see `engine.gptq`)."""
         stored: Bundle = {}
         for name, tensor in bundle.items():
             config = self.compression[j, name]
             if config is None:
                 stored[name] = tensor
             else:
-                q = quantize(tensor, config)
+                q = fitted[name] if fitted and name in fitted else quantize(tensor, config)
                 stored |= {f"{name}#{part}": getattr(q, part) for part in PARTS}
         for t, tier in enumerate(self.tiers):
             part = {n: tensor for n, tensor in stored.items() if self.tier_of.get((j, n.split("#")[0])) == t}

@@ -67,6 +67,11 @@ class Policy:
                 "policy: comp_cache_config.group_dim must be the head dimension (-1): groups along tokens or heads "
                 f"would change as tokens are appended, got {self.comp_cache_config.group_dim}"
             )
+        if self.comp_cache_config.fit == "gptq":
+            raise FlexevalError(
+                "policy: comp_cache_config.fit cannot be gptq: it fits weight matrices to the inputs they "
+                "multiply; the KV cache is quantized as it is written (use minmax or mse)"
+            )
 
     @property
     def block_size(self) -> int:
@@ -106,6 +111,7 @@ COMPRESSIONS: dict[str, dict[str, Any]] = {
     "none": {},
     "4bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 0)),
     "4bit-weights-input": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1)),
+    "4bit-weights-gptq": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1, "gptq")),
     "8bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(8, 64, 1)),
     "4bit-cache": dict(compress_cache=True, comp_cache_config=CompressionConfig(4, 64, -1)),
     "4bit": dict(
