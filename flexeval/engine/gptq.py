@@ -49,8 +49,8 @@ MICRO_BATCH = 8  # calibration sequences per forward pass
 class Calibration:
     """The text GPTQ fits the rounding to: `sequences` windows of `length` tokens cut from the
     documents of a JSONL file (its `field`), joined by blank lines. A relative path is under the
-    data directory. The default, news articles, shares no text with the evaluation tasks'
-    documents it is measured on (LAMBADA's novels, HellaSwag, PIQA, ARC)."""
+    data directory. The default, XSum's news articles, shares no text with the documents of the
+    other tasks; to evaluate `helm_xsum` itself with fitted weights, calibrate on other text."""
 
     path: str = "helm_xsum/xsum_test_1000.jsonl"
     field: str = "document"
