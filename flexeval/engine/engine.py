@@ -202,13 +202,13 @@ class Engine:
         if policy.compress_weight and policy.comp_weight_config.fit == "gptq":
             fitted = FittedWeights(
                 model,
-                directory,
-                policy.comp_weight_config,
-                dtype,
-                device,
-                calibration or Calibration(),
-                tokenizer,
-                registry.cache_root(cache_dir),
+                checkpoint=directory,
+                config=policy.comp_weight_config,
+                dtype=dtype,
+                device=device,
+                calibration=calibration or Calibration(),
+                tokenizer=tokenizer,
+                cache=registry.cache_root(cache_dir),
             )
         workdir = _prepare_offload_dir(offload_dir, on_disk) if uses_disk else None
         try:

@@ -69,13 +69,9 @@ class Calibration:
         if isinstance(value, Calibration):
             return value
         path, *rest = str(value).split(":")
-        try:
-            numbers = [int(part) for part in rest[1:]]
-        except ValueError:
-            numbers = []
-        if len(rest) > 3 or len(numbers) != len(rest[1:]):
+        if len(rest) > 3 or not all(part.isdigit() for part in rest[1:]):
             raise FlexevalError(f"calibration takes path[:field[:sequences[:length]]], got {value!r}")
-        return cls(path, *rest[:1], *numbers)
+        return cls(path, *rest[:1], *(int(part) for part in rest[1:]))
 
     @property
     def file(self) -> Path:
@@ -99,7 +95,7 @@ class Calibration:
                 if self.field not in record:
                     raise FlexevalError(f"calibration: line {number} of {self.file} has no field {self.field!r}")
                 docs.append(str(record[self.field]))
-                if len(docs) % 64 == 0:  # tokenize as we go: stop reading once there is enough
+                if len(docs) == 64:  # tokenize as we go: stop reading once there is enough
                     ids += tokenizer("\n\n".join(docs) + "\n\n", add_special_tokens=False).input_ids
                     docs.clear()
                     if len(ids) >= needed:
