@@ -27,6 +27,8 @@ def app(cfg: config.RunConfig) -> None:
 
     try:
         run = config.check(cfg)
+        if run.choice is not None:
+            print(f"policy=auto chose: {run.choice.summary()}", flush=True)
         hydra_config = HydraConfig.get()
         out = Path(hydra_config.runtime.output_dir)
         results = evaluate(run, out, overrides=list(hydra_config.overrides.task))

@@ -23,10 +23,13 @@ from omegaconf import MISSING
 
 from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, local_tasks
 from flexeval.engine.compression import CompressionConfig as Quantization
+from flexeval.engine.cost_model import Workload
 from flexeval.engine.engine import resolve_device, resolve_dtype
 from flexeval.engine.gptq import Calibration
+from flexeval.engine.hardware import HardwareProfile
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
+from flexeval.engine.search import Budget, Choice, plan
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
 
@@ -46,9 +49,11 @@ class ModelConfig:
 
 
 # FlexGen's fields, taken from `Policy` itself so that the schema cannot drift from the engine.
+# `auto`: the policy search chooses batch shapes and placements within the hardware budgets for
+# the `workload` section, and the fields here give the rest (policy=auto).
 PolicyConfig = make_dataclass(
     "PolicyConfig",
-    [("name", str, field(default=MISSING))]
+    [("name", str, field(default=MISSING)), ("auto", bool, field(default=False))]
     + [(f.name, type(f.default), field(default=f.default)) for f in fields(Policy) if f.name not in COMPRESSION_FIELDS],
 )
 
@@ -92,6 +97,18 @@ class HardwareConfig:
     cpu_mem_gb: float | None = None
     disk_gb: float | None = None
     offload_dir: str | None = None
+    profile: dict[str, Any] = field(default_factory=dict)  # figures of the measured HardwareProfile to override
+
+
+# What policy=auto plans for: sequences of prompt_len tokens each generating gen_len (0: scoring,
+# as log-likelihood tasks); micro-batches then hold no more tokens than planned.
+WorkloadConfig = make_dataclass(
+    "WorkloadConfig",
+    [
+        (name, int, field(default=default))
+        for name, default in (("sequences", 1000), ("prompt_len", 512), ("gen_len", 0))
+    ],
+)
 
 
 @dataclass
@@ -102,6 +119,7 @@ class RunConfig:
     task: TaskConfig = MISSING
     hardware: HardwareConfig = MISSING
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     limit: int | None = None
     data_dir: str | None = None
     seed: int = 0
@@ -124,6 +142,7 @@ class Run:
     data_dir: Path | None  # None: lm-eval's built-in tasks with their hub datasets
     device: str
     calibration: Calibration | None = None  # when the weights take a GPTQ fit
+    choice: Choice | None = None  # what policy=auto chose, with its prediction
 
 
 def choices(group: str) -> list[str]:
@@ -169,12 +188,46 @@ def check(config: Any) -> Run:
     dtype = resolve_dtype(config.model.dtype, device)
     placement = {f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS}
     policy = Policy.from_dict(placement | {name: config.compression[name] for name in COMPRESSION_FIELDS})
-    _check_hardware(config, policy, dtype)
+    _check_budgets(config)
+    if config.policy.auto:
+        workload = _workload(config)
+    else:
+        _check_weights_fit(config, policy, dtype)
     root = _data_dir(config.data_dir)
     calibration = _calibration(config, policy, root)
     tasks = tuple(config.task.tasks)
     _check_tasks(tasks, root)
-    return Run(config=config, policy=policy, tasks=tasks, data_dir=root, device=str(device), calibration=calibration)
+    choice = None
+    if config.policy.auto:  # last: the first search on a machine measures it (seconds)
+        hardware = config.hardware
+        choice = plan(
+            config.model.pretrained,
+            workload,
+            Budget.from_gb(hardware.gpu_mem_gb, hardware.cpu_mem_gb, hardware.disk_gb),
+            base=policy,
+            dtype=dtype,
+            device=device,
+            offload_dir=hardware.offload_dir,
+            profile_overrides=dict(hardware.profile),
+        )
+        policy = choice.policy
+    return Run(
+        config=config,
+        policy=policy,
+        tasks=tasks,
+        data_dir=root,
+        device=str(device),
+        calibration=calibration,
+        choice=choice,
+    )
+
+
+def _workload(config: Any) -> Workload:
+    workload = config.workload
+    for name, least in (("sequences", 1), ("prompt_len", 1), ("gen_len", 0)):
+        if workload[name] < least:
+            raise FlexevalError(f"workload.{name} must be at least {least}, got {workload[name]}")
+    return Workload(workload.sequences, workload.prompt_len, workload.gen_len)
 
 
 def _calibration(config: Any, policy: Policy, root: Path | None) -> Calibration | None:
@@ -222,17 +275,25 @@ def _check_tasks(tasks: tuple[str, ...], root: Path | None) -> None:
         )
 
 
-def _check_hardware(config: Any, policy: Policy, dtype: torch.dtype) -> None:
-    """Budgets are positive, the offload directory exists, and the policy's weights fit each
-    budget (KV cache and activations join this check with the cost model)."""
+def _check_budgets(config: Any) -> None:
+    """Budgets are positive, the offload directory exists, the profile overrides name figures."""
+    hardware = config.hardware
+    for key in ("gpu_mem_gb", "cpu_mem_gb", "disk_gb"):
+        if hardware[key] is not None and hardware[key] <= 0:
+            raise FlexevalError(f"hardware.{key} must be positive (GB), got {hardware[key]}")
+    if hardware.offload_dir is not None and not Path(hardware.offload_dir).expanduser().is_dir():
+        raise FlexevalError(f"hardware.offload_dir {hardware.offload_dir} does not exist: create it or choose another")
+    known = {f.name for f in fields(HardwareProfile)}
+    unknown = sorted(set(hardware.profile) - known)
+    if unknown:
+        raise FlexevalError(f"hardware.profile: unknown figures {unknown}; known: {', '.join(sorted(known))}")
+
+
+def _check_weights_fit(config: Any, policy: Policy, dtype: torch.dtype) -> None:
+    """A hand-written policy's weights fit each budget (policy=auto plans everything within them)."""
     hardware = config.hardware
     budgets = {"compute": hardware.gpu_mem_gb, "cpu": hardware.cpu_mem_gb, "disk": hardware.disk_gb}
     keys = {"compute": "gpu_mem_gb", "cpu": "cpu_mem_gb", "disk": "disk_gb"}
-    for tier, budget in budgets.items():
-        if budget is not None and budget <= 0:
-            raise FlexevalError(f"hardware.{keys[tier]} must be positive (GB), got {budget}")
-    if hardware.offload_dir is not None and not Path(hardware.offload_dir).expanduser().is_dir():
-        raise FlexevalError(f"hardware.offload_dir {hardware.offload_dir} does not exist: create it or choose another")
     if all(b is None for b in budgets.values()):
         return
     directory = registry.resolve(config.model.pretrained)  # config.json only; no weights are read

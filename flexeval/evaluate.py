@@ -28,6 +28,7 @@ from flexeval import report
 from flexeval.atomic import atomic_file, write_text
 from flexeval.config import Run
 from flexeval.data import local_tasks
+from flexeval.engine.hardware import cpu_model
 from flexeval.errors import FlexevalError, first_line
 from flexeval.lm import FlexGenLM, Usage
 
@@ -74,6 +75,8 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
         write_samples(out_dir / f"samples_{name}.jsonl", out["samples"][name])
     combined |= {
         "config": OmegaConf.to_container(config, resolve=True),
+        "policy": asdict(run.policy),  # what ran (policy=auto: what the search chose)
+        "prediction": None if run.choice is None else run.choice.prediction.as_dict(),
         "overrides": list(overrides or []),
         "hardware": hardware(lm),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -115,7 +118,7 @@ def hardware(lm: FlexGenLM) -> dict[str, Any]:
     """The machine a run's throughput belongs to."""
     figures: dict[str, Any] = {
         "device": str(lm.device),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
@@ -129,13 +132,3 @@ def hardware(lm: FlexGenLM) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(lm.device)
         figures |= {"gpu": props.name, "gpu_memory_bytes": props.total_memory}
     return figures
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

@@ -34,9 +34,11 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
+from flexeval.engine.cost_model import Workload
 from flexeval.engine.engine import Engine, RunStats
 from flexeval.engine.gptq import Calibration
 from flexeval.engine.policy import Policy, compression_fields
+from flexeval.engine.search import Budget, Choice, plan
 from flexeval.errors import FlexevalError
 from flexeval.models.registry import DEFAULT_MODEL
 
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_GEN_TOKS = 256
 LoglikelihoodRequest = tuple[tuple[str, str], list[int], list[int]]
 T = TypeVar("T")
+WORKLOAD = ("sequences", "prompt_len", "gen_len")  # what policy=auto plans for (model_args)
 
 
 @dataclass
@@ -55,16 +58,22 @@ class Usage:
     """
 
     requests: int = 0
+    sequences: int = 0  # what the engine ran: a multiple-choice document's endings are one
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    compute_seconds: float = 0.0
+    io_wait_seconds: float = 0.0
     peak_bytes: dict[str, int] = field(default_factory=dict)
 
     def add(self, stats: RunStats, requests: int, seconds: float) -> None:
         self.requests += requests
+        self.sequences += stats.sequences
         self.prompt_tokens += stats.prefill_tokens
         self.generated_tokens += stats.decode_tokens
         self.seconds += seconds
+        self.compute_seconds += stats.compute_seconds
+        self.io_wait_seconds += stats.io_wait_seconds
         held: Counter[str] = Counter()
         for tiers in stats.tiers.values():
             for tier, figures in tiers.items():
@@ -103,6 +112,12 @@ class FlexGenLM(TemplateLM):
         seed: int = 0,
         score_through_cache: bool = False,
         calibration: str | Calibration | None = None,
+        gpu_mem_gb: float | None = None,
+        cpu_mem_gb: float | None = None,
+        disk_gb: float | None = None,
+        sequences: int = 1000,
+        prompt_len: int = 512,
+        gen_len: int = 0,
         **policy_fields: Any,
     ) -> None:
         super().__init__()
@@ -115,20 +130,43 @@ class FlexGenLM(TemplateLM):
         if unknown:
             raise FlexevalError(
                 f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
-                f"max_length, add_bos_token, seed, score_through_cache, calibration, "
+                f"max_length, add_bos_token, seed, score_through_cache, calibration, gpu_mem_gb, cpu_mem_gb, disk_gb, "
+                f"sequences, prompt_len, gen_len, "
                 f"and the Policy fields {', '.join(f.name for f in fields(Policy))}"
             )
         if not isinstance(score_through_cache, bool):
             raise FlexevalError(f"flexgen: score_through_cache must be true or false, got {score_through_cache!r}")
+        budgets = (gpu_mem_gb, cpu_mem_gb, disk_gb)
+        self.choice: Choice | None = None
+        self._init_distributed()
+        device = _device(device, self._world_size)
         if isinstance(policy, Policy):
             self.policy = replace(policy, **policy_fields) if policy_fields else policy
+        elif policy == "auto":
+            workload = Workload(*(_integer(n, v) for n, v in zip(WORKLOAD, (sequences, prompt_len, gen_len))))
+            self.choice = plan(
+                pretrained,
+                workload,
+                Budget.from_gb(*(None if b is None else float(b) for b in budgets)),
+                base=Policy.from_dict(policy_fields),
+                dtype=dtype,
+                device=device,
+                offload_dir=offload_dir,
+            )
+            self.policy = self.choice.policy
+            log.info("policy=auto chose: %s", self.choice.summary())
         else:
             self.policy = Policy.from_dict(policy_fields, preset=policy)
-        self._init_distributed()
+        if not isinstance(policy, str) or policy != "auto":
+            if any(b is not None for b in budgets):
+                raise FlexevalError(
+                    "flexgen: gpu_mem_gb, cpu_mem_gb and disk_gb are budgets for policy=auto's search; a fixed "
+                    "policy places tensors by its *_percent fields"
+                )
         self.engine = Engine.load(
             pretrained,
             dtype=dtype,
-            device=_device(device, self._world_size),
+            device=device,
             policy=self.policy,
             offload_dir=offload_dir,
             calibration=None if calibration is None else Calibration.parse(calibration),
@@ -394,3 +432,14 @@ def _sampling(kwargs: dict[str, Any], seed: int) -> dict[str, Any]:
     if not do_sample:
         return {"seed": seed}
     return {"temperature": temperature or 1.0, "top_k": top_k, "top_p": top_p, "seed": seed}
+
+
+def _integer(name: str, value: Any) -> int:
+    """A model_args count: lm-eval passes command-line values as strings or numbers."""
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise FlexevalError(f"flexgen: {name} must be a whole number, got {value!r}") from None
+    if number < (0 if name == "gen_len" else 1):
+        raise FlexevalError(f"flexgen: {name} must be at least {0 if name == 'gen_len' else 1}, got {number}")
+    return number

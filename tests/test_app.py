@@ -102,7 +102,7 @@ def compose_run(*overrides: str):
     [
         (["task=no_such_task"], "unknown task 'no_such_task': choose one of arc_easy, boolq, commonsense,"),
         (["model=gpt-5"], "unknown model 'gpt-5': choose one of llama-2-7b,"),
-        (["policy=fast"], "unknown policy 'fast': choose one of all-resident, cpu-offload, disk-offload"),
+        (["policy=fast"], "unknown policy 'fast': choose one of all-resident, auto, cpu-offload, disk-offload"),
         (
             ["compression=2bit"],
             "unknown compression '2bit': choose one of 4bit, 4bit-cache, 4bit-weights, 4bit-weights-gptq, "
@@ -135,6 +135,13 @@ def test_unknown_group_options_are_named_with_the_choices(overrides: list[str], 
             "calibration.path /no/such.jsonl does not exist: the gptq fit needs text to fit to",
         ),
         (["compression=4bit-weights-gptq", "calibration.length=0"], "calibration: length must be a positive integer"),
+        (["policy=auto", "workload.prompt_len=0"], "workload.prompt_len must be at least 1, got 0"),
+        (["+hardware.profile.disk_speed=1"], "hardware.profile: unknown figures ['disk_speed']"),
+        (
+            ["model=tiny-llama", "policy=auto", "hardware.gpu_mem_gb=0.001", "hardware.cpu_mem_gb=0.001"],
+            "no policy fits gpu_mem_gb=0.001, cpu_mem_gb=0.001 for the llama model, 512-token prompts: the smallest "
+            "feasible budget is gpu_mem_gb=",
+        ),
         (
             ["model=tiny-llama", "hardware.gpu_mem_gb=0.0001"],
             "policy all-resident puts 0.000429 GB of weights on the compute tier but hardware.gpu_mem_gb=0.0001: "
@@ -247,3 +254,30 @@ def test_the_pareto_front_keeps_what_nothing_beats() -> None:
     perplexity = [row("a", 30, 100, higher=False), row("b", 20, 50, higher=False), row("c", 40, 60, higher=False)]
     assert [r.run for r in pareto(perplexity)] == ["a", "b"]
     assert labels(rows) == {"a": "a", "b": "b", "c": "c", "d": "d"}  # only the policy differs
+
+
+def test_policy_auto_runs_the_searched_policy_records_it_and_explains_it(tmp_path: Path) -> None:
+    budgets = ["hardware.gpu_mem_gb=0.05", "hardware.cpu_mem_gb=0.05", "workload.prompt_len=128"]
+    result = flexeval(tmp_path, *TINY, "policy=auto", *budgets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "policy=auto chose: gpu_batch_size=" in result.stdout
+    (run,) = run_dirs(tmp_path / "outputs")
+    results = json.loads((run / "results.json").read_text())
+    chosen, prediction = results["policy"], results["prediction"]
+    assert chosen["gpu_batch_tokens"] == chosen["gpu_batch_size"] * 128  # micro-batches hold what was planned
+    assert prediction["peak_bytes"]["compute"] <= 0.05 * 2**30 and prediction["tokens_per_second"] > 0
+    explained = flexeval(tmp_path, str(run), module="flexeval.explain")
+    assert explained.returncode == 0, explained.stderr[-3000:]
+    assert "## piqa" in explained.stdout and "tokens/s" in explained.stdout
+    assert "waiting for I/O seconds" in explained.stdout  # the run's measurements beside the prediction
+
+
+def test_explain_predicts_a_policy_from_the_run_configuration(tmp_path: Path) -> None:
+    result = flexeval(
+        tmp_path, "model=tiny-llama", "policy=disk-offload", "workload.gen_len=16", module="flexeval.explain"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gpu_batch_size=32 num_gpu_batches=8" in result.stdout and "disk busy seconds" in result.stdout
+    assert "decode seconds" in result.stdout and "peak disk GB" in result.stdout
+    bad = flexeval(tmp_path, "policy=fast", module="flexeval.explain")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown policy 'fast'")

@@ -76,6 +76,7 @@ class Scored:
 class RunStats:
     """What one `logprobs` or `generate` call did: throughput, I/O against compute, bytes per tier."""
 
+    sequences: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
     prefill_seconds: float = 0.0
@@ -284,6 +285,7 @@ class Engine:
                 counts = [len(rows[i].targets) for i in mb]
                 for i, lp, greedy in zip(mb, out.cpu().split(counts), step.readout.greedy().cpu().split(counts)):
                     results[i] = (lp, greedy)
+        self.stats.sequences = len(rows)
         self.stats.prefill_tokens = sum(len(row) for row in rows.values())
         self.stats.prefill_seconds = time.perf_counter() - start
         self._end(timing)
@@ -388,7 +390,7 @@ class Engine:
         are fed on."""
         results: list[list[int]] = [[] for _ in seqs]
         timing, start = self._begin()
-        for block in self._blocks({i: len(s) for i, s in enumerate(seqs) if budgets[i] > 0}):
+        for block in self._blocks({i: len(s) + int(budgets[i]) for i, s in enumerate(seqs) if budgets[i] > 0}):
             most = max(int(budgets[mb].max()) for mb in block)  # steps every micro-batch of the block takes
             runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device, stopped, most) for mb in block]
             steps = [
@@ -416,16 +418,23 @@ class Engine:
         elapsed = time.perf_counter() - start
         self.stats.decode_seconds = elapsed - self.stats.prefill_seconds
         self.stats.decode_tokens = sum(len(r) for r in results)
+        self.stats.sequences = int((budgets > 0).sum())
         self._end(timing)
         return results
 
     def _blocks(self, lengths: Mapping[int, int]) -> Iterator[list[list[int]]]:
-        """Sequence indices, longest first, cut into blocks of micro-batches: similar lengths share padding."""
+        """Sequence indices, longest first, cut into micro-batches (similar lengths share padding)
+        of at most `gpu_batch_size` sequences and `gpu_batch_tokens` tokens, and those into blocks."""
         order = sorted(lengths, key=lambda i: -lengths[i])
-        size, micro = self.policy.block_size, self.policy.gpu_batch_size
-        for b in range(0, len(order), size):
-            block = order[b : b + size]
-            yield [block[m : m + micro] for m in range(0, len(block), micro)]
+        policy, batches, start = self.policy, [], 0
+        while start < len(order):
+            count = policy.gpu_batch_size
+            if policy.gpu_batch_tokens:  # the first is the longest: every one is padded to it
+                count = max(1, min(count, policy.gpu_batch_tokens // lengths[order[start]]))
+            batches.append(order[start : start + count])
+            start += count
+        for b in range(0, len(batches), policy.num_gpu_batches):
+            yield batches[b : b + policy.num_gpu_batches]
 
     def _block_state(self, micro_batches: int) -> BlockState:
         tiers, blocks = self.tiers, self.model.num_blocks

@@ -20,6 +20,9 @@ from flexeval.errors import FlexevalError
 class Policy:
     gpu_batch_size: int = 32  # sequences computed together (one micro-batch)
     num_gpu_batches: int = 1  # micro-batches that share one pass of the weights (block = product)
+    # most tokens (prompt + new) a micro-batch holds, so that long sequences come fewer at a time
+    # and working memory stays what `policy=auto` planned; a longer sequence goes alone (0: no limit)
+    gpu_batch_tokens: int = 0
     w_gpu_percent: float = 100.0
     w_cpu_percent: float = 0.0
     cache_gpu_percent: float = 100.0
@@ -44,6 +47,9 @@ class Policy:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FlexevalError(f"policy: {name} must be a positive integer, got {value!r}")
+        tokens = self.gpu_batch_tokens
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise FlexevalError(f"policy: gpu_batch_tokens must be 0 (no limit) or a positive integer, got {tokens!r}")
         for kind in ("w", "cache", "act"):
             gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
             for name, value in ((f"{kind}_gpu_percent", gpu), (f"{kind}_cpu_percent", cpu)):

@@ -1,0 +1,125 @@
+"""`policy=auto` against hand-chosen policies under one memory budget (issue 7, checks 2 and 4).
+
+SmolLM2-135M in fp32 with a RAM budget of `--share` (default 50 %) of its fp32 weight bytes,
+split evenly between the compute and CPU tiers (both RAM on this machine), the disk unlimited.
+The search chooses a policy (its time is printed: check 4); then it and every hand-chosen policy
+that fits the same budgets — by the cost model's predicted peaks, the very test the search
+applies — generate `--new-tokens` tokens for `--prompts` WikiText-2 windows of
+`--prompt-tokens`, `--repeats` times; medians are printed, and the auto policy's throughput
+against the best hand policy's (check 2: at least 90 %).
+
+    python benchmarks/policy_search.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from flexeval import Engine, Policy
+from flexeval.engine.cost_model import Workload
+from flexeval.engine.search import Budget, cost_model, search
+from flexeval.models import registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import data_dir, prompt_windows  # noqa: E402
+
+# (gpu_batch_size, num_gpu_batches, weights % in the CPU tier (the rest on disk), KV cache tier,
+# streamed unembedding): a person's guesses at this budget, where working memory leaves the
+# compute tier no room for weights and an unembedding read whole would need 114 MB of staging.
+HAND = [
+    (16, 2, 18, "disk", True),
+    (16, 2, 0, "disk", True),
+    (16, 1, 0, "cpu", True),
+    (16, 1, 18, "disk", True),
+    (8, 4, 18, "disk", True),
+    (8, 4, 10, "disk", True),
+    (8, 2, 0, "cpu", True),
+    (8, 1, 18, "gpu", True),
+    (8, 1, 10, "cpu", True),
+    (4, 8, 18, "disk", True),
+    (4, 4, 0, "cpu", True),
+    (4, 2, 18, "gpu", True),
+    (4, 1, 18, "cpu", True),
+    (32, 1, 18, "disk", True),
+]
+CACHE = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0)}
+
+
+def hand_policy(b: int, k: int, w_cpu: float, cache: str, stream: bool) -> Policy:
+    gpu, cpu = CACHE[cache]
+    return Policy(
+        gpu_batch_size=b,
+        num_gpu_batches=k,
+        w_gpu_percent=0,
+        w_cpu_percent=w_cpu,
+        cache_gpu_percent=gpu,
+        cache_cpu_percent=cpu,
+        stream_unembedding=stream,
+    )
+
+
+def name(b: int, k: int, w_cpu: float, cache: str, stream: bool) -> str:
+    return f"b{b}x{k} w cpu {w_cpu}% cache {cache}" + " stream" * stream
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--share", type=float, default=0.5, help="RAM budget as a share of the fp32 weight bytes")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=data_dir())
+    args = parser.parse_args()
+
+    directory = registry.resolve(registry.DEFAULT_MODEL)
+    workload = Workload(args.prompts, args.prompt_tokens, args.new_tokens, uniform=True)
+    with tempfile.TemporaryDirectory() as offload:
+        costs = cost_model(directory, workload, offload_dir=offload)  # profile measured here if not cached
+        weights = costs.model.nbytes(torch.float32)
+        budget = Budget(compute=args.share * weights / 2, cpu=args.share * weights / 2)
+        start = time.perf_counter()
+        auto = search(costs, Policy(), budget)
+        searched = time.perf_counter() - start
+        print(f"budget: {budget.describe()} ({args.share:.0%} of {weights / 1e6:.0f} MB of fp32 weights)")
+        print(f"search: {searched:.2f} s; chose {auto.summary()}\n")
+
+        candidates = [("auto", auto.policy)]
+        for fields in HAND:
+            policy = hand_policy(*fields)
+            peaks = costs.predict(policy).peak_bytes
+            if peaks["compute"] <= budget.compute and peaks["cpu"] <= budget.cpu:
+                candidates.append((name(*fields), policy))
+            else:
+                print(f"skipped {name(*fields)}: predicted peaks exceed the budget")
+        print(f"\n{'policy':<36}{'predicted tok/s':>16}{'measured tok/s':>16}")
+        measured = {}
+        for label, policy in candidates:
+            engine = Engine.load(directory, policy=policy, offload_dir=offload)
+            ids = list(prompt_windows(engine.tokenizer, args.data_dir, args.prompts, args.prompt_tokens))
+            runs = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                engine.generate(ids, max_new_tokens=args.new_tokens, stop_token_ids=[])
+                runs.append(workload.tokens / (time.perf_counter() - start))
+            engine.close()
+            measured[label] = statistics.median(runs)
+            print(f"{label:<36}{costs.predict(policy).tokens_per_second:>16.1f}{measured[label]:>16.1f}", flush=True)
+    hand = {label: rate for label, rate in measured.items() if label != "auto"}
+    best = max(hand, key=hand.get)
+    print(
+        f"\n{len(hand)} feasible hand policies; best {best} at {hand[best]:.1f} tok/s; "
+        f"auto {measured['auto']:.1f} tok/s = {measured['auto'] / hand[best]:.1%} of it; search {searched:.2f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The policy search: the fastest policy whose predicted memory fits the budgets (`policy=auto`).
+
+FlexGen's search, on the engine's own cost model. The discrete choices — `gpu_batch_size`,
+`num_gpu_batches`, overlap, a streamed unembedding, CPU attention (CUDA) — are enumerated;
+for each, the placement fractions of weights, KV cache and activations solve a linear program
+(scipy's HiGHS): minimise the workload's seconds, each unit's time bounded below by its compute
+and by each channel's I/O, subject to every tier's peak bytes within its budget. The best few
+programs are then predicted exactly (weights placed tensor by tensor, as `WeightStore` will
+place them), and a policy whose exact peak would exceed a budget is solved again with that
+budget tightened by the excess, so the search never returns one that does not fit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linprog
+
+from flexeval.engine import hardware
+from flexeval.engine.cost_model import FRACTIONS, TIERS, CostModel, Prediction, Term, Workload
+from flexeval.engine.engine import resolve_device, resolve_dtype
+from flexeval.engine.policy import Policy
+from flexeval.errors import FlexevalError
+from flexeval.models import registry
+
+GB = 2**30
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NUM_BATCHES = (1, 2, 4, 8, 16, 32)
+EXACT = 6  # programs predicted exactly, best first, until this many fit
+ATTEMPTS = 24  # programs tried at most (a tight budget makes most overshoot once placed exactly)
+RETRIES = 4  # re-solves with a budget tightened by what exact placement overshot
+PREFERENCE = 1e-9  # seconds per unit fraction: between equally fast placements, keep tensors closer to compute
+BUDGET_KEYS = {"compute": "gpu_mem_gb", "cpu": "cpu_mem_gb", "disk": "disk_gb"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes each tier may hold (None: what the machine has). On a machine without CUDA the
+    compute and CPU tiers are both RAM, so the engine's RAM stays within their sum."""
+
+    compute: float | None = None
+    cpu: float | None = None
+    disk: float | None = None
+
+    @classmethod
+    def from_gb(cls, gpu_mem_gb: float | None, cpu_mem_gb: float | None, disk_gb: float | None) -> Budget:
+        for key, value in zip(BUDGET_KEYS.values(), (gpu_mem_gb, cpu_mem_gb, disk_gb)):
+            if value is not None and value <= 0:
+                raise FlexevalError(f"{key} must be positive (GB), got {value}")
+        return cls(*(None if v is None else float(v) * GB for v in (gpu_mem_gb, cpu_mem_gb, disk_gb)))
+
+    def given(self) -> dict[str, float]:
+        return {tier: value for tier in TIERS if (value := getattr(self, tier)) is not None}
+
+    def scaled(self, factor: float) -> Budget:
+        return Budget(*(None if (v := getattr(self, t)) is None else v * factor for t in TIERS))
+
+    def describe(self, up: bool = False) -> str:
+        """The given budgets in GB to three significant digits (`up`: rounded up, so that a budget
+        named as feasible still is)."""
+        shown = {t: _three_digits(v / GB, up) for t, v in self.given().items()}
+        return ", ".join(f"{BUDGET_KEYS[t]}={v:.3g}" for t, v in shown.items()) or "no budgets"
+
+
+@dataclass(frozen=True)
+class Choice:
+    policy: Policy
+    prediction: Prediction
+
+    def summary(self) -> str:
+        p, predicted = self.policy, self.prediction
+        shares = "  ".join(
+            f"{kind} {'/'.join(f'{100 * x:g}' for x in p.split(kind))}" for kind in ("w", "cache", "act")
+        )
+        peaks = ", ".join(f"{tier} {nbytes / GB:.3g} GB" for tier, nbytes in predicted.peak_bytes.items())
+        return (
+            f"gpu_batch_size={p.gpu_batch_size} num_gpu_batches={p.num_gpu_batches} overlap={p.overlap} "
+            f"stream_unembedding={p.stream_unembedding} cpu_cache_compute={p.cpu_cache_compute}; "
+            f"compute/cpu/disk %: {shares}; predicted {predicted.tokens_per_second:.1f} tokens/s, peaks {peaks}"
+        )
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The discrete part of a policy, which the linear program does not choose."""
+
+    gpu_batch_size: int
+    num_gpu_batches: int
+    overlap: bool
+    stream_unembedding: bool
+    cpu_cache_compute: bool
+
+
+# One sequence at a time through a streamed unembedding: the least memory a workload can take.
+LEANEST = (Shape(1, 1, False, True, False), Shape(1, 1, True, True, False))
+
+
+def search(costs: CostModel, base: Policy, budget: Budget) -> Choice:
+    """The fastest policy for `costs`' workload within `budget`; `base` gives everything the search
+    does not choose (compression, attention sparsity, pinning). Raises a FlexevalError naming
+    the smallest budget that would do, when none fits."""
+    limits = _limits(costs, budget)
+    solved = []
+    for shape in _shapes(costs):
+        policy = _policy(base, shape, costs.workload)
+        program = _solve(costs, policy, limits)
+        if program is not None:
+            solved.append((program[0], policy))
+    # the best programs, then the leanest shapes: whatever `_fits` finds, the search finds too
+    ranked = [policy for _, policy in sorted(solved, key=lambda s: s[0])]
+    ranked += [_policy(base, shape, costs.workload) for shape in LEANEST]
+    best: Choice | None = None
+    found = 0
+    for policy in ranked[:ATTEMPTS] + ranked[-len(LEANEST) :]:
+        choice = _exact(costs, policy, limits)
+        if choice is not None and (best is None or choice.prediction.seconds < best.prediction.seconds):
+            best = choice
+        found += choice is not None
+        if found == EXACT:
+            break
+    if best is None:
+        raise FlexevalError(_infeasible(costs, base, budget))
+    return best
+
+
+def _limits(costs: CostModel, budget: Budget) -> dict[str, float]:
+    memory = costs.profile.memory
+    return {tier: getattr(budget, tier) if getattr(budget, tier) is not None else float(memory[tier]) for tier in TIERS}
+
+
+def _shapes(costs: CostModel) -> list[Shape]:
+    """Batch shapes worth trying: blocks no larger than the workload needs."""
+    sequences = costs.workload.sequences
+    cuda = costs.cuda
+    shapes = []
+    for b, k in itertools.product(BATCH_SIZES, NUM_BATCHES):
+        if b * k >= 2 * sequences and not (k == 1 and b < 2 * sequences):
+            continue
+        for overlap, stream, delegate in itertools.product((True, False), (False, True), (False, True)):
+            if delegate and not (cuda and costs.workload.gen_len > 1):
+                continue
+            shapes.append(Shape(b, k, overlap, stream, delegate))
+    return shapes
+
+
+def _policy(base: Policy, shape: Shape, workload: Workload, fractions: np.ndarray | None = None) -> Policy:
+    """A policy of this shape placing `fractions`, whose micro-batches hold no more tokens than
+    the workload's were planned with (`Policy.gpu_batch_tokens`)."""
+    fields = dict(
+        gpu_batch_size=shape.gpu_batch_size,
+        gpu_batch_tokens=shape.gpu_batch_size * (workload.prompt_len + workload.gen_len),
+        num_gpu_batches=shape.num_gpu_batches,
+        overlap=shape.overlap,
+        stream_unembedding=shape.stream_unembedding,
+        cpu_cache_compute=shape.cpu_cache_compute,
+    )
+    x = np.zeros(len(FRACTIONS)) if fractions is None else fractions
+    for kind in ("w", "cache", "act"):
+        cpu = round(100 * float(x[FRACTIONS.index(f"{kind}_cpu")]), 1)
+        disk = round(100 * float(x[FRACTIONS.index(f"{kind}_disk")]), 1)
+        cpu, disk = min(max(0.0, cpu), 100.0), min(max(0.0, disk), 100.0)  # 0.0 first: never -0.0
+        disk = min(disk, 100.0 - cpu)
+        fields |= {f"{kind}_cpu_percent": cpu, f"{kind}_gpu_percent": round(100.0 - cpu - disk, 1)}
+    return replace(base, **fields)
+
+
+def _solve(costs: CostModel, policy: Policy, limits: dict[str, float]) -> tuple[float, np.ndarray] | None:
+    """The linear program for one shape: (predicted seconds, fractions), or None if infeasible."""
+    n = len(FRACTIONS)
+    blocks = costs.blocks(policy)
+    rows: list[np.ndarray] = []
+    bounds: list[float] = []
+    objective: list[float] = []
+
+    def at_most(t: Term, limit: float, epigraph: int | None = None) -> None:
+        """t(x) - x[epigraph] <= limit (the epigraph variable absent when None)."""
+        row = np.zeros(n + len(objective))
+        row[:n] = t.coefficients
+        if epigraph is not None:
+            row[epigraph] = -1.0
+        rows.append(row)
+        bounds.append(limit - t.constant)
+
+    for stage in costs.stages(policy):
+        for cost in stage.units:
+            objective.append(stage.passes * blocks * cost.count)
+            for bound in costs.bounds(cost, policy):
+                at_most(bound, 0.0, n + len(objective) - 1)
+    weights, peaks = costs.weight_terms(policy), costs.peaks(policy)
+    for tier in TIERS:
+        at_most(weights[tier] + peaks[tier], limits[tier])
+    if not costs.cuda:  # both tiers are RAM: together within what the machine has
+        ram = weights["compute"] + peaks["compute"] + weights["cpu"] + peaks["cpu"]
+        at_most(ram, float(costs.profile.memory["cpu"]))
+    for kind in ("w", "cache", "act"):
+        at_most(_pair(kind), 1.0)
+    width = n + len(objective)
+    a_ub = np.array([np.pad(r, (0, width - len(r))) for r in rows])
+    c = np.concatenate([[PREFERENCE * (1 + f.endswith("disk")) for f in FRACTIONS], objective])
+    variable_bounds = [(0.0, 0.0 if _unused(costs, f) else 1.0) for f in FRACTIONS] + [(0.0, None)] * len(objective)
+    result = linprog(c, A_ub=a_ub, b_ub=np.array(bounds), bounds=variable_bounds, method="highs")
+    if result.status != 0:
+        return None
+    return float(result.fun), result.x[:n]
+
+
+def _pair(kind: str) -> Term:
+    vector = np.zeros(len(FRACTIONS))
+    vector[FRACTIONS.index(f"{kind}_cpu")] = vector[FRACTIONS.index(f"{kind}_disk")] = 1.0
+    return Term(0.0, vector)
+
+
+def _unused(costs: CostModel, fraction: str) -> bool:
+    """Fractions with nothing to place: the KV cache of a score-only workload."""
+    return fraction.startswith("cache") and costs.workload.gen_len == 0
+
+
+def _exact(costs: CostModel, shaped: Policy, limits: dict[str, float]) -> Choice | None:
+    """Solve, place exactly, and re-solve with tightened budgets while the exact peak overshoots."""
+    tightened = dict(limits)
+    for _ in range(RETRIES):
+        program = _solve(costs, shaped, tightened)
+        if program is None:
+            return None
+        policy = _policy(shaped, _shape(shaped), costs.workload, program[1])
+        prediction = costs.predict(policy)
+        over = {t: prediction.peak_bytes[t] - limits[t] for t in TIERS if prediction.peak_bytes[t] > limits[t]}
+        if not costs.cuda:
+            ram = prediction.peak_bytes["compute"] + prediction.peak_bytes["cpu"] - costs.profile.memory["cpu"]
+            if ram > 0:
+                over["compute"] = max(over.get("compute", 0.0), ram)
+        if not over:
+            return Choice(policy, prediction)
+        for tier, excess in over.items():
+            tightened[tier] -= 1.05 * excess
+            if tightened[tier] <= 0:
+                return None
+    return None
+
+
+def _shape(policy: Policy) -> Shape:
+    return Shape(
+        policy.gpu_batch_size,
+        policy.num_gpu_batches,
+        policy.overlap,
+        policy.stream_unembedding,
+        policy.cpu_cache_compute,
+    )
+
+
+def _infeasible(costs: CostModel, base: Policy, budget: Budget) -> str:
+    """The error for a budget nothing fits: it names the smallest that does (the given budgets
+    scaled together), found by bisection on the factor."""
+    given = budget.given()
+    what = f"{costs.model.family} model, {costs.workload.prompt_len}-token prompts"
+    if not given:
+        return f"no policy fits this machine's memory for the {what}"
+    low, high = 1.0, 2.0
+    while not _fits(costs, base, budget.scaled(high)):
+        low, high = high, high * 2
+        if high > 2**20:
+            return f"no policy fits {budget.describe()} for the {what}, nor any larger budget of those tiers"
+    while high / low > 1.02:
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if _fits(costs, base, budget.scaled(middle)) else (middle, high)
+    return (
+        f"no policy fits {budget.describe()} for the {what}: the smallest feasible budget is "
+        f"{budget.scaled(high).describe(up=True)} (or put more of the model on a tier without a budget)"
+    )
+
+
+def _fits(costs: CostModel, base: Policy, budget: Budget) -> bool:
+    """Whether one of the leanest shapes fits a budget."""
+    limits = _limits(costs, budget)
+    return any(_exact(costs, _policy(base, shape, costs.workload), limits) for shape in LEANEST)
+
+
+def plan(
+    spec: str | Path,
+    workload: Workload,
+    budget: Budget,
+    *,
+    base: Policy | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    offload_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    profile_overrides: Mapping[str, Any] | None = None,
+) -> Choice:
+    """`search` for a model spec on this machine (see `cost_model`)."""
+    costs = cost_model(spec, workload, dtype, device, offload_dir, cache_dir, profile_overrides)
+    return search(costs, base or Policy(), budget)
+
+
+def cost_model(
+    spec: str | Path,
+    workload: Workload,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    offload_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    profile_overrides: Mapping[str, Any] | None = None,
+) -> CostModel:
+    """The cost model of a model spec on this machine: its shapes from its config (no weights are
+    read), this machine's profile (measured on first use, then cached) and its layers' times."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    directory = registry.resolve(str(spec), cache_dir)
+    model = registry.build_model(directory)
+    cache = registry.cache_root(cache_dir)
+    offload = cache / "offload" if offload_dir is None else Path(offload_dir).expanduser()
+    offload.mkdir(parents=True, exist_ok=True)
+    machine = hardware.profile(device, offload, cache, profile_overrides)
+    layers = hardware.layer_times(model, dtype, device, offload, cache)
+    return CostModel(model, dtype, machine, layers, workload)
+
+
+def _three_digits(value: float, up: bool) -> float:
+    if not up or value <= 0:
+        return value
+    step = 10 ** (math.floor(math.log10(value)) - 2)
+    return math.ceil(value / step - 1e-9) * step

@@ -1,0 +1,271 @@
+"""The hardware profile, the cost model and the policy search (`policy=auto`).
+
+Timing predictions are checked against measurements by `benchmarks/cost_model.py`; here the
+profile is a fixed, made-up machine, so that what is tested is the arithmetic: caching of
+measurements, the model's memory in the units the engine reports, and a search that never
+returns a policy its own model says does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexeval import Engine, FlexevalError, Policy
+from flexeval.engine import hardware
+from flexeval.engine.cost_model import TIERS, CostModel, Workload
+from flexeval.engine.hardware import HardwareProfile, interpolate
+from flexeval.engine.placement import weight_bytes_per_tier
+from flexeval.engine.policy import compression_fields
+from flexeval.engine.search import GB, Budget, search
+from flexeval.models import registry, tiny
+from tests.conftest import same_results
+
+MB = 2**20
+
+
+def machine(**changes) -> HardwareProfile:
+    """A made-up CPU-only machine: GEMMs ten times faster with many rows than with one."""
+    rates = ((1, 1e10), (64, 5e10), (4096, 1e11))
+    made = HardwareProfile(
+        device="cpu",
+        gemm={"float32": rates, "bfloat16": rates},
+        attention={"float32": ((64, 2e10), (1024, 5e10)), "bfloat16": ((64, 2e10), (1024, 5e10))},
+        decode_attention={"float32": 1e10, "bfloat16": 1e10},
+        cpu_decode_attention={"float32": 1e10, "bfloat16": 1e10},
+        memory_bandwidth=2e10,
+        op_seconds=5e-6,
+        dequantize=5e9,
+        h2d=0.0,
+        d2h=0.0,
+        disk_read=1e9,
+        disk_write=5e8,
+        disk_call_seconds=1e-4,
+        read_slowdown=1.2,
+        memory={"compute": 16 * GB, "cpu": 16 * GB, "disk": 100 * GB},
+    )
+    return replace(made, **changes)
+
+
+def layer_times(model, scale: float = 1.0, overhead: float = 2e-5) -> hardware.LayerTimes:
+    """What `measure_layers` would report on `machine()` if every layer took `scale` times its
+    arithmetic plus `overhead` per call."""
+    costs = CostModel(model, torch.float32, machine(), {}, Workload(1, 1))
+    times = {}
+    for kind in {layer.kind for layer in model.layers}:
+        for phase, shapes in hardware.LAYER_SHAPES.items():
+            rows = []
+            for b, n in shapes:
+                seconds, calls = costs.arithmetic(kind, b, n, phase == "decode")
+                rows.append((b, n, scale * seconds + overhead * calls))
+            times[f"{kind}/{phase}"] = rows
+    return times
+
+
+def costs_for(spec: str, workload: Workload, **profile) -> CostModel:
+    model = registry.build_model(registry.resolve(spec))
+    return CostModel(model, torch.float32, machine(**profile), layer_times(model), workload)
+
+
+def test_interpolation_is_linear_in_log_size_and_flat_beyond_the_measured_sizes():
+    table = ((1, 10.0), (100, 30.0))
+    assert interpolate(table, 10) == pytest.approx(20.0)
+    assert interpolate(table, 0.5) == 10.0 and interpolate(table, 10**6) == 30.0
+
+
+def test_a_profile_is_measured_once_then_read_back_with_overrides_and_fresh_memory(tmp_path: Path):
+    calls = []
+
+    def measure(device, offload):
+        calls.append(device)
+        return machine()
+
+    first = hardware.profile(torch.device("cpu"), tmp_path, tmp_path / "cache", measure=measure)
+    again = hardware.profile(torch.device("cpu"), tmp_path, tmp_path / "cache", {"disk_read": 2e9}, measure=measure)
+    assert len(calls) == 1
+    assert again.disk_read == 2e9 and again.gemm == first.gemm
+    assert again.memory["disk"] == hardware.available_memory(torch.device("cpu"), tmp_path)["disk"]
+    (written,) = (tmp_path / "cache" / "hardware").glob("*.json")
+    assert json.loads(written.read_text())["disk_read"] == machine().disk_read
+    with pytest.raises(FlexevalError, match="unknown figures \\['disk_speed'\\]"):
+        hardware.profile(torch.device("cpu"), tmp_path, tmp_path / "cache", {"disk_speed": 1}, measure=measure)
+
+
+def test_a_damaged_profile_is_measured_again(tmp_path: Path):
+    hardware.profile(torch.device("cpu"), tmp_path, tmp_path / "c", measure=lambda d, o: machine())
+    (written,) = (tmp_path / "c" / "hardware").glob("*.json")
+    written.write_text("{not json")
+    again = hardware.profile(
+        torch.device("cpu"), tmp_path, tmp_path / "c", measure=lambda d, o: machine(op_seconds=1.0)
+    )
+    assert again.op_seconds == 1.0
+
+
+def test_the_fit_recovers_how_much_slower_the_layers_ran_than_their_arithmetic():
+    model = registry.build_model(registry.resolve("tiny-llama"))
+    costs = CostModel(model, torch.float32, machine(), layer_times(model, 1.7, 3e-5), Workload(8, 32))
+    for scale, overhead in costs.fits.values():
+        assert scale == pytest.approx(1.7, rel=1e-6) and overhead == pytest.approx(3e-5, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(w_gpu_percent=30, w_cpu_percent=30),
+        dict(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=50),
+        dict(w_gpu_percent=50, w_cpu_percent=0, **compression_fields("4bit")),
+    ],
+)
+def test_predicted_bytes_are_what_the_engine_stores_on_each_tier(fields, tmp_path: Path):
+    """Weights as `WeightStore` places them, and a block's whole KV cache, in `RunStats.tiers` units."""
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, **fields)
+    workload = Workload(sequences=4, prompt_len=12, gen_len=5, uniform=True)
+    costs = costs_for("tiny-llama", workload)
+    engine = Engine.load("tiny-llama", policy=policy, offload_dir=tmp_path)
+    engine.generate([list(range(1, 13))] * 4, max_new_tokens=5, stop_token_ids=[])
+    held = {tier: 0 for tier in TIERS}
+    for cls in ("weights", "cache"):
+        for tier, figures in engine.stats.tiers[cls].items():
+            held[tier] += figures["peak_bytes"]
+    engine.close()
+    stored = costs.weight_bytes(policy)
+    assert stored == weight_bytes_per_tier(costs.model.layers, policy, torch.float32)
+    cache = [costs.cache_bytes(policy) * share for share in policy.split("cache")]
+    assert [held[t] for t in TIERS] == pytest.approx([w + c for w, c in zip(stored, cache)])
+
+
+def test_more_on_disk_is_never_predicted_faster_and_overlap_hides_io():
+    costs = costs_for("tiny-llama", Workload(64, 64, 16, uniform=True))
+    seconds = [costs.predict(Policy(w_gpu_percent=100 - d, w_cpu_percent=0)).seconds for d in (0, 25, 50, 100)]
+    assert seconds == sorted(seconds) and seconds[-1] > seconds[0]
+    on_disk = Policy(w_gpu_percent=0, w_cpu_percent=0)
+    assert costs.predict(on_disk).seconds < costs.predict(replace(on_disk, overlap=False)).seconds
+
+
+def test_a_larger_block_reads_the_weights_fewer_times():
+    costs = costs_for("tiny-llama", Workload(64, 64, 16, uniform=True), disk_read=1e6)
+    small = costs.predict(Policy(gpu_batch_size=4, w_gpu_percent=0, w_cpu_percent=0))
+    large = costs.predict(Policy(gpu_batch_size=4, num_gpu_batches=8, w_gpu_percent=0, w_cpu_percent=0))
+    assert large.decode.io["disk"] == pytest.approx(small.decode.io["disk"] / 8)
+    assert large.tokens_per_second > 4 * small.tokens_per_second
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5, 1.0, 2.0])
+def test_the_search_returns_the_fastest_policy_it_predicts_within_the_budget(share: float):
+    costs = costs_for(registry.DEFAULT_MODEL, Workload(64, 128, 8))
+    weights = costs.model.nbytes(torch.float32)
+    budget = Budget(compute=share * weights / 2, cpu=share * weights / 2)
+    choice = search(costs, Policy(), budget)
+    assert choice.prediction.peak_bytes["compute"] <= budget.compute
+    assert choice.prediction.peak_bytes["cpu"] <= budget.cpu
+    assert choice.prediction == costs.predict(choice.policy)
+    for b in (1, 4, 16, 64):  # hand policies that fit are no faster
+        for disk in (0, 50, 100):
+            hand = Policy(gpu_batch_size=b, w_gpu_percent=(100 - disk) / 2, w_cpu_percent=(100 - disk) / 2)
+            peaks = costs.predict(hand).peak_bytes
+            if peaks["compute"] <= budget.compute and peaks["cpu"] <= budget.cpu:
+                assert costs.predict(hand).seconds >= choice.prediction.seconds * 0.999
+
+
+def test_an_infeasible_budget_names_the_smallest_feasible_one():
+    costs = costs_for("tiny-llama", Workload(16, 64))
+    with pytest.raises(FlexevalError, match="smallest feasible budget is gpu_mem_gb=") as raised:
+        search(costs, Policy(), Budget(compute=1000, cpu=1000))
+    named = float(str(raised.value).split("gpu_mem_gb=")[-1].split(",")[0]) * GB
+    assert "cpu_mem_gb=" in str(raised.value)
+    search(costs, Policy(), Budget(compute=named, cpu=named))  # fits
+    with pytest.raises(FlexevalError):
+        search(costs, Policy(), Budget(compute=0.9 * named, cpu=0.9 * named))
+
+
+def test_the_search_takes_well_under_five_seconds():
+    costs = costs_for(registry.DEFAULT_MODEL, Workload(1000, 512, 32))
+    start = time.perf_counter()
+    search(costs, Policy(), Budget(compute=0.25 * GB, cpu=0.25 * GB))
+    assert time.perf_counter() - start < 5
+
+
+def test_micro_batches_hold_at_most_gpu_batch_tokens_and_results_do_not_change():
+    prompts = [list(range(1, n)) for n in (40, 30, 30, 20, 12, 8, 8, 4)]
+    plain = Engine.load("tiny-llama", policy=Policy(gpu_batch_size=4))
+    capped = Engine.load("tiny-llama", policy=Policy(gpu_batch_size=4, gpu_batch_tokens=64))
+    lengths = {i: len(p) for i, p in enumerate(prompts)}
+    sizes = [[len(mb) for mb in block] for block in capped._blocks(lengths)]
+    assert sizes == [[1], [2], [3], [2]]  # 39 alone; 29 + 29; 19 + 11 + 7; 7 + 3
+    assert all(len(mb) * max(lengths[i] for i in mb) <= 64 for block in capped._blocks(lengths) for mb in block)
+    assert same_results(plain.logprobs(prompts), capped.logprobs(prompts))
+    assert plain.generate(prompts, 4) == capped.generate(prompts, 4)
+    with pytest.raises(FlexevalError, match="gpu_batch_tokens must be 0"):
+        Policy(gpu_batch_tokens=-1)
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory) -> Path:
+    """A random Llama of 134 MB (fp32): large enough that a budget of a tenth of it is measurable
+    in a process's resident memory, small enough to run in seconds."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    directory = tmp_path_factory.mktemp("wide-llama")
+    config = LlamaConfig(
+        vocab_size=tiny.VOCAB,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        bos_token_id=tiny.BOS,
+        eos_token_id=tiny.EOS,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    tiny.byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("share", [0.1, 0.15, 0.25, 0.5, 1.0, 2.0])
+def test_auto_policies_run_within_their_budget(share: float, wide_llama: Path, tmp_path: Path):
+    """Issue 7's safety check: measured RAM peak within the budget + 10 %, or an error that names
+    a budget that then runs."""
+    weights = registry.build_model(wide_llama).nbytes(torch.float32)
+
+    def run(budget: float) -> dict:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.auto_memory", str(wide_llama), str(budget), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    outcome = run(share * weights)
+    if "error" in outcome:
+        assert "smallest feasible budget is gpu_mem_gb=" in outcome["error"]
+        named = outcome["error"].split("gpu_mem_gb=")[-1]
+        least = 2 * float(named.split(",")[0]) * GB
+        assert least > share * weights
+        outcome, share = run(least * 1.01), least * 1.01 / weights
+        assert "error" not in outcome, outcome
+    assert outcome["peak"] <= 1.1 * share * weights, outcome
+
+
+def test_the_backend_takes_policy_auto_with_budgets_and_workload_in_model_args():
+    from flexeval.lm import FlexGenLM
+
+    lm = FlexGenLM(pretrained="tiny-llama", policy="auto", gpu_mem_gb="0.05", cpu_mem_gb="0.05", prompt_len="64")
+    assert lm.policy == lm.choice.policy == lm.engine.policy
+    assert lm.choice.prediction.peak_bytes["compute"] <= 0.05 * GB and lm.policy.gpu_batch_tokens > 0
+    with pytest.raises(FlexevalError, match="budgets for policy=auto's search"):
+        FlexGenLM(pretrained="tiny-llama", policy="disk-offload", gpu_mem_gb=0.05)
+    with pytest.raises(FlexevalError, match="prompt_len must be a whole number"):
+        FlexGenLM(pretrained="tiny-llama", policy="auto", prompt_len="long")
