@@ -34,20 +34,21 @@ from common import data_dir, prompt_windows  # noqa: E402
 # streamed unembedding): a person's guesses at this budget, where working memory leaves the
 # compute tier no room for weights and an unembedding read whole would need 114 MB of staging.
 HAND = [
-    (16, 2, 18, "disk", True),
-    (16, 2, 0, "disk", True),
+    (16, 1, 5, "cpu", True),
     (16, 1, 0, "cpu", True),
-    (16, 1, 18, "disk", True),
-    (8, 4, 18, "disk", True),
-    (8, 4, 10, "disk", True),
-    (8, 2, 0, "cpu", True),
-    (8, 1, 18, "gpu", True),
-    (8, 1, 10, "cpu", True),
-    (4, 8, 18, "disk", True),
-    (4, 4, 0, "cpu", True),
-    (4, 2, 18, "gpu", True),
-    (4, 1, 18, "cpu", True),
-    (32, 1, 18, "disk", True),
+    (16, 1, 10, "disk", True),
+    (8, 4, 15, "disk", True),
+    (8, 4, 0, "disk", True),
+    (8, 2, 10, "disk", True),
+    (8, 2, 5, "cpu", True),
+    (8, 1, 10, "gpu", True),
+    (8, 1, 15, "cpu", True),
+    (4, 8, 10, "disk", True),
+    (4, 4, 5, "cpu", True),
+    (4, 2, 15, "gpu", True),
+    (4, 1, 10, "cpu", True),
+    (2, 8, 15, "disk", True),
+    (2, 4, 10, "cpu", True),
 ]
 CACHE = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0)}
 

@@ -25,7 +25,8 @@ from flexeval.engine.hardware import HardwareProfile, interpolate
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.policy import compression_fields
 from flexeval.engine.search import GB, Budget, search
-from flexeval.models import registry, tiny
+from flexeval.models import registry
+from tests.auto_memory import write_wide_llama
 from tests.conftest import same_results
 
 MB = 2**20
@@ -175,14 +176,18 @@ def test_the_search_returns_the_fastest_policy_it_predicts_within_the_budget(sha
 
 
 def test_an_infeasible_budget_names_the_smallest_feasible_one():
+    """The named budget is where the leanest policy (one sequence at a time, everything on disk
+    that can be) fits, and the search finds a policy there whatever it refused."""
     costs = costs_for("tiny-llama", Workload(16, 64))
-    with pytest.raises(FlexevalError, match="smallest feasible budget is gpu_mem_gb=") as raised:
-        search(costs, Policy(), Budget(compute=1000, cpu=1000))
-    named = float(str(raised.value).split("gpu_mem_gb=")[-1].split(",")[0]) * GB
-    assert "cpu_mem_gb=" in str(raised.value)
-    search(costs, Policy(), Budget(compute=named, cpu=named))  # fits
-    with pytest.raises(FlexevalError):
-        search(costs, Policy(), Budget(compute=0.9 * named, cpu=0.9 * named))
+    named = []
+    for refused in (1000, 10_000, 100_000):
+        with pytest.raises(FlexevalError, match="smallest feasible budget is gpu_mem_gb=") as raised:
+            search(costs, Policy(), Budget(compute=refused, cpu=refused))
+        assert "cpu_mem_gb=" in str(raised.value)
+        named.append(float(str(raised.value).split("gpu_mem_gb=")[-1].split(",")[0]) * GB)
+    assert named[0] == named[1] == named[2]  # the same answer whatever was refused
+    choice = search(costs, Policy(), Budget(compute=named[0], cpu=named[0]))
+    assert max(choice.prediction.peak_bytes["compute"], choice.prediction.peak_bytes["cpu"]) <= named[0]
 
 
 def test_the_search_takes_well_under_five_seconds():
@@ -208,26 +213,8 @@ def test_micro_batches_hold_at_most_gpu_batch_tokens_and_results_do_not_change()
 
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory) -> Path:
-    """A random Llama of 134 MB (fp32): large enough that a budget of a tenth of it is measurable
-    in a process's resident memory, small enough to run in seconds."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     directory = tmp_path_factory.mktemp("wide-llama")
-    config = LlamaConfig(
-        vocab_size=tiny.VOCAB,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=256,
-        bos_token_id=tiny.BOS,
-        eos_token_id=tiny.EOS,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
-    tiny.byte_tokenizer().save_pretrained(directory)
+    write_wide_llama(directory)
     return directory
 
 

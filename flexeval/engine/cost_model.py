@@ -47,8 +47,10 @@ RUN_OPS = 10  # per run of equally padded sequences in CPU attention (one SDPA c
 UNIT_OPS = 30  # the schedule's own work per unit and micro-batch (futures, bookkeeping)
 READOUT_PASSES = 4  # passes over fp32 logits: log_softmax, gather, argmax
 # What a process's resident memory shows beyond the live tensors counted here, measured with
-# tests/auto_memory.py: the allocator's fragmentation and reuse over a layer's temporaries (its
-# working memory counted at 1.5 times), and a constant for the run's small tensors and objects.
+# benchmarks/auto_memory.py: the allocator's fragmentation and reuse over a layer's temporaries
+# (its working memory counted at 1.5 times), and 16 MB for the run's small tensors and objects
+# and the noise between runs (the same policy peaked 69 and 78 MB in two runs; with 8 MB here
+# one budget was overshot by 15 %).
 WORKING_MARGIN = 1.5
 RUNTIME_BYTES = 16 * 2**20
 
@@ -138,14 +140,16 @@ def term(**coefficients: float) -> Term:
 @dataclass(frozen=True)
 class UnitCost:
     """One scheduling unit over one pass of a block: `count` identical units in the LP's view.
-    Weights arrive while the unit before computes (after it, for the first unit of a pass); the
-    hidden states and caches of its micro-batches move while the previous micro-batch computes."""
+    A unit's weights are read while the unit before it computes, so it carries the reads of the
+    next unit's (`prefetch`); the first unit of a pass waits for its own. The hidden states and
+    caches of its micro-batches move while the previous micro-batch computes."""
 
     unit: Unit
     kind: str
     count: int
     compute: float  # seconds
-    weights: dict[str, Term]  # channel -> seconds
+    weights: dict[str, Term]  # channel -> seconds: this unit's own weights
+    prefetch: dict[str, Term]  # the next unit's weights, read during this unit's compute
     state: dict[str, Term]
     first: bool
 
@@ -207,17 +211,19 @@ class CostModel:
 
     def bounds(self, cost: UnitCost, policy: Policy) -> list[Term]:
         """Lower bounds of a unit's seconds, each linear in the placement fractions; its time is
-        the largest. Without overlap, or for the first unit of a pass, everything adds up. With
-        overlap, each channel is busy for its bytes, and compute, slowed by the disk reads beside
-        it (`HardwareProfile.read_slowdown`), also waits for the state of a block of one
-        micro-batch, whose next fetch follows its store."""
-        everything = sum(cost.weights.values(), Term(cost.compute)) + sum(cost.state.values(), Term())
-        if not policy.overlap or cost.first:
-            return [everything]
-        computing = Term(cost.compute) + cost.weights["disk"] * (self.profile.read_slowdown - 1)
+        the largest. Without overlap everything adds up. With overlap, each channel is busy for
+        the next unit's weights and this unit's state, and compute, slowed by the disk reads
+        beside it (`HardwareProfile.read_slowdown`), also waits for the state of a block of one
+        micro-batch, whose next fetch follows its store; the first unit of a pass first waits
+        for its own weights."""
+        state = sum(cost.state.values(), Term())
+        if not policy.overlap:
+            return [sum(cost.weights.values(), Term(cost.compute)) + state]
+        computing = Term(cost.compute) + cost.prefetch["disk"] * (self.profile.read_slowdown - 1)
         if policy.num_gpu_batches == 1:
-            computing = sum(cost.state.values(), computing)
-        return [computing] + [cost.weights[ch] + cost.state[ch] for ch in CHANNELS]
+            computing = computing + state
+        waits = sum(cost.weights.values(), Term()) if cost.first else Term()
+        return [waits + computing] + [waits + cost.prefetch[ch] + cost.state[ch] for ch in CHANNELS]
 
     def predict(self, policy: Policy) -> Prediction:
         """Time and memory of a concrete policy, its weights placed exactly as `WeightStore` will."""
@@ -361,13 +367,14 @@ class CostModel:
         """Every unit's costs, units alike in kind, size, slice (and, `placed`, in the bytes that
         arrive from each tier) costed once and counted."""
         grouped: dict[tuple, UnitCost] = {}
+        weights = [self._weight_io(unit, policy, placed) for unit in plan]
+        nothing = {ch: Term() for ch in CHANNELS}
         for u, unit in enumerate(plan):
             kinds = tuple(self.model.layers[j].kind for j in unit.layers)
             width = None if unit.vocab is None else unit.vocab[1] - unit.vocab[0]
             size = sum(self.model.layers[j].nbytes(self.dtype) for j in unit.layers)
-            weights = self._weight_io(unit, policy, placed)
-            arriving = tuple(t.constant for t in weights.values()) if placed is not None else ()
-            key = (u == 0, kinds, width, unit.tokens, size, arriving)
+            prefetch = weights[u + 1] if u + 1 < len(plan) else nothing
+            key = (u == 0, kinds, width, unit.tokens, size, _signature(weights[u]), _signature(prefetch))
             if key in grouped:
                 grouped[key] = replace(grouped[key], count=grouped[key].count + 1)
                 continue
@@ -376,7 +383,7 @@ class CostModel:
                 self._dequantize_seconds(unit, policy) + UNIT_OPS * self.profile.op_seconds * policy.num_gpu_batches
             )
             state = self._state_io(unit, list(kinds), policy, decoding)
-            grouped[key] = UnitCost(unit, "+".join(kinds), 1, compute, weights, state, first=u == 0)
+            grouped[key] = UnitCost(unit, "+".join(kinds), 1, compute, weights[u], prefetch, state, first=u == 0)
         return list(grouped.values())
 
     def _compute(self, kind: str, policy: Policy, decoding: bool, unit: Unit) -> float:
@@ -386,17 +393,16 @@ class CostModel:
         phase = "decode" if decoding else "prefill"
         n = int(w.prompt_len + w.gen_len / 2) if decoding else w.prompt_len
         head_rows = b if decoding or w.gen_len else b * (w.scored or w.prompt_len)
-        vocab = self.model.vocab_size if unit.vocab is None else unit.vocab[1] - unit.vocab[0]
-        arithmetic, calls = self.arithmetic(kind, b, n, decoding, head_rows, vocab)
+        arithmetic, calls = self.arithmetic(kind, b, n, decoding, head_rows)
         scale, overhead = self.fits[kind, phase]
         seconds = scale * arithmetic + overhead * calls
+        if unit.vocab is not None:  # a streamed slice: its share of the whole unembedding's time
+            seconds *= (unit.vocab[1] - unit.vocab[0]) / self.model.vocab_size
         if kind == "attention":
             seconds += self._attention_extra(policy, decoding, n)
         return seconds * policy.num_gpu_batches
 
-    def arithmetic(
-        self, kind: str, b: int, n: int, decoding: bool, head_rows: int | None = None, vocab: int | None = None
-    ) -> tuple[float, int]:
+    def arithmetic(self, kind: str, b: int, n: int, decoding: bool, head_rows: int | None = None) -> tuple[float, int]:
         """(seconds by the profile's rates, calls) of one layer over b sequences of n new tokens,
         or (decoding) one token after n cached: GEMMs at the rows they get (the CPU runs prefill
         a few sequences at a time, see `schedule.forward`), attention, elementwise passes, the
@@ -408,13 +414,17 @@ class CostModel:
         layer = next(layer for layer in self.model.layers if layer.kind == kind)
         if kind == "unembed":
             head_rows = b * s if head_rows is None else head_rows
-            vocab = self.model.vocab_size if vocab is None else vocab
+            vocab = self.model.vocab_size
             chunk = min(head_rows, max(LOGITS_CHUNK_ROWS, LOGITS_CHUNK_BYTES // (self.model.vocab_size * 4)))
-            seconds = p.gemm_seconds(chunk, 2 * head_rows * vocab * self.width, self.dtype)
+            table = vocab * self.width * item * math.ceil(head_rows / chunk)  # read once per chunk of rows
+            seconds = max(
+                p.gemm_seconds(chunk, 2 * head_rows * vocab * self.width, self.dtype), table / p.memory_bandwidth
+            )
             seconds += READOUT_PASSES * head_rows * vocab * 4 / p.memory_bandwidth
             return seconds, math.ceil(head_rows / chunk)
         matrices = sum(math.prod(q.shape) for q in layer.params.values() if len(q.shape) == 2 and not q.by_token)
-        seconds = p.gemm_seconds(rows, 2 * tokens * matrices, self.dtype)
+        # a GEMM streams its weights from memory at least once per chunk of rows
+        seconds = max(p.gemm_seconds(rows, 2 * tokens * matrices, self.dtype), matrices * item / p.memory_bandwidth)
         seconds += HIDDEN_PASSES.get(kind, 0) * tokens * self.width * item / p.memory_bandwidth
         if kind == "mlp":
             seconds += INTERMEDIATE_PASSES * tokens * self.intermediate * item / p.memory_bandwidth
@@ -530,6 +540,10 @@ def _counted(shares: tuple[float, float, float], units: int) -> tuple[float, flo
     """The shares `tiers.distribute` really gives `units` equal items."""
     placed = distribute([1] * units, shares)
     return tuple(placed.count(t) / units for t in range(3))
+
+
+def _signature(terms: dict[str, Term]) -> tuple[float, ...]:
+    return tuple(x for t in terms.values() for x in (t.constant, *t.coefficients))
 
 
 def _pooled(sizes: Sequence[float], in_flight: int) -> float:

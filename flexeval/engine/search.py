@@ -125,6 +125,8 @@ def search(costs: CostModel, base: Policy, budget: Budget) -> Choice:
         found += choice is not None
         if found == EXACT:
             break
+    if best is None:  # the leanest shapes with everything they can put on disk, as `_fits` tries them
+        best = next(filter(None, (_on_disk(costs, base, shape, limits) for shape in LEANEST)), None)
     if best is None:
         raise FlexevalError(_infeasible(costs, base, budget))
     return best
@@ -256,30 +258,35 @@ def _shape(policy: Policy) -> Shape:
 
 
 def _infeasible(costs: CostModel, base: Policy, budget: Budget) -> str:
-    """The error for a budget nothing fits: it names the smallest that does (the given budgets
-    scaled together), found by bisection on the factor."""
+    """The error for a budget nothing fits: it names the smallest that surely does, the given
+    budgets scaled together until the leanest policy fits them (one sequence at a time,
+    everything on disk that can be), which `search` always tries last."""
     given = budget.given()
     what = f"{costs.model.family} model, {costs.workload.prompt_len}-token prompts"
     if not given:
         return f"no policy fits this machine's memory for the {what}"
-    low, high = 1.0, 2.0
-    while not _fits(costs, base, budget.scaled(high)):
-        low, high = high, high * 2
-        if high > 2**20:
-            return f"no policy fits {budget.describe()} for the {what}, nor any larger budget of those tiers"
-    while high / low > 1.02:
-        middle = math.sqrt(low * high)
-        low, high = (low, middle) if _fits(costs, base, budget.scaled(middle)) else (middle, high)
+    scales = []
+    for shape in LEANEST:
+        peaks = costs.predict(_all_on_disk(costs, base, shape)).peak_bytes
+        scales.append(max(peaks[t] / v for t, v in given.items()))
+    least = budget.scaled(min(scales))
+    if _on_disk(costs, base, LEANEST[scales.index(min(scales))], _limits(costs, least)) is None:
+        return f"no policy fits {budget.describe()} for the {what}, nor any larger budget of those tiers"
     return (
         f"no policy fits {budget.describe()} for the {what}: the smallest feasible budget is "
-        f"{budget.scaled(high).describe(up=True)} (or put more of the model on a tier without a budget)"
+        f"{least.describe(up=True)} (or put more of the model on a tier without a budget)"
     )
 
 
-def _fits(costs: CostModel, base: Policy, budget: Budget) -> bool:
-    """Whether one of the leanest shapes fits a budget."""
-    limits = _limits(costs, budget)
-    return any(_exact(costs, _policy(base, shape, costs.workload), limits) for shape in LEANEST)
+def _on_disk(costs: CostModel, base: Policy, shape: Shape, limits: dict[str, float]) -> Choice | None:
+    """The policy of this shape with every tensor class on disk, if it fits."""
+    policy = _all_on_disk(costs, base, shape)
+    prediction = costs.predict(policy)
+    return Choice(policy, prediction) if all(prediction.peak_bytes[t] <= limits[t] for t in TIERS) else None
+
+
+def _all_on_disk(costs: CostModel, base: Policy, shape: Shape) -> Policy:
+    return _policy(base, shape, costs.workload, np.array([float(f.endswith("disk")) for f in FRACTIONS]))
 
 
 def plan(

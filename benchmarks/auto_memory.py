@@ -1,0 +1,65 @@
+"""policy=auto's RAM against its budget, from a tenth of the weights to twice them (issue 7, check 3).
+
+A random 134 MB Llama (`tests/auto_memory.py`); for each budget a fresh process searches a
+policy (16 sequences of 64 tokens generating 8; the budget split evenly between the compute and
+CPU tiers, both RAM here), loads the model under it and generates, and reports its resident
+high-water mark over what it held before loading; a budget nothing fits reports the error,
+which names the smallest feasible budget, and that one is run instead.
+
+    python benchmarks/auto_memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from flexeval.engine.search import GB  # noqa: E402
+from flexeval.models import registry  # noqa: E402
+from tests.auto_memory import write_wide_llama  # noqa: E402
+
+
+def run(directory: Path, budget: float, offload: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.auto_memory", str(directory), str(budget), offload],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shares", type=float, nargs="*", default=[0.1, 0.15, 0.25, 0.5, 1.0, 1.5, 2.0])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch) / "wide-llama"
+        write_wide_llama(directory)
+        weights = registry.build_model(directory).nbytes(torch.float32)
+        print(f"{'share':>6}{'budget MB':>11}{'peak MB':>9}{'peak/budget':>13}  policy")
+        for share in args.shares:
+            budget = share * weights
+            outcome = run(directory, budget, scratch)
+            if "error" in outcome:
+                print(f"{share:>6.2f}{budget / 2**20:>11.1f}  refused: {outcome['error']}")
+                named = 2 * float(outcome["error"].split("gpu_mem_gb=")[-1].split(",")[0]) * GB
+                budget, outcome = named, run(directory, named, scratch)
+            print(
+                f"{'':>6}{budget / 2**20:>11.1f}{outcome['peak'] / 2**20:>9.1f}{outcome['peak'] / budget:>13.2f}  "
+                f"{outcome['policy'].split(';')[0]}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
