@@ -1,17 +1,19 @@
 """The cost model: the seconds and the per-tier memory a policy will take for a workload.
 
 FlexGen's model, on the engine's own schedule. For each scheduling unit (`schedule.units`) a
-pass over a block costs its arithmetic over every micro-batch, plus the bytes it moves on each
-channel (disk, CPU→GPU, GPU→CPU); with overlap a unit takes the longest of those, without it
-their sum. Prefill is one pass per block, decoding one pass per new token; score-only workloads
-(lm-eval's log-likelihoods) are prefill alone, with logits read at the scored positions only.
+pass over a block costs its arithmetic over every micro-batch (the profile's rates, fitted to
+the model's own layers as measured on the machine), plus the bytes moved on each channel (disk,
+CPU→GPU, GPU→CPU); with overlap a unit takes the longest of its compute and the reads beside it
+(the next unit's weights, its micro-batches' state), without it their sum. Prefill is one pass
+per block, decoding one pass per new token; score-only workloads (lm-eval's log-likelihoods)
+are prefill alone, with logits read at the scored positions only.
 Peak memory per tier is what the tiers would hold (weights, a block's KV cache and hidden
 states) plus, on the compute tier, the working memory of one micro-batch's layer and the
 staging of the units being loaded, in the units `RunStats.tiers` reports.
 
-Everything that depends on where tensors live is linear in the policy's placement fractions, so
-`Costs` hands the search (`search.py`) the coefficients of a linear program, and `predict`
-evaluates a concrete policy with its weights placed exactly, tensor by tensor.
+Everything that depends on where tensors live is linear in the policy's placement fractions
+(`Term`), so the same costs give the search (`search.py`) the rows of a linear program, and
+`predict` evaluates a concrete policy with its weights placed exactly, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -163,7 +165,6 @@ class Stage:
 
     units: list[UnitCost]
     passes: float
-    overlap: bool
 
 
 class CostModel:
@@ -200,10 +201,10 @@ class CostModel:
         w = self.workload
         plan = units(self.model.layers, policy, self.dtype)
         placed = self._placed(policy) if exact else None
-        prefill = Stage(self._unit_costs(plan, policy, False, placed), 1, policy.overlap)
+        prefill = Stage(self._unit_costs(plan, policy, False, placed), 1)
         if w.gen_len <= 1:
             return [prefill]
-        decode = Stage(self._unit_costs(plan, policy, True, placed), w.gen_len - 1, policy.overlap)
+        decode = Stage(self._unit_costs(plan, policy, True, placed), w.gen_len - 1)
         return [prefill, decode]
 
     def blocks(self, policy: Policy) -> int:
@@ -302,8 +303,8 @@ class CostModel:
         return float(policy.block_size * self.workload.prompt_len * self.width * self.dtype.itemsize)
 
     def _working(self, policy: Policy) -> Term:
-        """Compute-tier bytes beyond what the tiers store: one micro-batch's layer at work, the
-        logits it reads out, the units being loaded (two with overlap) and dequantized."""
+        """Compute-tier bytes beyond what the tiers store and stage (`_staging`): one micro-batch's
+        layer at work, its hidden states, the logits it reads out, a decoding step's cache on CUDA."""
         w, b, item = self.workload, policy.gpu_batch_size, self.dtype.itemsize
         s = w.prompt_len
         rows = min(b, max(1, CPU_CHUNK_TOKENS // s)) * s if not self.cuda else b * s
