@@ -147,7 +147,7 @@ class FlexGenLM(TemplateLM):
             self.choice = plan(
                 pretrained,
                 workload,
-                Budget.from_gb(*(None if b is None else float(b) for b in budgets)),
+                Budget.from_gb(*(_gigabytes(n, b) for n, b in zip(("gpu_mem_gb", "cpu_mem_gb", "disk_gb"), budgets))),
                 base=Policy.from_dict(policy_fields),
                 dtype=dtype,
                 device=device,
@@ -443,3 +443,13 @@ def _integer(name: str, value: Any) -> int:
     if number < (0 if name == "gen_len" else 1):
         raise FlexevalError(f"flexgen: {name} must be at least {0 if name == 'gen_len' else 1}, got {number}")
     return number
+
+
+def _gigabytes(name: str, value: Any) -> float | None:
+    """A model_args budget in GB (a string from the command line), or None when not given."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise FlexevalError(f"flexgen: {name} must be a number of GB, got {value!r}") from None

@@ -254,5 +254,7 @@ def test_the_backend_takes_policy_auto_with_budgets_and_workload_in_model_args()
     assert lm.choice.prediction.peak_bytes["compute"] <= 0.05 * GB and lm.policy.gpu_batch_tokens > 0
     with pytest.raises(FlexevalError, match="budgets for policy=auto's search"):
         FlexGenLM(pretrained="tiny-llama", policy="disk-offload", gpu_mem_gb=0.05)
+    with pytest.raises(FlexevalError, match="gpu_mem_gb must be a number of GB, got 'lots'"):
+        FlexGenLM(pretrained="tiny-llama", policy="auto", gpu_mem_gb="lots")
     with pytest.raises(FlexevalError, match="prompt_len must be a whole number"):
         FlexGenLM(pretrained="tiny-llama", policy="auto", prompt_len="long")
