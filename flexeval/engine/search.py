@@ -112,14 +112,14 @@ def search(costs: CostModel, base: Policy, budget: Budget) -> Choice:
         policy = _policy(base, shape, costs.workload)
         program = _solve(costs, policy, limits)
         if program is not None:
-            solved.append((program[0], policy))
+            solved.append((program[0], policy, program[1]))
     # the best programs, then the leanest shapes: whatever `_fits` finds, the search finds too
-    ranked = [policy for _, policy in sorted(solved, key=lambda s: s[0])]
-    ranked += [_policy(base, shape, costs.workload) for shape in LEANEST]
+    ranked = [(policy, x) for _, policy, x in sorted(solved, key=lambda s: s[0])[:ATTEMPTS]]
+    ranked += [(p, None) for p in (_policy(base, shape, costs.workload) for shape in LEANEST) if p not in dict(ranked)]
     best: Choice | None = None
     found = 0
-    for policy in ranked[:ATTEMPTS] + ranked[-len(LEANEST) :]:
-        choice = _exact(costs, policy, limits)
+    for policy, fractions in ranked:
+        choice = _exact(costs, policy, limits, fractions)
         if choice is not None and (best is None or choice.prediction.seconds < best.prediction.seconds):
             best = choice
         found += choice is not None
@@ -224,14 +224,20 @@ def _unused(costs: CostModel, fraction: str) -> bool:
     return fraction.startswith("cache") and costs.workload.gen_len == 0
 
 
-def _exact(costs: CostModel, shaped: Policy, limits: dict[str, float]) -> Choice | None:
-    """Solve, place exactly, and re-solve with tightened budgets while the exact peak overshoots."""
+def _exact(
+    costs: CostModel, shaped: Policy, limits: dict[str, float], fractions: np.ndarray | None = None
+) -> Choice | None:
+    """Solve (unless the program's `fractions` at these limits are given), place exactly, and
+    re-solve with tightened budgets while the exact peak overshoots."""
     tightened = dict(limits)
     for _ in range(RETRIES):
-        program = _solve(costs, shaped, tightened)
-        if program is None:
-            return None
-        policy = _policy(shaped, _shape(shaped), costs.workload, program[1])
+        if fractions is None:
+            program = _solve(costs, shaped, tightened)
+            if program is None:
+                return None
+            fractions = program[1]
+        policy = _policy(shaped, _shape(shaped), costs.workload, fractions)
+        fractions = None
         prediction = costs.predict(policy)
         over = {t: prediction.peak_bytes[t] - limits[t] for t in TIERS if prediction.peak_bytes[t] > limits[t]}
         if not costs.cuda:
