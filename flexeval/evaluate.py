@@ -28,9 +28,9 @@ from flexeval import report
 from flexeval.atomic import atomic_file, write_text
 from flexeval.config import Run
 from flexeval.data import local_tasks
-from flexeval.engine.hardware import cpu_model
 from flexeval.errors import FlexevalError, first_line
 from flexeval.lm import FlexGenLM, Usage
+from flexeval.reproducible import cpu_model
 
 RESULTS = "results.json"
 # What lm-eval reports per task, merged over the run's tasks into one results.json.

@@ -31,13 +31,13 @@ from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
 from flexeval.engine.readout import ForcedReadout, ScoreReadout, StreamedScoreReadout, TokenReadout
-from flexeval.engine.schedule import CacheMode, Executors, Timing, run_pass, units
+from flexeval.engine.schedule import CacheMode, Executors, Timing, Unit, run_pass, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, Tier
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
 from flexeval.models.checkpoint import Checkpoint, iter_weights
 from flexeval.models.common import KVCache, Model, Readout, Step, StoredValues
-from flexeval.reproducible import check_cpu_gemms
+from flexeval.reproducible import safe_gemm_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TENSOR_CLASSES = ("weights", "cache", "act")
@@ -132,6 +132,18 @@ def _prepare_offload_dir(offload_dir: str | Path | None, needed: int) -> Path:
     return workdir
 
 
+def product_shapes(model: Model, plan: Sequence[Unit]) -> set[tuple[int, int]]:
+    """(in, out) features of the matrix products the model computes: every 2-D weight (lookup
+    tables too: a shape probed needlessly costs milliseconds), and the unembedding's vocabulary
+    slices when it streams."""
+    shapes = {(p.shape[1], p.shape[0]) for layer in model.layers for p in layer.params.values() if len(p.shape) == 2}
+    for unit in plan:
+        if unit.vocab is not None:
+            (table,) = model.layers[unit.layers[0]].params.values()
+            shapes.add((table.shape[1], unit.vocab[1] - unit.vocab[0]))
+    return shapes
+
+
 def release_free_memory() -> None:
     """Give the memory that glibc keeps after frees back to the system (a no-op elsewhere).
 
@@ -157,6 +169,7 @@ class Engine:
         dtype: torch.dtype,
         policy: Policy,
         workdir: Path | None = None,
+        gemm_rows: int = 1,
     ) -> None:
         self.model = model
         self.weights = weights
@@ -166,6 +179,7 @@ class Engine:
         self.dtype = dtype
         self.policy = policy
         self.plan = units(model.layers, policy, dtype)
+        self.gemm_rows = gemm_rows  # matrix products of fewer rows are padded (flexeval.reproducible)
         self.score_readout = StreamedScoreReadout if policy.stream_unembedding else ScoreReadout
         self.io = Executors.make(policy.overlap)
         self.stats = RunStats()
@@ -191,10 +205,10 @@ class Engine:
         policy = policy or Policy()
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        if device.type == "cpu":
-            check_cpu_gemms()
         directory = registry.resolve(str(spec), cache_dir)
         model = registry.build_model(directory)
+        shapes = product_shapes(model, units(model.layers, policy, dtype))
+        gemm_rows = safe_gemm_rows(shapes, dtype, device, registry.cache_root(cache_dir))
         tokenizer = registry.load_tokenizer(directory)
         layers = iter_weights(model, Checkpoint(directory), dtype)  # checks names and shapes, then builds
         uses_disk = any(policy.split(kind)[2] > 0 for kind in ("w", "cache", "act"))
@@ -226,7 +240,7 @@ class Engine:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
         release_free_memory()
-        return cls(model, store, tiers, tokenizer, device, dtype, policy, workdir)
+        return cls(model, store, tiers, tokenizer, device, dtype, policy, workdir, gemm_rows)
 
     def close(self) -> None:
         """Stop the I/O threads and delete this engine's offload files (also done on garbage collection)."""
@@ -468,7 +482,8 @@ class Engine:
         readout: Readout,
     ) -> Step:
         rope = self.model.rotary(pos, self.dtype) if self.model.rotary else None
-        return Step(ids, pos, batch.pads, mask, cache_start, rows, readout, rope, self.model.sliding_window)
+        window = self.model.sliding_window
+        return Step(ids, pos, batch.pads, mask, cache_start, rows, readout, rope, window, gemm_rows=self.gemm_rows)
 
     def _packed_step(self, rows: list[Packed]) -> Step:
         """A micro-batch of packed rows, left-padded; the head reads each row's `heads`."""

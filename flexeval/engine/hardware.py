@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -41,6 +40,7 @@ from flexeval.engine.schedule import Executors, forward
 from flexeval.engine.tiers import DiskTier
 from flexeval.errors import FlexevalError
 from flexeval.models.common import KVCache, Layer, Model, Step, Weights
+from flexeval.reproducible import cpu_model
 
 VERSION = 6  # of the measurement procedure: a new one invalidates cached profiles
 GEMM_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
@@ -356,16 +356,6 @@ def _meminfo(field: str) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # Shapes at which `measure_layers` times a model's own layers: (sequences, tokens) for prefill,

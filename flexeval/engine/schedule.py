@@ -112,8 +112,9 @@ class Unit:
 
 def units(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> list[Unit]:
     """The schedule's units: each layer alone, or a block's attention with its MLP (`sep_layer`
-    off); the unembedding whole, or cut into vocabulary slices of about `UNEMBED_SLICE_BYTES`
-    (`stream_unembedding`), whose reads then overlap the unembedding's own compute."""
+    off); the unembedding whole, or cut into even vocabulary slices of at most `UNEMBED_SLICE_BYTES`
+    (`stream_unembedding`), whose reads then overlap the unembedding's own compute. Even, because a
+    product a few columns wide runs other BLAS kernels, with rounding of its own (`flexeval.reproducible`)."""
     grouped: list[Unit] = []
     for j, layer in enumerate(layers):
         by_token = [p for p in layer.params.values() if p.by_token]
@@ -121,8 +122,9 @@ def units(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> list[U
             grouped.append(Unit((j,)))
         elif layer.kind == "unembed":
             vocab, row_bytes = by_token[0].shape[0], by_token[0].nbytes(dtype) // by_token[0].shape[0]
-            rows = max(1, UNEMBED_SLICE_BYTES // row_bytes)
-            grouped += [Unit((j,), (v, min(v + rows, vocab))) for v in range(0, vocab, rows)]
+            count = -(-vocab // max(1, UNEMBED_SLICE_BYTES // row_bytes))
+            bounds = [vocab * i // count for i in range(count + 1)]  # even: no narrow last slice
+            grouped += [Unit((j,), (a, b)) for a, b in zip(bounds, bounds[1:])]
         elif layer.kind == "mlp" and not policy.sep_layer and layers[grouped[-1].layers[-1]].kind == "attention":
             grouped[-1] = Unit((*grouped[-1].layers, j))
         else:

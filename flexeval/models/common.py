@@ -123,6 +123,7 @@ class Step:
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin: (b, s, head_dim), for rotary families
     window: int | None = None  # sliding attention window, in columns
     attn_sparsity: float = 1.0  # decoding: the share of earlier positions whose values each query reads
+    gemm_rows: int = 1  # the fewest rows a matrix product is computed with (see `linear`)
 
     @property
     def sparse(self) -> bool:
@@ -177,6 +178,18 @@ class Model:
         return sum(p.nbytes(dtype) for p in params.values())
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> Tensor:
+    """`F.linear` over at least `rows` rows: a product of fewer is padded with zero rows, which are
+    dropped after, because a BLAS may compute very few rows with other kernels, and so other
+    rounding, than the same rows among more (`flexeval.reproducible` finds `rows` per machine)."""
+    m = x.numel() // x.shape[-1]
+    if m >= rows or m == 0:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(m, x.shape[-1])  # (m, d)
+    padded = torch.cat((flat, flat.new_zeros(rows - m, flat.shape[1])))  # (rows, d)
+    return F.linear(padded, weight, bias)[:m].reshape(*x.shape[:-1], -1)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm computed in fp32 and scaled in the input dtype, as the Llama reference does."""
     x32 = x.float()
@@ -226,7 +239,7 @@ def unembed(w: Weights, x: Tensor, step: Step, cache: KVCache | None) -> Tensor:
     rows = max(LOGITS_CHUNK_ROWS, LOGITS_CHUNK_BYTES // (table.shape[0] * 4))
     for i in range(0, x.shape[0], rows):
         chunk = slice(i, min(i + rows, x.shape[0]))
-        step.readout.update(F.linear(x[chunk], table).float(), chunk, first)
+        step.readout.update(linear(x[chunk], table, None, step.gemm_rows).float(), chunk, first)
     return x
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
@@ -29,6 +28,7 @@ from flexeval.models.common import (
     apply_rotary,
     embed_tokens,
     gather_rows,
+    linear,
     rms_norm,
     rotary_tables,
     split_heads,
@@ -103,17 +103,17 @@ def embed(w: Weights, h: Tensor | None, step: Step, cache: KVCache | None) -> Te
 def attention(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     x = rms_norm(h, w["norm"], cfg.rms_norm_eps)
-    q, k, v = F.linear(x, w["wqkv"], w.get("bqkv")).split((q_size, kv_size, kv_size), dim=-1)
+    q, k, v = linear(x, w["wqkv"], w.get("bqkv"), step.gemm_rows).split((q_size, kv_size, kv_size), dim=-1)
     q, k, v = (split_heads(t, cfg.head_dim) for t in (q, k, v))  # (b, heads, s, head_dim)
     cos, sin = step.rope
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    return h + F.linear(attend(q, k, v, step, cache), w["wo"], w.get("bo"))
+    return h + linear(attend(q, k, v, step, cache), w["wo"], w.get("bo"), step.gemm_rows)
 
 
 def mlp(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
     x = rms_norm(h, w["norm"], cfg.rms_norm_eps)
-    gate, up = F.linear(x, w["w13"], w.get("b13")).chunk(2, dim=-1)  # (b, s, intermediate) each
-    return h + F.linear(cfg.hidden_act(gate) * up, w["w2"], w.get("b2"))
+    gate, up = linear(x, w["w13"], w.get("b13"), step.gemm_rows).chunk(2, dim=-1)  # (b, s, intermediate) each
+    return h + linear(cfg.hidden_act(gate) * up, w["w2"], w.get("b2"), step.gemm_rows)
 
 
 def head(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:

@@ -28,6 +28,7 @@ from flexeval.models.common import (
     embed_tokens,
     gather_rows,
     layer_norm,
+    linear,
     split_heads,
     unembedding,
 )
@@ -83,7 +84,7 @@ class OPTConfig:
 def embed(cfg: OPTConfig, w: Weights, h: Tensor | None, step: Step, cache: KVCache | None) -> Tensor:
     x = embed_tokens(w, "tokens", step.ids)  # (b, s, word_embed_proj_dim)
     if cfg.projects:
-        x = F.linear(x, w["project_in"])  # (b, s, d)
+        x = linear(x, w["project_in"], None, step.gemm_rows)  # (b, s, d)
     return x + F.embedding(step.positions + POSITION_OFFSET, w["positions"])
 
 
@@ -96,17 +97,18 @@ def residual(cfg: OPTConfig, w: Weights, h: Tensor, sublayer) -> Tensor:
 
 def attention(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
     def attn(x: Tensor) -> Tensor:
-        q, k, v = F.linear(x, w["wqkv"], w.get("bqkv")).chunk(3, dim=-1)
+        q, k, v = linear(x, w["wqkv"], w.get("bqkv"), step.gemm_rows).chunk(3, dim=-1)
         q = q * cfg.head_dim**-0.5  # OPT scales queries, bias included, before the dot product
         q, k, v = (split_heads(t, cfg.head_dim) for t in (q, k, v))  # (b, heads, s, head_dim)
-        return F.linear(attend(q, k, v, step, cache, scale=1.0), w["wo"], w.get("bo"))
+        return linear(attend(q, k, v, step, cache, scale=1.0), w["wo"], w.get("bo"), step.gemm_rows)
 
     return residual(cfg, w, h, attn)
 
 
 def mlp(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
     def feed_forward(x: Tensor) -> Tensor:
-        return F.linear(cfg.activation(F.linear(x, w["fc1"], w.get("b1"))), w["fc2"], w.get("b2"))
+        inner = cfg.activation(linear(x, w["fc1"], w.get("b1"), step.gemm_rows))  # (b, s, ffn_dim)
+        return linear(inner, w["fc2"], w.get("b2"), step.gemm_rows)
 
     return residual(cfg, w, h, feed_forward)
 
@@ -116,7 +118,7 @@ def head(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | Non
     if cfg.final_norm:
         x = layer_norm(x, w["norm"], w["norm_bias"], LAYER_NORM_EPS)
     if cfg.projects:
-        x = F.linear(x, w["project_out"])  # (n, word_embed_proj_dim)
+        x = linear(x, w["project_out"], None, step.gemm_rows)  # (n, word_embed_proj_dim)
     return x  # the unembedding's input
 
 
