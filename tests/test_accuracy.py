@@ -4,7 +4,8 @@ compressed against uncompressed through the same engine (`make test-accuracy`).
 The pinned values were measured with these very functions (2026-11-26, on the 2-core CPU of
 this project's machines; `python -m tests.test_accuracy` prints them anew). The engine's fp32
 results do not depend on batch shape or placement, so on one machine they repeat exactly; the
-tolerances leave room for another CPU's rounding and nothing more. They are tight enough that a
+tolerances leave room for another CPU's rounding and nothing more (a GPTQ fit is itself rounded
+differently by another CPU: see FITTED_PERPLEXITY_SHARE). They are tight enough that a
 quantizer defect moves the metrics out of them: the last test plants three and checks that.
 
 What compression costs against uncompressed is measured on the issue's 1,000 documents by
@@ -62,6 +63,11 @@ PINNED: dict[str, Metrics] = {
 }
 ACCURACY_POINTS = 0.51  # absolute tolerance of accuracies: one document of either subset
 PERPLEXITY_SHARE = 0.005  # relative tolerance of perplexities
+# GPTQ rounds each weight to a code after spreading the rounding errors of the ones before it, so
+# another CPU's BLAS and LAPACK rounding flips some codes: fitted and evaluated on an Intel Xeon,
+# LAMBADA perplexity 64.317; on an AMD EPYC 64.848 (+0.83 %), while the unfitted presets agreed
+# there within 0.5 %. Still far from min-max's 112.3 and from every planted defect.
+FITTED_PERPLEXITY_SHARE = 0.015
 
 
 def metrics(compression: str) -> Metrics:
@@ -79,12 +85,12 @@ def metrics(compression: str) -> Metrics:
     return measured
 
 
-def departures(measured: Metrics, pinned: Metrics) -> list[str]:
+def departures(measured: Metrics, pinned: Metrics, perplexity_share: float = PERPLEXITY_SHARE) -> list[str]:
     """The metrics outside their tolerance of the pinned values."""
     out = []
     for key, expected in pinned.items():
         value = measured[key]
-        allowed = expected * PERPLEXITY_SHARE if key.endswith("perplexity") else ACCURACY_POINTS
+        allowed = expected * perplexity_share if key.endswith("perplexity") else ACCURACY_POINTS
         if abs(value - expected) > allowed:
             out.append(f"{key}: {value:.3f}, pinned {expected:.3f} ± {allowed:.3f}")
     return out
@@ -114,7 +120,8 @@ DEFECTS: dict[str, tuple[str, Callable]] = {
 
 
 def check(compression: str) -> None:
-    assert departures(metrics(compression), PINNED[compression]) == []
+    share = FITTED_PERPLEXITY_SHARE if compression.endswith("-gptq") else PERPLEXITY_SHARE
+    assert departures(metrics(compression), PINNED[compression], share) == []
 
 
 @pytest.mark.parametrize("compression", list(PINNED))
