@@ -275,7 +275,7 @@ def _infeasible(costs: CostModel, base: Policy, budget: Budget) -> str:
     for shape in LEANEST:
         peaks = costs.predict(_all_on_disk(costs, base, shape)).peak_bytes
         scales.append(max(peaks[t] / v for t, v in given.items()))
-    least = budget.scaled(min(scales))
+    least = budget.scaled(min(scales) * (1 + 1e-9))  # a quotient times its divisor can fall an ulp short
     if _on_disk(costs, base, LEANEST[scales.index(min(scales))], _limits(costs, least)) is None:
         return f"no policy fits {budget.describe()} for the {what}, nor any larger budget of those tiers"
     return (
