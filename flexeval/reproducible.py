@@ -58,13 +58,21 @@ Shape = tuple[int, int]  # (in_features, out_features) of a product's weight
 
 
 def cpu_model() -> str:
+    """The CPU's name with its family and model numbers: virtual machines often name only the
+    vendor's line ("AMD EPYC" for Zen 4 and Zen 5 alike), whose cores choose other kernels."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return describe_cpu(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+
+
+def describe_cpu(cpuinfo: str) -> str:
+    """`cpu_model` from the text of /proc/cpuinfo (its first processor's block)."""
+    first = cpuinfo.split("\n\n", 1)[0]
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    name = fields.get("model name") or platform.processor()
+    numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if fields.get(k)]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
 def safe_gemm_rows(shapes: Iterable[Shape], dtype: torch.dtype, device: torch.device, cache_dir: Path) -> int:

@@ -132,3 +132,18 @@ def test_a_users_own_mkl_mode_is_kept() -> None:
     env = {**os.environ, "MKL_CBWR": "AUTO"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "AUTO"
+
+
+def test_the_cpu_is_told_apart_by_family_and_model_where_its_name_is_only_the_vendors_line():
+    """Zen 4 and Zen 5 virtual machines both call themselves "AMD EPYC"; cached probes and
+    profiles must not pass from one to the other."""
+    zen = (
+        "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\n"
+        "model\t\t: {model}\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+    )
+    zen4, zen5 = zen.format(n=0, family=25, model=17), zen.format(n=0, family=26, model=2)
+    assert reproducible.describe_cpu(zen4 + "\n" + zen.format(n=1, family=25, model=17)) == (
+        "AMD EPYC (cpu family 25, model 17, stepping 1)"
+    )
+    assert reproducible.describe_cpu(zen4) != reproducible.describe_cpu(zen5)
+    assert reproducible.describe_cpu("model name\t: Some CPU\n") == "Some CPU"
