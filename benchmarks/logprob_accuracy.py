@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from flexeval import Policy
 from flexeval.engine.readout import StreamedScoreReadout
-from flexeval.engine.schedule import UNEMBED_SLICE_BYTES
+from flexeval.engine.schedule import units
 from flexeval.models import registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +40,8 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     with (args.data_dir / "lambada_openai" / "lambada_test.jsonl").open() as f:
         texts = [json.loads(line)["text"] for line, _ in zip(f, range(args.docs))]
-    slice_rows = UNEMBED_SLICE_BYTES // (model.config.hidden_size * 4)
+    layers = registry.build_model(directory).layers
+    slices = [u.vocab for u in units(layers, Policy(stream_unembedding=True), torch.float32) if u.vocab]  # the engine's
     errors: dict[str, list[torch.Tensor]] = {"torch log_softmax (fp32)": [], "streamed readout (fp32)": []}
     for text in texts:
         ids = tokenizer.encode(text)
@@ -47,8 +49,8 @@ def main() -> int:
         exact = logits.double().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
         torch_lp = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
         readout = StreamedScoreReadout(targets)
-        for v in range(0, logits.shape[1], slice_rows):
-            readout.update(logits[:, v : v + slice_rows], slice(0, len(targets)), v)
+        for start, stop in slices:
+            readout.update(logits[:, start:stop], slice(0, len(targets)), start)
         errors["torch log_softmax (fp32)"].append(torch_lp.double() - exact)
         errors["streamed readout (fp32)"].append(readout.result().double() - exact)
     tokens = sum(len(e) for e in errors["torch log_softmax (fp32)"])
