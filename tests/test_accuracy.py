@@ -68,6 +68,9 @@ PERPLEXITY_SHARE = 0.005  # relative tolerance of perplexities
 # LAMBADA perplexity 64.317; on an AMD EPYC 64.848 (+0.83 %), while the unfitted presets agreed
 # there within 0.5 %. Still far from min-max's 112.3 and from every planted defect.
 FITTED_PERPLEXITY_SHARE = 0.015
+# and the same flipped codes move an accuracy by two documents: HellaSwag acc_norm 44.0 fitted on
+# an AMD EPYC Zen 5 against 45.0 pinned on an Intel Xeon.
+FITTED_ACCURACY_POINTS = 1.01
 
 
 def metrics(compression: str) -> Metrics:
@@ -85,12 +88,17 @@ def metrics(compression: str) -> Metrics:
     return measured
 
 
-def departures(measured: Metrics, pinned: Metrics, perplexity_share: float = PERPLEXITY_SHARE) -> list[str]:
+def departures(
+    measured: Metrics,
+    pinned: Metrics,
+    perplexity_share: float = PERPLEXITY_SHARE,
+    accuracy_points: float = ACCURACY_POINTS,
+) -> list[str]:
     """The metrics outside their tolerance of the pinned values."""
     out = []
     for key, expected in pinned.items():
         value = measured[key]
-        allowed = expected * perplexity_share if key.endswith("perplexity") else ACCURACY_POINTS
+        allowed = expected * perplexity_share if key.endswith("perplexity") else accuracy_points
         if abs(value - expected) > allowed:
             out.append(f"{key}: {value:.3f}, pinned {expected:.3f} ± {allowed:.3f}")
     return out
@@ -120,8 +128,9 @@ DEFECTS: dict[str, tuple[str, Callable]] = {
 
 
 def check(compression: str) -> None:
-    share = FITTED_PERPLEXITY_SHARE if compression.endswith("-gptq") else PERPLEXITY_SHARE
-    assert departures(metrics(compression), PINNED[compression], share) == []
+    fitted = compression.endswith("-gptq")
+    share, points = (FITTED_PERPLEXITY_SHARE, FITTED_ACCURACY_POINTS) if fitted else (PERPLEXITY_SHARE, ACCURACY_POINTS)
+    assert departures(metrics(compression), PINNED[compression], share, points) == []
 
 
 @pytest.mark.parametrize("compression", list(PINNED))
