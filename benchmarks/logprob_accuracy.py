@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from flexeval import Policy
 from flexeval.engine.readout import StreamedScoreReadout
@@ -37,7 +37,7 @@ def main() -> int:
 
     directory = registry.resolve(registry.DEFAULT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = registry.hf_model(directory)
     with (args.data_dir / "lambada_openai" / "lambada_test.jsonl").open() as f:
         texts = [json.loads(line)["text"] for line, _ in zip(f, range(args.docs))]
     layers = registry.build_model(directory).layers

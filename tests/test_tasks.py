@@ -15,6 +15,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from flexeval.data import TASKS_DIR, data_dir, local_tasks
+from flexeval.models import registry
 
 MMLU_SUBJECT = "astronomy"
 # local task -> (lm-eval's built-in task, the built-in's split -> our split, few-shot counts to compare).
@@ -137,7 +138,9 @@ def backends(smollm2_dir: Path) -> dict[str, Any]:
     from flexeval.lm import FlexGenLM
 
     return {
-        "hf": HFLM(pretrained=str(smollm2_dir), dtype="float32", batch_size=8, device="cpu"),
+        "hf": HFLM(
+            pretrained=str(smollm2_dir), dtype="float32", batch_size=8, device="cpu", **registry.hf_kwargs(smollm2_dir)
+        ),
         "flexgen": FlexGenLM(pretrained=str(smollm2_dir), gpu_batch_size=8, num_gpu_batches=2),
     }
 

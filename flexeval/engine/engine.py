@@ -35,7 +35,7 @@ from flexeval.engine.schedule import CacheMode, Executors, Timing, Unit, run_pas
 from flexeval.engine.tiers import DiskTier, MemoryTier, Tier
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
-from flexeval.models.checkpoint import Checkpoint, iter_weights
+from flexeval.models.checkpoint import iter_weights, open_checkpoint
 from flexeval.models.common import KVCache, Model, Readout, Step, StoredValues
 from flexeval.reproducible import safe_gemm_rows
 
@@ -210,7 +210,7 @@ class Engine:
         shapes = product_shapes(model, units(model.layers, policy, dtype))
         gemm_rows = safe_gemm_rows(shapes, dtype, device, registry.cache_root(cache_dir))
         tokenizer = registry.load_tokenizer(directory)
-        layers = iter_weights(model, Checkpoint(directory), dtype)  # checks names and shapes, then builds
+        layers = iter_weights(model, open_checkpoint(directory), dtype)  # checks names and shapes, then builds
         uses_disk = any(policy.split(kind)[2] > 0 for kind in ("w", "cache", "act"))
         on_disk = weight_bytes_per_tier(model.layers, policy, dtype)[2]
         fitted = None

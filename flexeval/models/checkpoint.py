@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from flexeval.errors import FlexevalError, first_line
+from flexeval.models import gguf
 from flexeval.models.common import Model, Param
 
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
@@ -38,7 +39,7 @@ class Checkpoint:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
+        self.directory = self.source = directory
         self._files: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._bins: dict[Path, dict[str, Tensor]] = {}
@@ -98,16 +99,17 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
-    def get(self, name: str) -> Tensor:
+    def get(self, name: str, dtype: torch.dtype) -> Tensor:
+        """The tensor as `dtype` (cast a slice at a time)."""
         path, shape = self._files[name], self._shapes[name]
         with self._open(path) as handle:
             if path.suffix != ".safetensors" or not shape:
-                return handle.get(name)
+                return handle.get(name).to(dtype)
             first = handle.get_rows(name, 0, 1)
             rows = max(1, READ_SLICE_BYTES // max(first.nbytes, 1))
             if rows >= shape[0]:
-                return handle.get(name)
-        tensor = torch.empty(shape, dtype=first.dtype)
+                return handle.get(name).to(dtype)
+        tensor = torch.empty(shape, dtype=dtype)
         for start in range(0, shape[0], rows):
             with self._open(path) as handle:
                 tensor[start : start + rows] = handle.get_rows(name, start, start + rows)
@@ -161,7 +163,16 @@ def _load_bin(path: Path) -> dict[str, Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
 
 
-def iter_weights(model: Model, checkpoint: Checkpoint, dtype: torch.dtype) -> Iterator[dict[str, Tensor]]:
+def open_checkpoint(directory: Path) -> Checkpoint | gguf.GGUFCheckpoint:
+    """The tensors of a checkpoint directory, or of the GGUF file a prepared directory links to."""
+    if (directory / gguf.GGUF_NAME).is_symlink():
+        return gguf.open_prepared(directory)
+    return Checkpoint(directory)
+
+
+def iter_weights(
+    model: Model, checkpoint: Checkpoint | gguf.GGUFCheckpoint, dtype: torch.dtype
+) -> Iterator[dict[str, Tensor]]:
     """Each layer's weights in order, built from the checkpoint by the model's table, on the CPU.
 
     One layer at a time, so that placing weights on disk never needs the whole model in memory;
@@ -177,7 +188,7 @@ def iter_weights(model: Model, checkpoint: Checkpoint, dtype: torch.dtype) -> It
     unused = sorted(n for n in checkpoint.names() - set(names.values()) if not _ignorable(n, model))
     if unused:
         raise FlexevalError(
-            f"{checkpoint.directory} has {len(unused)} tensors the {model.family} family does not use "
+            f"{checkpoint.source} has {len(unused)} tensors the {model.family} family does not use "
             f"(e.g. {unused[:3]}): the config's architecture does not match the weights"
         )
     for layer in model.layers:
@@ -186,7 +197,7 @@ def iter_weights(model: Model, checkpoint: Checkpoint, dtype: torch.dtype) -> It
             stacked = (sum(shape[0] for shape in shapes), *shapes[0][1:]) if shapes[0] else ()
             if any(shape[1:] != shapes[0][1:] for shape in shapes) or stacked != param.shape:
                 raise FlexevalError(
-                    f"{checkpoint.directory}: {layer.name}.{tensor_name} from {list(param.sources)} has shapes "
+                    f"{checkpoint.source}: {layer.name}.{tensor_name} from {list(param.sources)} has shapes "
                     f"{shapes}, the config implies {param.shape}: config and weights disagree"
                 )
 
@@ -195,8 +206,8 @@ def iter_weights(model: Model, checkpoint: Checkpoint, dtype: torch.dtype) -> It
     def build(param: Param) -> Tensor:
         tensor = shared.get(param.sources)
         if tensor is None:
-            parts = [checkpoint.get(names[source]) for source in param.sources]
-            tensor = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).to(dtype)
+            parts = [checkpoint.get(names[source], dtype) for source in param.sources]
+            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             shared[param.sources] = tensor
         return tensor
 
@@ -204,11 +215,11 @@ def iter_weights(model: Model, checkpoint: Checkpoint, dtype: torch.dtype) -> It
         yield {name: build(p) for name, p in layer.params.items()}
 
 
-def _require(checkpoint: Checkpoint, model: Model, source: str) -> str:
+def _require(checkpoint: Checkpoint | gguf.GGUFCheckpoint, model: Model, source: str) -> str:
     name = checkpoint.resolve(source)
     if name is None:
         raise FlexevalError(
-            f"{checkpoint.directory} lacks tensor {source!r} that the {model.family} config requires: "
+            f"{checkpoint.source} lacks tensor {source!r} that the {model.family} config requires: "
             "incomplete or mismatched checkpoint"
         )
     return name

