@@ -75,14 +75,17 @@ def prompt_windows(tokenizer, directory: Path, count: int, length: int) -> torch
     return torch.tensor(wikitext_tokens(tokenizer, directory, count * length)).view(count, length)
 
 
-def generate_from_disk(policy, directory: Path, count: int, length: int, new_tokens: int):
-    """SmolLM2 generating exactly `new_tokens` for each prompt window, with a fresh engine whose
-    disk tier lives in a temporary directory: (seconds, generated tokens, the engine's RunStats)."""
+def generate_from_disk(
+    policy, directory: Path, count: int, length: int, new_tokens: int, model: str | None = None, dtype="float32"
+):
+    """A model (default SmolLM2) generating exactly `new_tokens` for each prompt window, with a
+    fresh engine whose disk tier lives in a temporary directory: (seconds, generated tokens, the
+    engine's RunStats)."""
     from flexeval import Engine
     from flexeval.models import registry
 
     with tempfile.TemporaryDirectory() as offload:
-        engine = Engine.load(registry.DEFAULT_MODEL, policy=policy, offload_dir=offload)
+        engine = Engine.load(model or registry.DEFAULT_MODEL, policy=policy, offload_dir=offload, dtype=dtype)
         ids = prompt_windows(engine.tokenizer, directory, count, length)
         start = time.perf_counter()
         out = engine.generate(list(ids), max_new_tokens=new_tokens, stop_token_ids=[])

@@ -31,7 +31,7 @@ from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
 from flexeval.engine.search import Budget, Choice, plan
 from flexeval.errors import FlexevalError
-from flexeval.models import registry
+from flexeval.models import dummy, registry
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -42,7 +42,7 @@ GB = 2**30
 @dataclass
 class ModelConfig:
     name: str = MISSING  # what run directories and tables call it
-    pretrained: str = MISSING  # a registered name, a checkpoint directory or a hub id
+    pretrained: str = MISSING  # a registered name, dummy[:<shape>], a GGUF file, a checkpoint directory or a hub id
     dtype: str = "float32"
     max_length: int | None = None  # default: the model's context window
     add_bos_token: bool | None = None  # default: the tokenizer's own choice, as lm-eval's hf backend
@@ -183,6 +183,8 @@ def check(config: Any) -> Run:
     ):
         if value is not None and value < least:
             raise FlexevalError(f"{name} must be at least {least}, got {value}")
+    if config.model.pretrained == "dummy":  # model=llama-2-7b model.pretrained=dummy: that model's shape
+        config.model.pretrained = f"{dummy.PREFIX}{config.model.name}"
     registry.check(config.model.pretrained)
     device = resolve_device(config.hardware.device)
     dtype = resolve_dtype(config.model.dtype, device)

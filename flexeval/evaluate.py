@@ -30,6 +30,7 @@ from flexeval.config import Run
 from flexeval.data import local_tasks
 from flexeval.errors import FlexevalError, first_line
 from flexeval.lm import FlexGenLM, Usage
+from flexeval.models import dummy
 from flexeval.reproducible import cpu_model
 
 RESULTS = "results.json"
@@ -78,6 +79,7 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
         "policy": asdict(run.policy),  # what ran (policy=auto: what the search chose)
         "prediction": None if run.choice is None else run.choice.prediction.as_dict(),
         "overrides": list(overrides or []),
+        "weights": dummy.NOTE if config.model.pretrained.startswith(dummy.PREFIX) else "from the checkpoint",
         "hardware": hardware(lm),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "flexeval", *(overrides or [])]),

@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 
 from flexeval.atomic import atomic_file, write_text
 from flexeval.errors import FlexevalError
+from flexeval.models import dummy
 
 log = logging.getLogger(__name__)
 # The headline metric of a task: the first of these it reports.
@@ -65,6 +66,7 @@ class Row:
 def rows(results: dict[str, Any], run: str) -> list[Row]:
     """One row per task of one run's results.json."""
     config = results["config"]
+    pretrained = str(config["model"]["pretrained"])
     out = []
     for task, usage in results["throughput"].items():
         metrics = _metrics(results["results"][task], results["higher_is_better"].get(task, {}))
@@ -90,7 +92,7 @@ def rows(results: dict[str, Any], run: str) -> list[Row]:
                 peak_compute_mb=peak.get("compute", 0) / MB,
                 peak_cpu_mb=peak.get("cpu", 0) / MB,
                 peak_disk_mb=peak.get("disk", 0) / MB,
-                model=config["model"]["name"],
+                model=config["model"]["name"] + (" (dummy weights)" if pretrained.startswith(dummy.PREFIX) else ""),
                 policy=config["policy"]["name"],
                 compression=config["compression"]["name"],
                 settings=" ".join(o for o in results.get("overrides", []) if not o.startswith(NOT_SETTINGS)),

