@@ -72,7 +72,7 @@ def bits_per_weight(model_args: str) -> float:
 
 
 def evaluate(model_args: str, task: str, limit: int, through_cache: bool) -> dict[str, float]:
-    args = f"pretrained=smollm2-135m,gpu_batch_size=16,num_gpu_batches=4,{model_args}"
+    args = f"pretrained=smollm2-135m,dtype=float32,gpu_batch_size=16,num_gpu_batches=4,{model_args}"
     args += ",score_through_cache=True" if through_cache else ""
     out = evaluate_task("flexgen", args, task, limit)
     results = out["results"][task]

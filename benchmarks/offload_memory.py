@@ -48,7 +48,7 @@ def main() -> int:
         w_cpu_percent=0,
     )
     with tempfile.TemporaryDirectory(dir=args.offload_dir) as offload:
-        engine = Engine.load(registry.DEFAULT_MODEL, policy=policy, offload_dir=offload)
+        engine = Engine.load(registry.DEFAULT_MODEL, dtype="float32", policy=policy, offload_dir=offload)
         tokens = wikitext_tokens(engine.tokenizer, args.data_dir, args.sequences * args.tokens)
         seqs = list(torch.tensor(tokens).view(args.sequences, args.tokens))
         start = time.perf_counter()

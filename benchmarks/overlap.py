@@ -46,7 +46,7 @@ def main() -> int:
                 w_cpu_percent=0,
                 overlap=overlap,
             )
-            engines[overlap] = Engine.load(registry.DEFAULT_MODEL, policy=policy, offload_dir=offload)
+            engines[overlap] = Engine.load(registry.DEFAULT_MODEL, dtype="float32", policy=policy, offload_dir=offload)
         tokens = wikitext_tokens(engines[True].tokenizer, args.data_dir, args.sequences * args.tokens)
         seqs = list(torch.tensor(tokens).view(args.sequences, args.tokens))
         seconds: dict[bool, list[float]] = {False: [], True: []}

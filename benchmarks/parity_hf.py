@@ -56,7 +56,7 @@ def main() -> int:
         task, _, limit_text = spec.partition(":")
         limit = None if limit_text in ("", "all") else int(limit_text)
         flexgen_args, hf_args = (
-            f"pretrained={checkpoint},{args.flexgen_args}",
+            f"pretrained={checkpoint},dtype=float32,{args.flexgen_args}",
             f"pretrained={checkpoint},device=cpu{hf_extra}",
         )
         ours, our_samples, our_s = run("flexgen", flexgen_args, task, limit, None)

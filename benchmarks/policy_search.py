@@ -74,7 +74,7 @@ def name(b: int, k: int, w_cpu: float, cache: str, stream: bool) -> str:
 def default_search_seconds(directory: Path, offload: str, repeats: int = 3) -> float:
     """Median seconds of the search for `policy=auto`'s default workload (1,000 prompts of 512
     tokens + 32 new) within 0.25 GB of each RAM tier: the search's time, kept out of the tests."""
-    costs = cost_model(directory, Workload(1000, 512, 32), offload_dir=offload)
+    costs = cost_model(directory, Workload(1000, 512, 32), dtype="float32", offload_dir=offload)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -96,7 +96,9 @@ def main() -> int:
     directory = registry.resolve(registry.DEFAULT_MODEL)
     workload = Workload(args.prompts, args.prompt_tokens, args.new_tokens, uniform=True)
     with tempfile.TemporaryDirectory() as offload:
-        costs = cost_model(directory, workload, offload_dir=offload)  # profile measured here if not cached
+        costs = cost_model(
+            directory, workload, dtype="float32", offload_dir=offload
+        )  # profile measured here if not cached
         weights = costs.model.nbytes(torch.float32)
         budget = Budget(compute=args.share * weights / 2, cpu=args.share * weights / 2)
         start = time.perf_counter()
@@ -117,7 +119,7 @@ def main() -> int:
         print(f"\n{'policy':<36}{'predicted tok/s':>16}{'measured tok/s':>16}")
         measured = {}
         for label, policy in candidates:
-            engine = Engine.load(directory, policy=policy, offload_dir=offload)
+            engine = Engine.load(directory, dtype="float32", policy=policy, offload_dir=offload)
             ids = list(prompt_windows(engine.tokenizer, args.data_dir, args.prompts, args.prompt_tokens))
             runs = []
             for _ in range(args.repeats):

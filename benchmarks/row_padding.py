@@ -79,7 +79,9 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=data_dir())
     args = parser.parse_args()
 
-    engines = {b: Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=b)) for b in (1, 32)}
+    engines = {
+        b: Engine.load(registry.DEFAULT_MODEL, dtype="float32", policy=Policy(gpu_batch_size=b)) for b in (1, 32)
+    }
     rows = engines[1].gemm_rows
     print(f"probed minimum rows of a product on this machine: {rows}")
     if rows == 1:

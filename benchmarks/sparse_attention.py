@@ -38,7 +38,7 @@ TASK = "helm_synthetic_reasoning_pattern_match"
 
 
 def generation_task(sparsity: float, docs: int) -> tuple[float, list[str]]:
-    args = f"pretrained={registry.DEFAULT_MODEL},gpu_batch_size=32,attn_sparsity={sparsity}"
+    args = f"pretrained={registry.DEFAULT_MODEL},dtype=float32,gpu_batch_size=32,attn_sparsity={sparsity}"
     out = evaluate_task("flexgen", args, TASK, docs)
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     return out["results"][TASK]["exact_match,strip"], [s["resps"][0][0] for s in samples]
@@ -60,7 +60,7 @@ def disk_traffic(sparsity: float, windows: torch.Tensor, prompt_tokens: int) -> 
     `windows` after their first `prompt_tokens` (the prefill's own writes excluded)."""
     policy = Policy(gpu_batch_size=32, attn_sparsity=sparsity, cache_gpu_percent=0, cache_cpu_percent=0)
     with tempfile.TemporaryDirectory() as offload:
-        engine = Engine.load(registry.DEFAULT_MODEL, policy=policy, offload_dir=offload)
+        engine = Engine.load(registry.DEFAULT_MODEL, dtype="float32", policy=policy, offload_dir=offload)
         engine.decode_logprobs([w[:prompt_tokens] for w in windows], [w[prompt_tokens:] for w in windows])
         disk = engine.stats.tiers["cache"]["disk"]
         engine.close()
@@ -84,7 +84,9 @@ def main() -> int:
         exact, texts = generation_task(sparsity, args.docs)
         dense_texts = dense_texts or texts
         same = sum(a == b for a, b in zip(texts, dense_texts)) / len(texts)
-        engine = Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=32, attn_sparsity=sparsity))
+        engine = Engine.load(
+            registry.DEFAULT_MODEL, dtype="float32", policy=Policy(gpu_batch_size=32, attn_sparsity=sparsity)
+        )
         length = args.prompt_tokens + args.continuation_tokens
         windows = prompt_windows(engine.tokenizer, args.data_dir, args.windows, length)
         lps = engine.decode_logprobs(

@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, local_tasks
 from flexeval.engine.compression import CompressionConfig as Quantization
 from flexeval.engine.cost_model import Workload
-from flexeval.engine.engine import resolve_device, resolve_dtype
+from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
 from flexeval.engine.gptq import Calibration
 from flexeval.engine.hardware import HardwareProfile
 from flexeval.engine.placement import weight_bytes_per_tier
@@ -43,7 +43,7 @@ GB = 2**30
 class ModelConfig:
     name: str = MISSING  # what run directories and tables call it
     pretrained: str = MISSING  # a registered name, dummy[:<shape>], a GGUF file, a checkpoint directory or a hub id
-    dtype: str = "float32"
+    dtype: str = "auto"  # the checkpoint's own (16-bit weights and GGUF blocks: bf16 where fast), or a name
     max_length: int | None = None  # default: the model's context window
     add_bos_token: bool | None = None  # default: the tokenizer's own choice, as lm-eval's hf backend
 
@@ -187,7 +187,8 @@ def check(config: Any) -> Run:
         config.model.pretrained = f"{dummy.PREFIX}{config.model.name}"
     registry.check(config.model.pretrained)
     device = resolve_device(config.hardware.device)
-    dtype = resolve_dtype(config.model.dtype, device)
+    directory = registry.resolve(config.model.pretrained) if config.model.dtype == AUTO else None
+    dtype = resolve_dtype(config.model.dtype, device, directory)
     placement = {f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS}
     policy = Policy.from_dict(placement | {name: config.compression[name] for name in COMPRESSION_FIELDS})
     _check_budgets(config)

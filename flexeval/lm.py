@@ -100,7 +100,7 @@ class FlexGenLM(TemplateLM):
     def __init__(
         self,
         pretrained: str = DEFAULT_MODEL,
-        dtype: str = "float32",
+        dtype: str = "auto",
         policy: str | Policy = "all-resident",
         offload_dir: str | None = None,
         compression: str | None = "none",

@@ -61,11 +61,11 @@ def main() -> int:
     directory, budget_bytes, offload = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
     budget = Budget(compute=budget_bytes / 2, cpu=budget_bytes / 2)
     try:
-        choice = plan(directory, WORKLOAD, budget, device="cpu", offload_dir=offload)
+        choice = plan(directory, WORKLOAD, budget, dtype="float32", device="cpu", offload_dir=offload)
     except FlexevalError as err:
         print(json.dumps({"error": str(err)}))
         return 0
-    warm = Engine.load(directory, device="cpu", policy=choice.policy, offload_dir=offload)
+    warm = Engine.load(directory, dtype="float32", device="cpu", policy=choice.policy, offload_dir=offload)
     prompts = [list(range(1 + i, 1 + i + WORKLOAD.prompt_len)) for i in range(WORKLOAD.sequences)]
     warm.generate(
         prompts, max_new_tokens=WORKLOAD.gen_len, stop_token_ids=[]
@@ -75,7 +75,7 @@ def main() -> int:
     gc.collect()
     release_free_memory()
     baseline = status("VmRSS")
-    engine = Engine.load(directory, device="cpu", policy=choice.policy, offload_dir=offload)
+    engine = Engine.load(directory, dtype="float32", device="cpu", policy=choice.policy, offload_dir=offload)
     Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark to the current size
     engine.generate(prompts, max_new_tokens=WORKLOAD.gen_len, stop_token_ids=[])
     peak = status("VmHWM") - baseline

@@ -34,7 +34,7 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir: Path) -> Engine:
-    return Engine.load(smollm2_dir)
+    return Engine.load(smollm2_dir, dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -74,7 +74,7 @@ FITTED_ACCURACY_POINTS = 1.01
 
 
 def metrics(compression: str) -> Metrics:
-    args = f"pretrained=smollm2-135m,gpu_batch_size=16,num_gpu_batches=4,compression={compression}"
+    args = f"pretrained=smollm2-135m,dtype=float32,gpu_batch_size=16,num_gpu_batches=4,compression={compression}"
     measured: Metrics = {}
     for task, limit in SUBSETS.items():
         out = lm_eval.simple_evaluate(

@@ -39,7 +39,7 @@ def jsonl(path: Path, limit: int) -> list[dict]:
 def backends(smollm2_dir: Path):
     from lm_eval.models.huggingface import HFLM
 
-    flexgen = FlexGenLM(pretrained=str(smollm2_dir), gpu_batch_size=6, num_gpu_batches=2)
+    flexgen = FlexGenLM(pretrained=str(smollm2_dir), dtype="float32", gpu_batch_size=6, num_gpu_batches=2)
     hf = HFLM(
         pretrained=str(smollm2_dir), dtype="float32", batch_size=8, device="cpu", **registry.hf_kwargs(smollm2_dir)
     )

@@ -81,7 +81,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2: Engine) -> None:
 def test_qwen2_gguf_matches_transformers() -> None:
     """A real Qwen2 model (q/k/v biases, unpermuted GGUF rows, K-quant and Q5_0/Q8_0 blocks), read
     from its GGUF file, against transformers reading the same file. `make test-slow` installs it."""
-    engine = Engine.load("qwen2.5-coder-0.5b")
+    engine = Engine.load("qwen2.5-coder-0.5b", dtype="float32")
     model = registry.hf_model(registry.resolve("qwen2.5-coder-0.5b"))
     seqs = [torch.tensor(engine.tokenizer(t, add_special_tokens=False).input_ids) for t in TEXTS]
     assert_matches(engine, model, seqs, seqs)

@@ -126,8 +126,10 @@ def test_sparse_attention_changes_decoding_but_not_its_independence_of_the_batch
 
 def test_smollm2_weights_on_disk_match_resident(smollm2: Engine, tmp_path: Path) -> None:
     seqs = [torch.tensor(smollm2.tokenizer(t).input_ids) for t in ("The capital of France is", "One, two, three,")]
-    offloaded = Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=2, **DISK), offload_dir=tmp_path)
-    resident = Engine.load(registry.DEFAULT_MODEL, policy=Policy(gpu_batch_size=2))
+    offloaded = Engine.load(
+        registry.DEFAULT_MODEL, dtype="float32", policy=Policy(gpu_batch_size=2, **DISK), offload_dir=tmp_path
+    )
+    resident = Engine.load(registry.DEFAULT_MODEL, dtype="float32", policy=Policy(gpu_batch_size=2))
     assert same_results(offloaded.logprobs(seqs), resident.logprobs(seqs))
     assert offloaded.generate(seqs, max_new_tokens=8) == resident.generate(seqs, max_new_tokens=8)
 

@@ -141,7 +141,7 @@ def backends(smollm2_dir: Path) -> dict[str, Any]:
         "hf": HFLM(
             pretrained=str(smollm2_dir), dtype="float32", batch_size=8, device="cpu", **registry.hf_kwargs(smollm2_dir)
         ),
-        "flexgen": FlexGenLM(pretrained=str(smollm2_dir), gpu_batch_size=8, num_gpu_batches=2),
+        "flexgen": FlexGenLM(pretrained=str(smollm2_dir), dtype="float32", gpu_batch_size=8, num_gpu_batches=2),
     }
 
 

@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists, left_pad, pack, packed_mask
 from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.gptq import Calibration, FittedWeights
+from flexeval.engine.hardware import cpu_has_bf16
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
@@ -40,6 +41,7 @@ from flexeval.models.common import KVCache, Model, Readout, Step, StoredValues
 from flexeval.reproducible import safe_gemm_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"  # the checkpoint's own dtype, where the device computes in it well (`auto_dtype`)
 TENSOR_CLASSES = ("weights", "cache", "act")
 
 
@@ -52,16 +54,36 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, directory: Path | None = None) -> torch.dtype:
+    """The dtype to compute in: a name, or "auto" for the checkpoint in `directory`."""
+    if dtype == AUTO:
+        if directory is None:
+            raise ValueError("dtype='auto' is resolved against a checkpoint directory")
+        return auto_dtype(directory, device)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise FlexevalError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+            raise FlexevalError(f"unknown dtype {dtype!r}: use one of {AUTO}, {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     if dtype not in DTYPES.values():
         raise FlexevalError(f"unsupported dtype {dtype}: use one of {', '.join(DTYPES)}")
     if dtype == torch.float16 and device.type == "cpu":
         raise FlexevalError("float16 is not supported on CPU (slow and overflow-prone there): use bfloat16")
     return dtype
+
+
+def auto_dtype(directory: Path, device: torch.device) -> torch.dtype:
+    """The checkpoint's own dtype where the device computes in it well: fp32 weights stay fp32;
+    16-bit ones, and GGUF blocks (which have no float dtype), take bf16 on a CPU with bf16
+    instructions (fp32 on one without: emulated bf16 is several times slower) and on a GPU that
+    has it (else fp16), so that a model costs its checkpoint's bytes, not twice as many."""
+    declared = registry.declared_dtype(directory)
+    if declared == torch.float32:
+        return declared
+    if device.type == "cuda":
+        if declared == torch.float16 or not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 @dataclass(frozen=True)
@@ -190,7 +212,7 @@ class Engine:
         cls,
         spec: str | Path = registry.DEFAULT_MODEL,
         *,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = AUTO,
         device: str | torch.device | None = None,
         cache_dir: str | Path | None = None,
         policy: Policy | None = None,
@@ -204,8 +226,10 @@ class Engine:
         """
         policy = policy or Policy()
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
+        if dtype != AUTO:
+            resolve_dtype(dtype, device)  # a bad name is refused before the checkpoint is prepared
         directory = registry.resolve(str(spec), cache_dir)
+        dtype = resolve_dtype(dtype, device, directory)
         model = registry.build_model(directory)
         shapes = product_shapes(model, units(model.layers, policy, dtype))
         gemm_rows = safe_gemm_rows(shapes, dtype, device, registry.cache_root(cache_dir))

@@ -25,7 +25,7 @@ from scipy.optimize import linprog
 
 from flexeval.engine import hardware
 from flexeval.engine.cost_model import FRACTIONS, TIERS, CostModel, Prediction, Term, Workload
-from flexeval.engine.engine import resolve_device, resolve_dtype
+from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
 from flexeval.engine.policy import Policy
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
@@ -301,7 +301,7 @@ def plan(
     budget: Budget,
     *,
     base: Policy | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = AUTO,
     device: str | torch.device | None = None,
     offload_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -315,7 +315,7 @@ def plan(
 def cost_model(
     spec: str | Path,
     workload: Workload,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = AUTO,
     device: str | torch.device | None = None,
     offload_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -324,8 +324,8 @@ def cost_model(
     """The cost model of a model spec on this machine: its shapes from its config (no weights are
     read), this machine's profile (measured on first use, then cached) and its layers' times."""
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
     directory = registry.resolve(str(spec), cache_dir)
+    dtype = resolve_dtype(dtype, device, directory)
     model = registry.build_model(directory)
     cache = registry.cache_root(cache_dir)
     offload = cache / "offload" if offload_dir is None else Path(offload_dir).expanduser()

@@ -164,7 +164,7 @@ def build(hf: PretrainedConfig) -> Model:
 
     inv_freq = torch.tensor(cfg.rope_inv_freq)
     return Model(
-        family="llama",
+        family=hf.model_type,  # llama, mistral or qwen2: what messages call it
         layers=tuple(layers),
         num_blocks=cfg.num_layers,
         kv_heads=cfg.num_kv_heads,

@@ -11,6 +11,7 @@ file's tensors are read from the file itself (`gguf`), a dummy model's generated
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -114,6 +115,16 @@ def build_model(directory: Path) -> Model:
             f"unsupported architecture {hf.model_type!r} in {directory}; supported model types: {', '.join(FAMILIES)}"
         )
     return build(hf)
+
+
+def declared_dtype(directory: Path) -> torch.dtype | None:
+    """The dtype a checkpoint's weights are stored in, from its config (float32 when it names
+    none, as transformers assumes); None for a GGUF file's, whose blocks have no float dtype."""
+    if (directory / gguf.GGUF_NAME).is_symlink():
+        return None
+    config = json.loads((directory / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
 
 
 def hf_model(directory: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
