@@ -71,6 +71,7 @@ CompressionConfig = make_dataclass(
         ("comp_weight_config", QuantizationConfig, field(default=MISSING)),
         ("compress_cache", bool, field(default=False)),
         ("comp_cache_config", QuantizationConfig, field(default=MISSING)),
+        ("native_weights", bool, field(default=False)),
     ],
 )
 

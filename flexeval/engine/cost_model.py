@@ -349,7 +349,7 @@ class CostModel:
         staged["compute"] = staged["compute"] + term(
             cache_disk=_pooled([one_cache], in_flight), act_disk=_pooled([one_hidden], in_flight)
         )
-        if policy.compress_weight:  # dequantized on the compute thread, one unit at a time
+        if policy.compress_weight or policy.native_weights:  # dequantized on the compute thread, one unit at a time
             full = [self._unit_dense(unit) for unit in plan]
             staged["compute"] = staged["compute"] + Term(_pooled(full, 1) if not self.cuda else max(full))
         return staged
@@ -459,7 +459,9 @@ class CostModel:
         return seconds
 
     def _dequantize_seconds(self, unit: Unit, policy: Policy) -> float:
-        return self._unit_dense(unit) / self.profile.dequantize if policy.compress_weight else 0.0
+        return (
+            self._unit_dense(unit) / self.profile.dequantize if policy.compress_weight or policy.native_weights else 0.0
+        )
 
     def _read_share(self, unit: Unit, by_token: bool) -> float:
         """The share of a token table a unit reads: a vocabulary slice, or the rows of the tokens at hand."""

@@ -29,7 +29,7 @@ from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.gptq import Calibration, FittedWeights
 from flexeval.engine.hardware import cpu_has_bf16
 from flexeval.engine.kv_cache import QuantizedKVCache
-from flexeval.engine.placement import BlockState, WeightStore, weight_bytes_per_tier
+from flexeval.engine.placement import BlockState, WeightStore, native, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
 from flexeval.engine.readout import ForcedReadout, ScoreReadout, StreamedScoreReadout, TokenReadout
 from flexeval.engine.schedule import CacheMode, Executors, Timing, Unit, run_pass, units
@@ -234,7 +234,15 @@ class Engine:
         shapes = product_shapes(model, units(model.layers, policy, dtype))
         gemm_rows = safe_gemm_rows(shapes, dtype, device, registry.cache_root(cache_dir))
         tokenizer = registry.load_tokenizer(directory)
-        layers = iter_weights(model, open_checkpoint(directory), dtype)  # checks names and shapes, then builds
+        if policy.native_weights and not any(
+            native(p, policy) for layer in model.layers for p in layer.params.values()
+        ):
+            raise FlexevalError(
+                f"compression=native keeps the llama.cpp blocks of a GGUF file; {spec} has none it can keep: "
+                "use compression=none or a quantizing preset (4bit-weights, ...)"
+            )
+        checkpoint = open_checkpoint(directory)
+        layers = iter_weights(model, checkpoint, dtype, lambda param: native(param, policy))  # checks, then builds
         uses_disk = any(policy.split(kind)[2] > 0 for kind in ("w", "cache", "act"))
         on_disk = weight_bytes_per_tier(model.layers, policy, dtype)[2]
         fitted = None

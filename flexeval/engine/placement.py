@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from flexeval.engine import blocks
+from flexeval.engine.blocks import Blocks
 from flexeval.engine.compression import (
     PARTS,
     CompressionConfig,
@@ -38,9 +40,9 @@ from flexeval.models.common import ROWS, KVCache, Layer, Param, StoredValues
 class Loaded:
     """Bundles fetched for one scheduling unit, plus the staging memory to hand back afterwards:
     tiers' read buffers, and the pooled buffers that weights were dequantized into. Quantized
-    weights arrive as `Quantized` until `WeightStore.dequantize`."""
+    weights arrive as `Quantized` (native ones as `Blocks`) until `WeightStore.dequantize`."""
 
-    bundles: list[dict[str, torch.Tensor | Quantized]]
+    bundles: list[dict[str, torch.Tensor | Quantized | Blocks]]
     handles: list[tuple[Tier, Fetched]] = field(default_factory=list)
     pooled: list[tuple[BufferPool, torch.Tensor]] = field(default_factory=list)
 
@@ -65,6 +67,11 @@ def owners(layers: Sequence[Layer]) -> dict[WeightKey, WeightKey]:
     }
 
 
+def native(param: Param, policy: Policy) -> bool:
+    """Whether a weight is stored as its checkpoint's llama.cpp blocks (`Policy.native_weights`)."""
+    return policy.native_weights and bool(param.blocks) and all(blocks.native(f) for f, _ in param.blocks)
+
+
 def compression(param: Param, policy: Policy) -> CompressionConfig | None:
     """How a weight is stored: None means as it is."""
     if not policy.compress_weight or len(param.shape) < 2:
@@ -73,6 +80,8 @@ def compression(param: Param, policy: Policy) -> CompressionConfig | None:
 
 
 def stored_nbytes(param: Param, policy: Policy, dtype: torch.dtype) -> int:
+    if native(param, policy):
+        return sum(rows * blocks.row_bytes(name, param.shape[1]) for name, rows in param.blocks)
     config = compression(param, policy)
     return param.nbytes(dtype) if config is None else quantized_nbytes(param.shape, dtype, config)
 
@@ -123,15 +132,25 @@ class WeightStore:
         self.compression = {
             (j, n): compression(p, policy) for j, layer in enumerate(layers) for n, p in layer.params.items()
         }
+        self.native = {(j, n): native(p, policy) for j, layer in enumerate(layers) for n, p in layer.params.items()}
         # dequantized weights go to reused buffers on the CPU (CUDA's caching allocator reuses its own)
-        self.pool = BufferPool(pin=False) if any(self.compression.values()) else None
+        packed = any(self.compression.values()) or any(self.native.values())
+        self.pool = BufferPool(pin=False) if packed else None
 
-    def put(self, j: int, bundle: Bundle, fitted: Mapping[str, Quantized] | None = None) -> None:
-        """Store a layer's weights; `fitted` are some of them already quantized (see `engine.gptq`)."""
+    def put(
+        self,
+        j: int,
+        bundle: Mapping[str, torch.Tensor | tuple[torch.Tensor, ...]],
+        fitted: Mapping[str, Quantized] | None = None,
+    ) -> None:
+        """Store a layer's weights: tensors, or for native weights their sources' blocks (see
+        `iter_weights`); `fitted` are some of them already quantized (see `engine.gptq`)."""
         stored: Bundle = {}
         for name, tensor in bundle.items():
             config = self.compression[j, name]
-            if config is None:
+            if self.native[j, name]:
+                stored |= {f"{name}#{i}": segment for i, segment in enumerate(tensor)}
+            elif config is None:
                 stored[name] = tensor
             else:
                 q = fitted[name] if fitted and name in fitted else quantize(tensor, config)
@@ -155,8 +174,9 @@ class WeightStore:
             requests: dict[tuple[int, int], dict[str, str]] = {}  # (tier, owning layer) -> stored name -> ours
             for name in layer.params:
                 owner, owner_name = self.owner[j, name]
-                stored = [owner_name] if self.compression[j, name] is None else [f"{owner_name}#{p}" for p in PARTS]
-                ours = [name] if self.compression[j, name] is None else [f"{name}#{p}" for p in PARTS]
+                parts = self._parts(j, name)
+                stored = [f"{owner_name}{p}" for p in parts]
+                ours = [f"{name}{p}" for p in parts]
                 requests.setdefault((self._tier(j, name), owner), {}).update(zip(stored, ours))
             for (t, owner), names in requests.items():
                 tier = self.tiers[t]
@@ -167,6 +187,11 @@ class WeightStore:
                 bundle |= {names[n]: tensor for n, tensor in fetched.bundle.items()}
                 loaded.handles.append((tier, fetched))
             for name, param in layer.params.items():
+                if self.native[j, name]:
+                    segments = tuple(bundle.pop(f"{name}{p}") for p in self._parts(j, name))
+                    shape = param.shape if name not in wanted else (len(rows), param.shape[1])
+                    bundle[name] = Blocks(segments, tuple(f for f, _ in param.blocks), shape, self.dtype)
+                    continue
                 config = self.compression[j, name]
                 if config is None:
                     continue
@@ -184,17 +209,31 @@ class WeightStore:
         for bundle in loaded.bundles:
             for name, value in bundle.items():
                 if isinstance(value, Quantized):
-                    bundle[name] = dequantize(value, self._buffer(value, loaded))
+                    bundle[name] = dequantize(value, self._buffer(value.shape, value.dtype, value.codes, loaded))
+                elif isinstance(value, Blocks):
+                    out = self._buffer(value.shape, value.dtype, value.segments[0], loaded)
+                    bundle[name] = blocks.dequantize(value, out)
         return loaded
 
-    def _buffer(self, q: Quantized, loaded: Loaded) -> torch.Tensor | None:
+    def _buffer(
+        self, shape: tuple[int, ...], dtype: torch.dtype, stored: torch.Tensor, loaded: Loaded
+    ) -> torch.Tensor | None:
         """Memory for a dequantized weight, handed back with the unit, or None for a fresh tensor."""
-        if self.pool is None or q.codes.device.type != "cpu":
+        if self.pool is None or stored.device.type != "cpu":
             return None
-        nbytes = torch.Size(q.shape).numel() * q.dtype.itemsize
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         buffer = self.pool.acquire(nbytes)
         loaded.pooled.append((self.pool, buffer))
-        return buffer[:nbytes].view(q.dtype).view(q.shape)
+        return buffer[:nbytes].view(dtype).view(shape)
+
+    def _parts(self, j: int, name: str) -> list[str]:
+        """The suffixes of the stored tensors a weight is kept as: "" (itself), quantized parts
+        ("#codes", ...) or one "#i" per source of blocks."""
+        if self.native[j, name]:
+            return [f"#{i}" for i in range(len(self.layers[j].params[name].blocks))]
+        if self.compression[j, name] is not None:
+            return [f"#{p}" for p in PARTS]
+        return [""]
 
     def _rows(self, j: int, stored: str, rows: torch.Tensor) -> torch.Tensor:
         """The rows of a stored tensor or part that these rows of a token table need."""

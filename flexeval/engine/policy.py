@@ -41,6 +41,9 @@ class Policy:
     comp_weight_config: CompressionConfig = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
     compress_cache: bool = False
     comp_cache_config: CompressionConfig = CompressionConfig(num_bits=4, group_size=64, group_dim=-1)
+    # weights a GGUF file ships in llama.cpp's blocks stay those blocks, dequantized right before use
+    # (bitwise the file's values: `engine.blocks`); other weights stay as they are
+    native_weights: bool = False
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -72,6 +75,11 @@ class Policy:
             raise FlexevalError(
                 "policy: comp_cache_config.group_dim must be the head dimension (-1): groups along tokens or heads "
                 f"would change as tokens are appended, got {self.comp_cache_config.group_dim}"
+            )
+        if self.native_weights and self.compress_weight:
+            raise FlexevalError(
+                "policy: native_weights keeps a GGUF file's own blocks and compress_weight quantizes the weights "
+                "again: choose one"
             )
         if self.comp_cache_config.fit == "gptq":
             raise FlexevalError(
@@ -112,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Fields that say how tensors are compressed rather than where they live: the Hydra app sets them
 # through its `compression` group, not `policy`, and the backend through `compression=<preset>`.
-COMPRESSION_FIELDS = ("compress_weight", "comp_weight_config", "compress_cache", "comp_cache_config")
+COMPRESSION_FIELDS = ("compress_weight", "comp_weight_config", "compress_cache", "comp_cache_config", "native_weights")
 COMPRESSIONS: dict[str, dict[str, Any]] = {
     "none": {},
     "4bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 0)),
@@ -120,6 +128,7 @@ COMPRESSIONS: dict[str, dict[str, Any]] = {
     "4bit-weights-gptq": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1, "gptq")),
     "8bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(8, 64, 1)),
     "4bit-cache": dict(compress_cache=True, comp_cache_config=CompressionConfig(4, 64, -1)),
+    "native": dict(native_weights=True),
     "4bit": dict(
         compress_weight=True,
         comp_weight_config=CompressionConfig(4, 64, 0),

@@ -10,7 +10,7 @@ import json
 import pickle
 import weakref
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -176,7 +176,9 @@ def open_checkpoint(directory: Path) -> Source:
     return Checkpoint(directory)
 
 
-def iter_weights(model: Model, checkpoint: Source, dtype: torch.dtype) -> Iterator[dict[str, Tensor]]:
+def iter_weights(
+    model: Model, checkpoint: Source, dtype: torch.dtype, as_blocks: Callable[[Param], bool] = lambda param: False
+) -> Iterator[dict[str, Tensor | tuple[Tensor, ...]]]:
     """Each layer's weights in order, built from the checkpoint by the model's table, on the CPU.
 
     One layer at a time, so that placing weights on disk never needs the whole model in memory;
@@ -184,7 +186,8 @@ def iter_weights(model: Model, checkpoint: Source, dtype: torch.dtype) -> Iterat
     while it is alive (placed in memory), and read again once it is not (written to disk).
     Names and shapes are all checked first: a tensor the model needs but the checkpoint lacks,
     one the checkpoint has that the model would silently ignore, or a shape the config does not
-    imply, means a wrong family or variant, and is reported before any work is done.
+    imply, means a wrong family or variant, and is reported before any work is done. A weight
+    that `as_blocks` picks comes as its sources' GGUF blocks (`GGUFCheckpoint.blocks`), undecoded.
     """
     names = {
         s: _require(checkpoint, model, s) for layer in model.layers for p in layer.params.values() for s in p.sources
@@ -207,7 +210,9 @@ def iter_weights(model: Model, checkpoint: Source, dtype: torch.dtype) -> Iterat
 
     shared: weakref.WeakValueDictionary[tuple[str, ...], Tensor] = weakref.WeakValueDictionary()
 
-    def build(param: Param) -> Tensor:
+    def build(param: Param) -> Tensor | tuple[Tensor, ...]:
+        if as_blocks(param):
+            return tuple(checkpoint.blocks(names[source]) for source in param.sources)
         tensor = shared.get(param.sources)
         if tensor is None:
             parts = [checkpoint.get(names[source], dtype) for source in param.sources]

@@ -41,6 +41,9 @@ class Param:
     shape: tuple[int, ...]
     sources: tuple[str, ...]
     by_token: bool = False  # rows are token ids: a layer may be given only some of them (see ROWS)
+    # (GGML type, rows) of each source where the checkpoint ships it in llama.cpp's blocks (GGUF):
+    # what `compression=native` stores (see `engine.blocks`)
+    blocks: tuple[tuple[str, int], ...] = ()
 
     def nbytes(self, dtype: torch.dtype) -> int:
         return torch.Size(self.shape).numel() * dtype.itemsize

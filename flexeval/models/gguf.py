@@ -175,6 +175,22 @@ class GGUFCheckpoint:
                     out.index_copy_(0, order[start : start + count], values.to(dtype))
         return out.reshape(info.shape)
 
+    def format(self, name: str) -> str:
+        """The GGML type the file stores a tensor in (F32, Q4_K, ...)."""
+        return self._tensors[name].qtype.name
+
+    def blocks(self, name: str) -> Tensor:
+        """The tensor's bytes as the file holds them, one row of blocks per row (rows in the Hugging
+        Face order: a permuted tensor's rows are put back, which keeps every row's blocks whole)."""
+        info = self._tensors[name]
+        raw = torch.empty(info.nbytes // info.row_bytes, info.row_bytes, dtype=torch.uint8)
+        with open(self.source, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(raw.numpy()) != info.nbytes:
+                raise FlexevalError(f"{self.source} is truncated inside tensor {name}: download it again")
+        order = self._row_order(name, raw.shape[0])
+        return raw if order is None else torch.empty_like(raw).index_copy_(0, order, raw)
+
     def _row_order(self, name: str, rows: int) -> Tensor | None:
         """Where each stored row of a permuted tensor belongs: llama.cpp stores each head's
         rotary pairs (i, i + d/2) interleaved, as rows 2i and 2i + 1."""

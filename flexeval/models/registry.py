@@ -16,6 +16,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from flexeval.atomic import atomic_directory
 from flexeval.errors import FlexevalError, first_line
 from flexeval.models import dummy, gguf, llama, opt, packaged, tiny
-from flexeval.models.common import Model
+from flexeval.models.common import Model, Param
 
 DEFAULT_MODEL = "smollm2-135m"
 CONVERSION_VERSION = 3  # bump when a prepared directory's contents change, so stale caches are not reused
@@ -114,7 +115,21 @@ def build_model(directory: Path) -> Model:
         raise FlexevalError(
             f"unsupported architecture {hf.model_type!r} in {directory}; supported model types: {', '.join(FAMILIES)}"
         )
-    return build(hf)
+    model = build(hf)
+    return _with_blocks(model, gguf.open_prepared(directory)) if (directory / gguf.GGUF_NAME).is_symlink() else model
+
+
+def _with_blocks(model: Model, checkpoint: gguf.GGUFCheckpoint) -> Model:
+    """The model with each matrix's GGUF block formats noted (`Param.blocks`), from the header."""
+
+    def noted(param: Param) -> Param:
+        stored = [checkpoint.resolve(source) for source in param.sources]
+        if len(param.shape) != 2 or None in stored:
+            return param
+        return replace(param, blocks=tuple((checkpoint.format(s), checkpoint.shape(s)[0]) for s in stored))
+
+    layers = tuple(replace(layer, params={n: noted(p) for n, p in layer.params.items()}) for layer in model.layers)
+    return replace(model, layers=layers)
 
 
 def declared_dtype(directory: Path) -> torch.dtype | None:
