@@ -350,14 +350,14 @@ class CostModel:
             cache_disk=_pooled([one_cache], in_flight), act_disk=_pooled([one_hidden], in_flight)
         )
         if policy.compress_weight or policy.native_weights:  # dequantized on the compute thread, one unit at a time
-            full = [self._unit_dense(unit) for unit in plan]
+            full = [self._unit_dense(unit, policy) for unit in plan]
             staged["compute"] = staged["compute"] + Term(_pooled(full, 1) if not self.cuda else max(full))
         return staged
 
-    def _unit_dense(self, unit: Unit) -> float:
+    def _unit_dense(self, unit: Unit, policy: Policy) -> float:
         """Bytes of a unit's quantizable weights once dequantized."""
         return sum(
-            param.nbytes(self.dtype) * self._read_share(unit, param.by_token)
+            param.nbytes(self.dtype) * self._read_share(unit, param.by_token, policy)
             for j in unit.layers
             for param in self.model.layers[j].params.values()
             if len(param.shape) > 1
@@ -460,17 +460,21 @@ class CostModel:
 
     def _dequantize_seconds(self, unit: Unit, policy: Policy) -> float:
         return (
-            self._unit_dense(unit) / self.profile.dequantize if policy.compress_weight or policy.native_weights else 0.0
+            self._unit_dense(unit, policy) / self.profile.dequantize
+            if policy.compress_weight or policy.native_weights
+            else 0.0
         )
 
-    def _read_share(self, unit: Unit, by_token: bool) -> float:
-        """The share of a token table a unit reads: a vocabulary slice, or the rows of the tokens at hand."""
+    def _read_share(self, unit: Unit, by_token: bool, policy: Policy) -> float:
+        """The share of a token table a unit reads: a vocabulary slice, or at most the rows of the
+        tokens of one block's prompts (a block reads the rows its own tokens need)."""
         if not by_token:
             return 1.0
         if unit.vocab is not None:
             return (unit.vocab[1] - unit.vocab[0]) / self.model.vocab_size
         if unit.tokens:
-            return min(1.0, 0.5 * self.workload.prompt_len * self.workload.sequences / self.model.vocab_size)
+            block = min(policy.block_size, self.workload.sequences)
+            return min(1.0, block * self.workload.prompt_len / self.model.vocab_size)
         return 1.0
 
     def _vocab_slice(self, policy: Policy) -> int:
@@ -501,7 +505,7 @@ class CostModel:
         for j in unit.layers:
             for name, param in self.model.layers[j].params.items():
                 if keys is None or (j, name) in keys:
-                    total += stored_nbytes(param, policy, self.dtype) * self._read_share(unit, param.by_token)
+                    total += stored_nbytes(param, policy, self.dtype) * self._read_share(unit, param.by_token, policy)
         return total
 
     def _placed(self, policy: Policy) -> dict[WeightKey, int]:
