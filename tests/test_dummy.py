@@ -84,3 +84,12 @@ def test_an_unknown_shape_lists_the_shapes() -> None:
         FlexevalError, match="unknown dummy shape 'llama-9b': use dummy:<shape> with one of .*llama-2-7b"
     ):
         registry.check("dummy:llama-9b")
+
+
+def test_any_slice_of_a_dummy_tensor_is_the_same(small_shape: str, tmp_path: Path) -> None:
+    checkpoint = dummy.DummyCheckpoint(registry.resolve(small_shape, tmp_path / "cache"))
+    whole = checkpoint.get("model.embed_tokens.weight", torch.bfloat16)  # 49,152 rows: 48 seeded runs
+    for start, stop in ((0, 1), (1000, 3000), (48_000, 49_152)):
+        assert torch.equal(
+            checkpoint.get_rows("model.embed_tokens.weight", start, stop, torch.bfloat16), whole[start:stop]
+        )

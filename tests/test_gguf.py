@@ -155,3 +155,13 @@ def test_a_packaged_file_is_checked_before_use(tmp_path: Path) -> None:
         f.write(b"\x00\x01")
     with pytest.raises(FlexevalError, match="SHA-256"):
         model.verify(copy)
+
+
+def test_rows_read_alone_are_the_rows_of_the_whole(smollm2_dir: Path) -> None:
+    checkpoint = open_checkpoint(smollm2_dir)
+    table = checkpoint.resolve("model.embed_tokens.weight")
+    assert checkpoint.rows_readable(table)
+    assert torch.equal(
+        checkpoint.get_rows(table, 4000, 9000, torch.float32), checkpoint.get(table, torch.float32)[4000:9000]
+    )
+    assert not checkpoint.rows_readable(checkpoint.resolve("model.layers.0.self_attn.q_proj.weight"))  # rows permuted

@@ -242,11 +242,12 @@ class Engine:
                 "use compression=none or a quantizing preset (4bit-weights, ...)"
             )
         checkpoint = open_checkpoint(directory)
-        layers = iter_weights(model, checkpoint, dtype, lambda param: native(param, policy))  # checks, then builds
+        gptq = policy.compress_weight and policy.comp_weight_config.fit == "gptq"  # fits need whole weights
+        layers = iter_weights(model, checkpoint, dtype, lambda param: native(param, policy), lazy=not gptq)
         uses_disk = any(policy.split(kind)[2] > 0 for kind in ("w", "cache", "act"))
         on_disk = weight_bytes_per_tier(model.layers, policy, dtype)[2]
         fitted = None
-        if policy.compress_weight and policy.comp_weight_config.fit == "gptq":
+        if gptq:
             fitted = FittedWeights(
                 model,
                 checkpoint=directory,

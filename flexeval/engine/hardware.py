@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -41,6 +42,8 @@ from flexeval.engine.tiers import DiskTier
 from flexeval.errors import FlexevalError
 from flexeval.models.common import KVCache, Layer, Model, Step, Weights
 from flexeval.reproducible import cpu_model
+
+log = logging.getLogger(__name__)
 
 VERSION = 6  # of the measurement procedure: a new one invalidates cached profiles
 GEMM_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
@@ -141,6 +144,12 @@ def layer_times(model: Model, dtype: torch.dtype, device: torch.device, offload_
             return {key: [tuple(row) for row in rows] for key, rows in json.loads(path.read_text()).items()}
         except (ValueError, TypeError):
             pass  # measured anew below
+    log.warning(
+        "policy=auto: timing one layer of each kind of this %s model once (cached in %s); this takes its "
+        "layers' memory (several copies of the largest), beyond any budget, and later searches skip it",
+        model.family,
+        path.parent,
+    )
     times = measure_layers(model, dtype, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(times) + "\n")

@@ -33,6 +33,7 @@ from flexeval.engine.compression import (
 )
 from flexeval.engine.policy import Policy
 from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute
+from flexeval.models.checkpoint import Lazy
 from flexeval.models.common import ROWS, KVCache, Layer, Param, StoredValues
 
 
@@ -153,7 +154,8 @@ class WeightStore:
             elif config is None:
                 stored[name] = tensor
             else:
-                q = fitted[name] if fitted and name in fitted else quantize(tensor, config)
+                whole = tensor.materialize() if isinstance(tensor, Lazy) else tensor
+                q = fitted[name] if fitted and name in fitted else quantize(whole, config)
                 stored |= {f"{name}#{part}": getattr(q, part) for part in PARTS}
         for t, tier in enumerate(self.tiers):
             part = {n: tensor for n, tensor in stored.items() if self.tier_of.get((j, n.split("#")[0])) == t}

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from flexeval.errors import FlexevalError
+from flexeval.models.checkpoint import Lazy
 
 Bundle = dict[str, Tensor]
 Rows = Mapping[str, Tensor]  # tensor name -> sorted, distinct indices of the rows to fetch
@@ -235,6 +236,7 @@ class MemoryTier(Tier):
         return self.home == self.device
 
     def _put(self, key: str, bundle: Bundle) -> bool:
+        bundle = {n: t.materialize() if isinstance(t, Lazy) else t for n, t in bundle.items()}
         on_home = all(t.device == self.home for t in bundle.values()) and not self.pin
         self._data[key] = bundle if on_home else to_device(bundle, self.home, pin=self.pin)
         return not on_home
@@ -332,7 +334,10 @@ class DiskTier(Tier):
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if self.durable else 0), 0o600)
         try:
             for entry, tensor in zip(entries, bundle.values()):
-                _pwrite(fd, target, tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy(), entry.offset)
+                at = entry.offset
+                for part in tensor.slices() if isinstance(tensor, Lazy) else (tensor,):  # a Lazy a slice at a time
+                    _pwrite(fd, target, part.detach().to("cpu").contiguous().view(torch.uint8).numpy(), at)
+                    at += part.nbytes
             os.ftruncate(fd, offset)
             if self.durable:
                 os.fdatasync(fd)

@@ -7,11 +7,14 @@ safetensors files are memory-mapped, so a tensor costs memory only once it is co
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import weakref
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +30,32 @@ RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Bigger safetensors tensors are copied out a slice of rows at a time, each through its own
 # mapping of the file: mapped pages count as this process's memory until they are unmapped.
 READ_SLICE_BYTES = 4 * 2**20
+# Weights bigger than this are handed to the tiers as `Lazy` (unless something must see them whole).
+SLICE_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A weight not read yet: its shape and dtype, and a reader of row ranges. A tier that writes
+    weights out (disk) reads it a slice of rows at a time, so that loading a model onto disk
+    holds one slice of a tensor, not the tensor (a 151,936-row head: 0.9 GB in fp32); the
+    others take it whole."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[int, int], Tensor]  # rows [start, stop)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def materialize(self) -> Tensor:
+        return self.read(0, self.shape[0])
+
+    def slices(self) -> Iterator[Tensor]:
+        rows = max(1, SLICE_BYTES * self.shape[0] // max(self.nbytes, 1))
+        for start in range(0, self.shape[0], rows):
+            yield self.read(start, min(start + rows, self.shape[0]))
 
 
 class Checkpoint:
@@ -115,6 +144,16 @@ class Checkpoint:
                 tensor[start : start + rows] = handle.get_rows(name, start, start + rows)
         return tensor
 
+    def rows_readable(self, name: str) -> bool:
+        return True
+
+    def get_rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        path = self._files[name]
+        with self._open(path) as handle:
+            if path.suffix != ".safetensors":
+                return handle.get(name)[start:stop].to(dtype)
+            return handle.get_rows(name, start, stop).to(dtype)
+
 
 class _SafetensorsReader:
     def __init__(self, handle) -> None:
@@ -177,8 +216,12 @@ def open_checkpoint(directory: Path) -> Source:
 
 
 def iter_weights(
-    model: Model, checkpoint: Source, dtype: torch.dtype, as_blocks: Callable[[Param], bool] = lambda param: False
-) -> Iterator[dict[str, Tensor | tuple[Tensor, ...]]]:
+    model: Model,
+    checkpoint: Source,
+    dtype: torch.dtype,
+    as_blocks: Callable[[Param], bool] = lambda param: False,
+    lazy: bool = False,
+) -> Iterator[dict[str, Tensor | tuple[Tensor, ...] | Lazy]]:
     """Each layer's weights in order, built from the checkpoint by the model's table, on the CPU.
 
     One layer at a time, so that placing weights on disk never needs the whole model in memory;
@@ -187,7 +230,8 @@ def iter_weights(
     Names and shapes are all checked first: a tensor the model needs but the checkpoint lacks,
     one the checkpoint has that the model would silently ignore, or a shape the config does not
     imply, means a wrong family or variant, and is reported before any work is done. A weight
-    that `as_blocks` picks comes as its sources' GGUF blocks (`GGUFCheckpoint.blocks`), undecoded.
+    that `as_blocks` picks comes as its sources' GGUF blocks (`GGUFCheckpoint.blocks`), undecoded;
+    with `lazy`, a big one read from one source comes as a `Lazy`, read when it is stored.
     """
     names = {
         s: _require(checkpoint, model, s) for layer in model.layers for p in layer.params.values() for s in p.sources
@@ -210,9 +254,12 @@ def iter_weights(
 
     shared: weakref.WeakValueDictionary[tuple[str, ...], Tensor] = weakref.WeakValueDictionary()
 
-    def build(param: Param) -> Tensor | tuple[Tensor, ...]:
+    def build(param: Param) -> Tensor | tuple[Tensor, ...] | Lazy:
         if as_blocks(param):
             return tuple(checkpoint.blocks(names[source]) for source in param.sources)
+        (source, *others) = [names[s] for s in param.sources]
+        if lazy and not others and param.nbytes(dtype) > SLICE_BYTES and checkpoint.rows_readable(source):
+            return Lazy(param.shape, dtype, partial(checkpoint.get_rows, source, dtype=dtype))
         tensor = shared.get(param.sources)
         if tensor is None:
             parts = [checkpoint.get(names[source], dtype) for source in param.sources]

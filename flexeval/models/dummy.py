@@ -25,6 +25,7 @@ PREFIX = "dummy:"
 MARKER = "dummy.json"  # in a prepared directory: the seed and the shape's name
 SHAPES_DIR = Path(__file__).resolve().parents[2] / "conf" / "shapes"
 INIT_STD = 0.02  # transformers' initializer_range
+CHUNK_ROWS = 1024  # rows generated from one seed
 NOTE = "dummy weights (random, seeded): accuracy is meaningless; throughput and memory are real"
 
 
@@ -92,6 +93,22 @@ class DummyCheckpoint:
         shape = self._shapes[name]
         if len(shape) == 1:
             return (torch.zeros if name.endswith("bias") else torch.ones)(shape, dtype=dtype)
-        generator = torch.Generator().manual_seed(self.seed << 32 | zlib.crc32(name.encode()))
+        return self.get_rows(name, 0, shape[0], dtype)
+
+    def rows_readable(self, name: str) -> bool:
+        return True
+
+    def get_rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """Rows [start, stop): generated in runs of CHUNK_ROWS rows, each from its own seed, so
+        that any slice of a tensor is the same whichever way the tensor is read."""
+        shape = self._shapes[name]
         bound = INIT_STD * 3**0.5  # uniform on [-b, b] has standard deviation b / sqrt(3)
-        return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=generator)
+        out = torch.empty(stop - start, *shape[1:], dtype=dtype)
+        for chunk in range(start // CHUNK_ROWS, -(-stop // CHUNK_ROWS)):
+            first, last = chunk * CHUNK_ROWS, min((chunk + 1) * CHUNK_ROWS, shape[0])
+            seed = (self.seed << 48) | (zlib.crc32(name.encode()) << 16) | chunk
+            rows = torch.empty(last - first, *shape[1:], dtype=dtype)
+            rows.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed))
+            lo, hi = max(first, start), min(last, stop)
+            out[lo - start : hi - start] = rows[lo - first : hi - first]
+        return out

@@ -156,24 +156,36 @@ class GGUFCheckpoint:
     def get(self, name: str, dtype: torch.dtype) -> Tensor:
         """The tensor dequantized to `dtype` (as the gguf package computes it, in fp32, then cast)."""
         info = self._tensors[name]
-        cols = info.shape[-1]
         rows = info.nbytes // info.row_bytes
-        out = torch.empty(rows, cols, dtype=dtype)
         order = self._row_order(name, rows)
+        if order is None:
+            return self.get_rows(name, 0, rows, dtype).reshape(info.shape)
+        out = torch.empty(rows, info.shape[-1], dtype=dtype)
+        return out.index_copy_(0, order, self._stored_rows(name, 0, rows, dtype)).reshape(info.shape)
+
+    def rows_readable(self, name: str) -> bool:
+        """Whether `get_rows` reads this tensor (a permuted one's rows lie scattered in the file)."""
+        return self._row_order(name, 1) is None
+
+    def get_rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """Rows [start, stop) of a tensor that `rows_readable`, dequantized to `dtype`."""
+        return self._stored_rows(name, start, stop, dtype)
+
+    def _stored_rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """Stored rows [start, stop), dequantized a slice at a time into one tensor of `dtype`."""
+        info = self._tensors[name]
+        cols = info.shape[-1]
+        out = torch.empty(stop - start, cols, dtype=dtype)
         step = max(1, READ_SLICE_BYTES // (cols * 4))
         with open(self.source, "rb") as f:
-            for start in range(0, rows, step):
-                count = min(step, rows - start)
-                f.seek(info.offset + start * info.row_bytes)
+            for first in range(start, stop, step):
+                count = min(step, stop - first)
+                f.seek(info.offset + first * info.row_bytes)
                 raw = np.empty((count, info.row_bytes), np.uint8)
                 if f.readinto(raw) != raw.nbytes:
                     raise FlexevalError(f"{self.source} is truncated inside tensor {name}: download it again")
-                values = torch.from_numpy(dequantize(raw, info.qtype))
-                if order is None:
-                    out[start : start + count] = values
-                else:
-                    out.index_copy_(0, order[start : start + count], values.to(dtype))
-        return out.reshape(info.shape)
+                out[first - start : first - start + count] = torch.from_numpy(dequantize(raw, info.qtype))
+        return out
 
     def format(self, name: str) -> str:
         """The GGML type the file stores a tensor in (F32, Q4_K, ...)."""
