@@ -165,7 +165,7 @@ class GGUFCheckpoint:
 
     def rows_readable(self, name: str) -> bool:
         """Whether `get_rows` reads this tensor (a permuted one's rows lie scattered in the file)."""
-        return self._row_order(name, 1) is None
+        return not self._permuted(name)
 
     def get_rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> Tensor:
         """Rows [start, stop) of a tensor that `rows_readable`, dequantized to `dtype`."""
@@ -203,10 +203,13 @@ class GGUFCheckpoint:
         order = self._row_order(name, raw.shape[0])
         return raw if order is None else torch.empty_like(raw).index_copy_(0, order, raw)
 
+    def _permuted(self, name: str) -> bool:
+        return any(part in name for part in PERMUTED.get(self.header.architecture, ()))
+
     def _row_order(self, name: str, rows: int) -> Tensor | None:
         """Where each stored row of a permuted tensor belongs: llama.cpp stores each head's
         rotary pairs (i, i + d/2) interleaved, as rows 2i and 2i + 1."""
-        if not any(part in name for part in PERMUTED.get(self.header.architecture, ())):
+        if not self._permuted(name):
             return None
         heads = self.header.heads if ".attn_q." in name else self.header.kv_heads
         half = rows // heads // 2
