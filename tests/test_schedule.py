@@ -57,7 +57,7 @@ def sequences(count: int) -> list[torch.Tensor]:
 
 def run(name: str, policy: Policy, offload: Path, work: Workload = Workload()) -> tuple[list[torch.Tensor], list]:
     seqs = sequences(work.sequences)
-    engine = Engine.load(name, policy=policy, offload_dir=offload)
+    engine = Engine.load(name, dtype="float32", policy=policy, offload_dir=offload)  # fp32's guarantee
     try:
         generated = engine.generate(seqs[: work.prompts], max_new_tokens=work.new_tokens, stop_token_ids=[])
         return engine.logprobs(seqs), generated
