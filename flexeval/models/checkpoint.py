@@ -208,7 +208,7 @@ Source = Checkpoint | gguf.GGUFCheckpoint | dummy.DummyCheckpoint  # what `iter_
 def open_checkpoint(directory: Path) -> Source:
     """The tensors of a checkpoint directory, of the GGUF file a prepared directory links to, or
     the generated ones of a dummy directory."""
-    if (directory / gguf.GGUF_NAME).is_symlink():
+    if gguf.is_prepared(directory):
         return gguf.open_prepared(directory)
     if dummy.is_dummy(directory):
         return dummy.DummyCheckpoint(directory)

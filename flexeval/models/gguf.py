@@ -217,6 +217,11 @@ class GGUFCheckpoint:
         return (r // (2 * half)) * 2 * half + (r % 2) * half + (r % (2 * half)) // 2
 
 
+def is_prepared(directory: Path) -> bool:
+    """Whether `prepare` wrote this checkpoint directory (its weights are a GGUF file's)."""
+    return (directory / GGUF_NAME).is_symlink()
+
+
 def open_prepared(directory: Path) -> GGUFCheckpoint:
     """The GGUF checkpoint of a directory that `prepare` wrote."""
     path = directory / GGUF_NAME

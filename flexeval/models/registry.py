@@ -116,7 +116,7 @@ def build_model(directory: Path) -> Model:
             f"unsupported architecture {hf.model_type!r} in {directory}; supported model types: {', '.join(FAMILIES)}"
         )
     model = build(hf)
-    return _with_blocks(model, gguf.open_prepared(directory)) if (directory / gguf.GGUF_NAME).is_symlink() else model
+    return _with_blocks(model, gguf.open_prepared(directory)) if gguf.is_prepared(directory) else model
 
 
 def _with_blocks(model: Model, checkpoint: gguf.GGUFCheckpoint) -> Model:
@@ -135,7 +135,7 @@ def _with_blocks(model: Model, checkpoint: gguf.GGUFCheckpoint) -> Model:
 def declared_dtype(directory: Path) -> torch.dtype | None:
     """The dtype a checkpoint's weights are stored in, from its config (float32 when it names
     none, as transformers assumes); None for a GGUF file's, whose blocks have no float dtype."""
-    if (directory / gguf.GGUF_NAME).is_symlink():
+    if gguf.is_prepared(directory):
         return None
     config = json.loads((directory / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -145,8 +145,7 @@ def declared_dtype(directory: Path) -> torch.dtype | None:
 def hf_model(directory: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """transformers' own model of a checkpoint directory (of the GGUF file a prepared one links
     to): the reference that flexeval's results are checked against."""
-    linked = (directory / gguf.GGUF_NAME).is_symlink()
-    kwargs = {"gguf_file": gguf.GGUF_NAME} if linked else {}
+    kwargs = {"gguf_file": gguf.GGUF_NAME} if gguf.is_prepared(directory) else {}
     return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).eval()
 
 
@@ -154,7 +153,7 @@ def hf_kwargs(directory: Path) -> dict[str, str]:
     """What lm-eval's `hf` backend needs beside `pretrained=directory` to read what flexeval reads:
     for a prepared GGUF directory, the file, and the tokenizer saved beside it (transformers'
     GGUF tokenizer, read from the file again, would lack its special tokens' ids)."""
-    if not (directory / gguf.GGUF_NAME).is_symlink():
+    if not gguf.is_prepared(directory):
         return {}
     return {"gguf_file": gguf.GGUF_NAME, "tokenizer": str(directory)}
 
