@@ -20,7 +20,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
-DEQUANTIZE_BLOCKS = 2**14  # blocks dequantized at a time: their temporaries stay in the CPU's caches
+DEQUANTIZE_VALUES = 2**18  # values dequantized at a time (see `dequantize`)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,10 @@ def row_bytes(format_name: str, columns: int) -> int:
 
 
 def dequantize(b: Blocks, out: Tensor | None = None) -> Tensor:
-    """The weight in its dtype, into `out` when given (see `compression.dequantize` for why)."""
+    """The weight in its dtype, into `out` when given (see `compression.dequantize` for why).
+
+    A few thousand blocks at a time, so that the kernels' fp32 temporaries stay in the CPU's
+    caches; the last of their operations writes into `out` itself when it is fp32."""
     device = b.segments[0].device
     out = torch.empty(b.shape, dtype=b.dtype, device=device) if out is None else out
     flat = out.view(-1, b.shape[-1])
@@ -59,9 +62,13 @@ def dequantize(b: Blocks, out: Tensor | None = None) -> Tensor:
         rows = segment.shape[0]
         blocks = segment.reshape(-1, block_bytes)
         values = flat[start : start + rows].view(-1, block)
-        for first in range(0, blocks.shape[0], DEQUANTIZE_BLOCKS):
-            part = slice(first, first + DEQUANTIZE_BLOCKS)
-            values[part] = KERNELS[name](blocks[part])
+        step = max(1, DEQUANTIZE_VALUES // block)
+        for first in range(0, blocks.shape[0], step):
+            part = slice(first, first + step)
+            target = values[part] if values.dtype == torch.float32 else None
+            result = KERNELS[name](blocks[part], target)
+            if target is None:
+                values[part] = result
         start += rows
     return out
 
@@ -71,31 +78,40 @@ def _half(blocks: Tensor, start: int) -> Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: Tensor) -> Tensor:
-    """(n, k) bytes -> (n, 2k) codes: every byte's low nibble first, then every high nibble."""
-    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+def _nibbles(qs: Tensor) -> tuple[Tensor, Tensor]:
+    """(n, k) bytes (k a multiple of 8) -> every byte's low nibble, every byte's high nibble, each
+    (n, k): computed on 64-bit words, eight bytes an operation."""
+    words = qs.contiguous().view(torch.int64)
+    return (words & LOW_NIBBLES).view(torch.uint8), ((words >> 4) & LOW_NIBBLES).view(torch.uint8)
 
 
-def _q4_0(blocks: Tensor) -> Tensor:
-    return _half(blocks, 0) * (_nibbles(blocks[:, 2:]).float() - 8)
+def _scaled(scale: Tensor, codes: Tensor, out: Tensor | None) -> Tensor:
+    """scale * codes in fp32 (codes of any integer type, scale broadcast), into `out` if given."""
+    values = codes.float()
+    return torch.mul(scale, values, out=values if out is None else out.view(values.shape))
 
 
-def _q4_1(blocks: Tensor) -> Tensor:
-    return (_half(blocks, 0) * _nibbles(blocks[:, 4:]).float()).add_(_half(blocks, 2))
+def _q4_0(blocks: Tensor, out: Tensor | None) -> Tensor:
+    low, high = _nibbles(blocks[:, 2:])
+    return _scaled(_half(blocks, 0), torch.cat((low, high), dim=-1).to(torch.int8) - 8, out)
 
 
-def _q5_0(blocks: Tensor) -> Tensor:
+def _q4_1(blocks: Tensor, out: Tensor | None) -> Tensor:
+    return _scaled(_half(blocks, 0), torch.cat(_nibbles(blocks[:, 4:]), dim=-1), out).add_(_half(blocks, 2))
+
+
+def _q5_0(blocks: Tensor, out: Tensor | None) -> Tensor:
     high = blocks[:, 2:6].contiguous().view(torch.int32)  # 32 fifth bits, value j's at bit j
-    fifth = (high >> torch.arange(32, dtype=torch.int32, device=blocks.device)) & 1
-    codes = _nibbles(blocks[:, 6:]).to(torch.int32) | (fifth << 4)
-    return _half(blocks, 0) * (codes - 16).float()
+    fifth = ((high >> torch.arange(32, dtype=torch.int32, device=blocks.device)) & 1).to(torch.uint8)
+    codes = torch.cat(_nibbles(blocks[:, 6:]), dim=-1) | (fifth << 4)
+    return _scaled(_half(blocks, 0), codes.to(torch.int8) - 16, out)
 
 
-def _q8_0(blocks: Tensor) -> Tensor:
-    return blocks[:, 2:].contiguous().view(torch.int8).float() * _half(blocks, 0)
+def _q8_0(blocks: Tensor, out: Tensor | None) -> Tensor:
+    return _scaled(_half(blocks, 0), blocks[:, 2:].contiguous().view(torch.int8), out)
 
 
-def _q4_k(blocks: Tensor) -> Tensor:
+def _q4_k(blocks: Tensor, out: Tensor | None) -> Tensor:
     n = blocks.shape[0]
     scales = blocks[:, 4:16].reshape(n, 3, 4)
     low, mid, high = scales[:, 0], scales[:, 1], scales[:, 2]
@@ -103,25 +119,29 @@ def _q4_k(blocks: Tensor) -> Tensor:
     mn = torch.cat((mid & 0x3F, (high >> 4) | ((mid >> 2) & 0x30)), dim=-1).float()
     d = (_half(blocks, 0) * sc).unsqueeze(-1)
     dm = (_half(blocks, 2) * mn).unsqueeze(-1)
-    qs = blocks[:, 16:].reshape(n, 4, 32)
-    codes = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(n, 8, 32).float()
-    return (d * codes).sub_(dm).reshape(n, 256)
+    lo, hi = (x.view(n, 4, 1, 32) for x in _nibbles(blocks[:, 16:]))
+    codes = torch.cat((lo, hi), dim=2).view(n, 8, 32)  # sub-block 2i: chunk i's low nibbles, 2i+1: its high
+    return _scaled(d, codes, out).sub_(dm).view(n, 256)
 
 
-def _q6_k(blocks: Tensor) -> Tensor:
+def _q6_k(blocks: Tensor, out: Tensor | None) -> Tensor:
     n = blocks.shape[0]
-    ql = blocks[:, :128].reshape(n, 2, 64)
-    qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
-    low = torch.stack((ql & 0x0F, ql >> 4), dim=2).reshape(n, 8, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
-    high = ((qh >> shifts) & 0x03).reshape(n, 8, 32)
-    codes = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    lo, hi = (x.view(n, 2, 1, 64) for x in _nibbles(blocks[:, :128]))
+    low = torch.cat((lo, hi), dim=2).view(n, 2, 4, 32)  # half h, quarter q: 32 low 4-bit parts
+    qh = blocks[:, 128:192].contiguous().view(torch.int64).view(n, 2, 1, 4)
+    two_bits = torch.tensor([0, 2, 4, 6], dtype=torch.int64, device=blocks.device).view(1, 1, 4, 1)
+    high = ((qh >> two_bits) & LOW_TWO_BITS).view(torch.uint8).view(n, 2, 4, 32)
+    codes = (low | (high << 4)).view(torch.int8) - 32
     scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
     d = (_half(blocks, 208) * scales).unsqueeze(-1)
-    return (d * codes).reshape(n, 256)
+    return _scaled(d, codes.view(n, 16, 16), out).view(n, 256)
 
 
-KERNELS: dict[str, Callable[[Tensor], Tensor]] = {
+LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+LOW_TWO_BITS = 0x0303030303030303
+
+
+KERNELS: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
     "Q4_0": _q4_0,
     "Q4_1": _q4_1,
     "Q5_0": _q5_0,
