@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,10 +15,14 @@ import torch
 from flexeval.data import data_dir
 
 __all__ = [
+    "Limited",
+    "drop_page_cache",
+    "run_limited",
     "data_dir",
     "dense_checkpoint",
     "evaluate_task",
     "generate_from_disk",
+    "hf_generate",
     "prompt_windows",
     "rss_bytes",
     "wikitext_pages",
@@ -26,30 +32,59 @@ __all__ = [
 WIKITEXT = "wikitext2/wikitext_document_level-2-raw-v1_test.jsonl"
 
 
-def dense_checkpoint(spec: str) -> Path:
-    """A safetensors checkpoint directory of a model, for peers that only read those (Accelerate's
-    disk offload memory-maps one): a GGUF model's weights dequantized to fp32, written once into
-    the flexeval cache."""
+def dense_checkpoint(spec: str, dtype: str = "float32") -> Path:
+    """A safetensors checkpoint directory of a model in `dtype`, for peers that only read those
+    (Accelerate's disk offload memory-maps one): a GGUF model's weights dequantized, or a dummy
+    model's generated weights, written once into the flexeval cache a tensor at a time (shards of
+    at most SHARD_BYTES, so that a 7B model never sits in memory whole)."""
     from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from flexeval.atomic import atomic_directory
     from flexeval.models import registry
+    from flexeval.models.checkpoint import open_checkpoint
+    from flexeval.models.dummy import is_dummy
+    from flexeval.models.gguf import is_prepared
 
     source = registry.resolve(spec)
-    if not registry.hf_kwargs(source):
+    if not (is_prepared(source) or is_dummy(source)):
         return source
-    target = registry.cache_root() / "dense" / source.name
-    if not target.is_dir():
-        with atomic_directory(target) as scratch:
-            model = registry.hf_model(source)
-            state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-            if model.config.tie_word_embeddings:
-                state.pop("lm_head.weight", None)  # the embedding's storage; safetensors stores it once
-            save_file(state, str(scratch / "model.safetensors"), metadata={"format": "pt"})
-            model.config.quantization_config = None  # dense now: loaders must not treat it as GGUF
-            model.config.save_pretrained(scratch)
-            registry.load_tokenizer(source).save_pretrained(scratch)
+    target = registry.cache_root() / "dense" / f"{source.name}-{dtype}"
+    if target.is_dir():
+        return target
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        names = list(AutoModelForCausalLM.from_config(config).state_dict())
+    if config.tie_word_embeddings:
+        names.remove("lm_head.weight")
+    checkpoint = open_checkpoint(source)
+    with atomic_directory(target) as scratch:
+        weight_map: dict[str, str] = {}
+        shard: dict[str, torch.Tensor] = {}
+
+        def write_shard() -> None:
+            file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+            save_file(shard, str(scratch / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+            shard.clear()
+
+        for name in names:
+            shard[name] = checkpoint.get(checkpoint.resolve(name), getattr(torch, dtype)).contiguous()
+            if sum(t.nbytes for t in shard.values()) >= SHARD_BYTES:
+                write_shard()
+        if shard:
+            write_shard()
+        index = {"metadata": {}, "weight_map": weight_map}
+        (scratch / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # dense now: loaders must not treat it as GGUF
+        config.torch_dtype = dtype
+        config.save_pretrained(scratch)
+        registry.load_tokenizer(source).save_pretrained(scratch)
     return target
+
+
+SHARD_BYTES = 2 * 10**9
 
 
 def wikitext_pages(directory: Path, limit: int | None = None) -> list[str]:
@@ -95,6 +130,24 @@ def generate_from_disk(
     return seconds, out, engine.stats
 
 
+def hf_generate(model, ids: torch.Tensor, batch_size: int, new_tokens: int) -> float:
+    """Seconds for a transformers model to generate exactly `new_tokens` greedy tokens for each row
+    of `ids`, `batch_size` rows at a time."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(ids), batch_size):
+            batch = ids[b : b + batch_size]
+            out = model.generate(
+                batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            )
+            assert out.shape[1] == ids.shape[1] + new_tokens
+    return time.perf_counter() - start
+
+
 def evaluate_task(model: str, model_args: str, task: str, limit: int | None, **kwargs) -> dict:
     """lm-eval's `simple_evaluate` on one of this repository's tasks (local data), without
     bootstrapped standard errors: what the benchmarks compare."""
@@ -116,3 +169,56 @@ def evaluate_task(model: str, model_args: str, task: str, limit: int | None, **k
 def rss_bytes() -> int:
     """Resident set size of this process now."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+@dataclass
+class Limited:
+    """A child process's end under a memory cgroup: its output and the cgroup's peak (page cache
+    included: what a machine with that much memory would have had to hold)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_bytes: int
+    oom_killed: bool
+
+
+def run_limited(cmd: list[str], limit_bytes: int) -> Limited:
+    """Run `cmd` in a fresh memory cgroup limited to `limit_bytes` (v1 `memory.limit_in_bytes`,
+    v2 `memory.max`; needs root), the child joining it before it executes anything."""
+    v1 = CGROUP_V1.is_dir() and (CGROUP_V1 / "memory.limit_in_bytes").exists()
+    group = (CGROUP_V1 if v1 else CGROUP_V2) / f"flexeval-bench-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        group.mkdir()
+    except OSError as err:
+        raise SystemExit(f"cannot create the memory cgroup {group} ({err.strerror}): run as root") from err
+    try:
+        (group / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(limit_bytes))
+        if v1:
+            (group / "memory.swappiness").write_text("0")
+        procs = group / "cgroup.procs"
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, preexec_fn=lambda: procs.write_text(str(os.getpid()))
+        )
+        peak = int((group / ("memory.max_usage_in_bytes" if v1 else "memory.peak")).read_text())
+        events = (group / ("memory.oom_control" if v1 else "memory.events")).read_text()
+        oom = any(line.split()[0] == "oom_kill" and int(line.split()[1]) > 0 for line in events.splitlines())
+        return Limited(done.returncode, done.stdout, done.stderr, peak, oom)
+    finally:
+        if v1:
+            (group / "memory.force_empty").write_text("0")  # uncharge the page cache it still holds
+        group.rmdir()
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache (root only), so that a run reads its files from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError:
+        return False
+    return True

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, dense_checkpoint, generate_from_disk, prompt_windows  # noqa: E402
+from common import data_dir, dense_checkpoint, generate_from_disk, hf_generate, prompt_windows  # noqa: E402
 
 
 def run_flexeval(args) -> dict:
@@ -61,28 +61,18 @@ def run_accelerate(args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(
             directory, device_map=device_map, offload_folder=offload, dtype=torch.float32
         )
-        weights = os.open(directory / "model.safetensors", os.O_RDONLY)
+        shards = [os.open(path, os.O_RDONLY) for path in directory.glob("*.safetensors")]
 
         def evict(*_) -> None:  # the next module's weights come from disk, not the page cache
-            os.posix_fadvise(weights, 0, 0, os.POSIX_FADV_DONTNEED)
+            for fd in shards:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
         for module in [model.model.embed_tokens, *model.model.layers, model.lm_head]:
             module.register_forward_pre_hook(evict)
         ids = prompt_windows(tokenizer, args.data_dir, args.prompts, args.prompt_tokens)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for b in range(0, len(ids), args.batch_size):
-                batch = ids[b : b + args.batch_size]
-                out = model.generate(
-                    batch,
-                    attention_mask=torch.ones_like(batch),
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    do_sample=False,
-                )
-                assert out.shape[1] == args.prompt_tokens + args.new_tokens
-        seconds = time.perf_counter() - start
-        os.close(weights)
+        seconds = hf_generate(model, ids, args.batch_size, args.new_tokens)
+        for fd in shards:
+            os.close(fd)
     return {"seconds": seconds}
 
 
