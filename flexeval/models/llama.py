@@ -113,7 +113,9 @@ def attention(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCach
 def mlp(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
     x = rms_norm(h, w["norm"], cfg.rms_norm_eps)
     gate, up = linear(x, w["w13"], w.get("b13"), step.gemm_rows).chunk(2, dim=-1)  # (b, s, intermediate) each
-    return h + linear(cfg.hidden_act(gate) * up, w["w2"], w.get("b2"), step.gemm_rows)
+    inner = cfg.hidden_act(gate).mul_(up)
+    del gate, up  # the fused product (twice the intermediate width) is freed before the down projection
+    return h + linear(inner, w["w2"], w.get("b2"), step.gemm_rows)
 
 
 def head(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
