@@ -97,8 +97,13 @@ def run_accelerate(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     with tempfile.TemporaryDirectory(dir=args.offload_dir) as offload:
         start = time.perf_counter()
+        placement = (
+            dict(device_map="auto", max_memory={"cpu": int(args.accelerate_cpu_gb * 2**30)})
+            if args.accelerate_cpu_gb
+            else dict(device_map=disk_map(directory))
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            directory, device_map=disk_map(directory), offload_folder=offload, dtype=getattr(torch, args.dtype)
+            directory, offload_folder=offload, dtype=getattr(torch, args.dtype), **placement
         )
         load = time.perf_counter() - start
         ids = prompt_windows(tokenizer, args.data_dir, args.prompts, args.prompt_tokens)
@@ -109,7 +114,7 @@ def run_accelerate(args) -> dict:
 
 
 def disk_map(directory: Path) -> dict[str, str]:
-    """Accelerate's device map with every module of the model on "disk"."""
+    """Accelerate's device map with every module of the model on "disk" (`--accelerate-cpu-gb 0`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -227,7 +232,7 @@ def flexeval_policy(args, compression: str, footprint: int) -> tuple[dict, str]:
             asdict(base) | dict(gpu_batch_size=args.flexeval_batch or args.prompts, w_gpu_percent=0, w_cpu_percent=0)
         )
         return asdict(policy), f"weights on disk, batch {policy.gpu_batch_size}"
-    budget = (args.limit_gb * 2**30 * 0.9 - footprint) / 1e9
+    budget = args.flexeval_budget_gb or (args.limit_gb * 2**30 * 0.9 - footprint) / 1e9
     if budget <= 0:
         raise SystemExit(f"the limit leaves nothing beside the interpreter's footprint ({footprint / 2**30:.2f} GiB)")
     workload = Workload(args.prompts, args.prompt_tokens, args.new_tokens)
@@ -248,6 +253,7 @@ def spawn(args, system: str, batch_size: int, compression: str = "none", policy:
         "--prompts", str(args.prompts), "--prompt-tokens", str(args.prompt_tokens),
         "--new-tokens", str(args.new_tokens), "--data-dir", str(args.data_dir), "--offload-dir", str(args.offload_dir),
         "--batch-size", str(batch_size), "--policy", json.dumps(policy or {}),
+        "--accelerate-cpu-gb", str(args.accelerate_cpu_gb),
     ]  # fmt: skip
     drop_page_cache()
     done = run_limited(cmd, int(args.limit_gb * 2**30))
@@ -267,8 +273,18 @@ def main() -> int:
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--compressions", nargs="*", default=["none", "native"], help="flexeval's presets to run")
     parser.add_argument("--flexeval-policy", choices=["auto", "disk"], default="auto")
+    parser.add_argument(
+        "--flexeval-budget-gb", type=float, help="policy=auto's budget (default: the limit less footprint and a tenth)"
+    )
     parser.add_argument("--flexeval-batch", type=int, default=0, help="with --flexeval-policy disk (default: all)")
     parser.add_argument("--accelerate-batches", type=int, nargs="*", default=[8, 32])
+    parser.add_argument(
+        "--accelerate-cpu-gb",
+        type=float,
+        help="Accelerate's max_memory for CPU RAM (device_map=auto; the rest on disk); 0: every module on disk; "
+        "default: 40%% of the limit (under a limit, all-on-disk thrashes: its memory-mapped reads are evicted "
+        "before use, 1.5B at 1.5 GB read 14x the weights a pass)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of every configuration; medians")
     parser.add_argument("--data-dir", type=Path, default=data_dir())
     parser.add_argument("--offload-dir", type=Path, default=Path(tempfile.gettempdir()))
@@ -279,6 +295,8 @@ def main() -> int:
     for name, value in WORKLOADS[args.workload].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.accelerate_cpu_gb is None:
+        args.accelerate_cpu_gb = round(0.4 * args.limit_gb, 2)
     if args.system:
         return child(args)
 
@@ -293,9 +311,10 @@ def main() -> int:
     runs = [("flexeval", policies[c][0]["gpu_batch_size"] * policies[c][0]["num_gpu_batches"], c) for c in policies]
     runs += [("accelerate", b, "none") for b in args.accelerate_batches]
     results: dict[tuple, list[dict]] = {run: [] for run in runs}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for run in runs:
             results[run].append(spawn(args, *run, policy=policies[run[2]][0] if run[0] == "flexeval" else None))
+            print(f"run {repeat + 1} {run}: {json.dumps(results[run][-1])}", flush=True)  # nothing lost to a kill
 
     new = args.prompts * args.new_tokens
     print(
