@@ -62,8 +62,10 @@ def device_read_bytes() -> int:
 
 def run_flexeval(args) -> dict:
     from flexeval import Engine, Policy
+    from flexeval.engine.engine import map_large_buffers
     from flexeval.engine.placement import weight_bytes_per_tier
 
+    map_large_buffers()  # the process runs under a limit, as after planning for a budget in-process
     policy = Policy.from_dict(json.loads(args.policy))
     with tempfile.TemporaryDirectory(dir=args.offload_dir) as offload:
         start = time.perf_counter()

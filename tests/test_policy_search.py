@@ -75,6 +75,17 @@ def costs_for(spec: str, workload: Workload, **profile) -> CostModel:
     return CostModel(model, torch.float32, machine(**profile), layer_times(model), workload)
 
 
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-opt"])
+def test_the_mlp_working_memory_is_counted_at_the_config_s_intermediate_size(spec: str):
+    """Its width, not the model's, once undercounted Qwen2.5-1.5B's MLP peak 3-fold, and
+    `policy=auto` planned a run that a 1.5 GiB limit then killed."""
+    config = json.loads((registry.resolve(spec) / "config.json").read_text())
+    inner = config.get("intermediate_size") or config["ffn_dim"]
+    costs = costs_for(spec, Workload(1, 8))
+    assert costs.intermediate == inner
+    assert costs.mlp_inner == (3 if spec == "tiny-llama" else 2) * inner
+
+
 def test_interpolation_is_linear_in_log_size_and_flat_beyond_the_measured_sizes():
     table = ((1, 10.0), (100, 30.0))
     assert interpolate(table, 10) == pytest.approx(20.0)

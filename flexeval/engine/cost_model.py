@@ -185,7 +185,10 @@ class CostModel:
         self.width = next(p.shape[0] for p in attention.params.values() if len(p.shape) == 1)
         self.heads = max(1, self.width // model.head_dim)
         mlp = next(layer for layer in model.layers if layer.kind == "mlp")
-        self.intermediate = max(min(p.shape) for p in mlp.params.values() if len(p.shape) == 2)
+        # each MLP matrix's side beyond the width: (2I, I) with Llama's fused gate/up, (I, I) for OPT
+        inner = [max(p.shape) for p in mlp.params.values() if len(p.shape) == 2]
+        self.intermediate = min(inner)
+        self.mlp_inner = sum(inner)  # what is alive at the MLP's peak: 3I while SwiGLU multiplies, 2I for OPT
         self.fits = {tuple(key.split("/")): self._fit(key, measured) for key, measured in layers.items()}
 
     def _fit(self, key: str, measured: list[tuple[int, int, float]]) -> tuple[float, float]:
@@ -311,7 +314,9 @@ class CostModel:
         w, b, item = self.workload, policy.gpu_batch_size, self.dtype.itemsize
         s = w.prompt_len
         rows = min(b, max(1, CPU_CHUNK_TOKENS // s)) * s if not self.cuda else b * s
-        layer = rows * item * (3 * self.width + 3 * self.intermediate + 2 * self.heads * self.model.head_dim)
+        # attention or the MLP at its peak, whichever is wider
+        per_row = max(3 * self.width + 2 * self.heads * self.model.head_dim, 2 * self.width + self.mlp_inner)
+        layer = rows * item * per_row
         if w.continuations > 1 or self.cuda:  # a mask: attention materialises its scores
             layer += (rows // s) * self.heads * s * s * 4 + b * s * s
         hidden = 3 * b * s * self.width * item
