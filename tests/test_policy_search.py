@@ -77,7 +77,7 @@ def costs_for(spec: str, workload: Workload, **profile) -> CostModel:
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "tiny-opt"])
 def test_the_mlp_working_memory_is_counted_at_the_config_s_intermediate_size(spec: str):
-    """Its width, not the model's, once undercounted Qwen2.5-1.5B's MLP peak 3-fold, and
+    """Counted at the model's width instead, Qwen2.5-1.5B's MLP peak was undercounted 3-fold and
     `policy=auto` planned a run that a 1.5 GiB limit then killed."""
     config = json.loads((registry.resolve(spec) / "config.json").read_text())
     inner = config.get("intermediate_size") or config["ffn_dim"]
