@@ -15,8 +15,10 @@ pass, and the run's bound:
 
 A block of B prompts needs one prefill pass (B x prompt tokens rows) and one pass per further new
 token (B rows); a pass must read the weights (in the system's format) that the limit, less the
-interpreter's footprint and a tenth for slack, cannot hold. Attention, norms and sampling are
-left out of the bound (a few % at these lengths).
+interpreter's footprint and a tenth for slack, cannot hold. Attention, norms, activations and
+sampling are left out of the bound: 17 % of Qwen2.5-1.5B's resident bf16 prefill at 16 x 128
+tokens (SiLU 6 %, attention 4 %; the GEMMs ran at 778 GFLOP/s), so a prefill-heavy run cannot
+reach its bound. The disk rate is the sustained one (see `measure_machine`).
 Accelerate reads a safetensors checkpoint in the run's dtype, written once into the flexeval cache
 (a GGUF's weights dequantized, a dummy model's generated); flexeval reads its own sources (the
 GGUF file, generated dummy weights) into its offload files, kept as shipped with
@@ -139,7 +141,10 @@ class Machine:
     profile: object  # flexeval's HardwareProfile: GEMM FLOP/s by rows and dtype
 
 
-def measure_machine(directory: Path, dtype: str, in_flight: int = 4) -> Machine:
+def measure_machine(directory: Path, dtype: str, in_flight: int = 4, rounds: int = 3) -> Machine:
+    """The disk's sustained direct-read rate: a run reads tens of GB, and this project's virtual
+    disks serve a first gigabyte at up to twice the rate they keep up (one 1 GiB read: 2.9-3.7 GB/s,
+    the next ones 1.3-1.9 GB/s), so each rate is the median over `rounds` reads of the whole file."""
     import torch
 
     from flexeval.engine import hardware
@@ -151,7 +156,10 @@ def measure_machine(directory: Path, dtype: str, in_flight: int = 4) -> Machine:
             f.write(os.urandom(chunk))
         f.flush()
         os.fsync(f.fileno())
-        rates = [direct_read_rate(Path(f.name), size, chunk, n) for n in (1, in_flight)]
+        rates = [
+            statistics.median(direct_read_rate(Path(f.name), size, chunk, n) for _ in range(rounds))
+            for n in (1, in_flight)
+        ]
     profile = hardware.profile(torch.device("cpu"), directory, registry.cache_root())
     return Machine(max(rates), rates[0], profile)
 
@@ -258,7 +266,13 @@ def spawn(args, system: str, batch_size: int, compression: str = "none", policy:
         "--accelerate-cpu-gb", str(args.accelerate_cpu_gb),
     ]  # fmt: skip
     drop_page_cache()
-    done = run_limited(cmd, int(args.limit_gb * 2**30))
+    done = run_limited(cmd, int(args.limit_gb * 2**30), timeout=args.timeout)
+    if done.timed_out:
+        return {
+            "failed": f"did not finish in {args.timeout:g} s",
+            "timed_out": args.timeout,
+            "peak_cgroup": done.peak_bytes,
+        }
     if done.returncode != 0:
         why = "killed at the memory limit" if done.oom_killed else done.stderr.strip().splitlines()[-1:]
         return {"failed": str(why), "peak_cgroup": done.peak_bytes}
@@ -288,6 +302,9 @@ def main() -> int:
         "before use, 1.5B at 1.5 GB read 14x the weights a pass)",
     )
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of every configuration; medians")
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds a run may take; one that does not finish gives a bound"
+    )
     parser.add_argument("--data-dir", type=Path, default=data_dir())
     parser.add_argument("--offload-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--system", choices=["flexeval", "accelerate"], help=argparse.SUPPRESS)
@@ -324,7 +341,8 @@ def main() -> int:
         f"+ {args.new_tokens} new; memory cgroup limit {args.limit_gb:g} GiB; medians of {args.repeats}"
     )
     print(
-        f"direct reads {machine.disk_one / 1e9:.2f} GB/s with one in flight, {machine.disk / 1e9:.2f} GB/s at best; "
+        f"direct reads (sustained) {machine.disk_one / 1e9:.2f} GB/s with one in flight, "
+        f"{machine.disk / 1e9:.2f} GB/s at best; "
         f"interpreter footprint {footprint / 2**30:.2f} GiB"
     )
     for compression, (_, summary) in policies.items():
@@ -332,9 +350,14 @@ def main() -> int:
     header = ("system", "seconds", "tok/s", "cgroup GiB", "RSS GiB", "GB/pass", "bound s", "of bound", "load s")
     print("".join(f"{h:>12}" if i else f"{h:<28}" for i, h in enumerate(header)))
     best: dict[str, float] = {}
+    at_least: dict[str, float] = {}  # peers that did not finish: the seconds they took at least
     for (system, batch, compression), rows in results.items():
         label = f"{system} b{batch}" + (f" {compression}" if system == "flexeval" else "")
         done = [r for r in rows if "failed" not in r]
+        if all("timed_out" in r for r in rows):
+            at_least[label] = args.timeout
+            print(f"{label:<28}{f'> {args.timeout:g}':>12}{f'< {new / args.timeout:.2f}':>12}  (did not finish)")
+            continue
         if len(done) < len(rows):
             print(f"{label:<28}failed: {rows[0].get('failed', rows[-1].get('failed'))}")
             continue
@@ -355,12 +378,13 @@ def main() -> int:
             print(f"{'':<28}prefill {details['prefill_seconds']:.1f} s, decode {details['decode_seconds']:.1f} s, "
                   f"waiting for I/O {wait:.1f} s")  # fmt: skip
         best[label] = seconds
-    theirs = {k: v for k, v in best.items() if k.startswith("accelerate")}
+    theirs = {k: v for k, v in (best | at_least).items() if k.startswith("accelerate")}
     if theirs:
         peer = min(theirs, key=theirs.get)
+        bound = ">= " if peer in at_least else ""
         for label, seconds in best.items():
             if label.startswith("flexeval"):
-                print(f"{label} / {peer}: {theirs[peer] / seconds:.2f}x")
+                print(f"{label} / {peer}: {bound}{theirs[peer] / seconds:.2f}x")
     return 0
 
 

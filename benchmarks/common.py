@@ -185,11 +185,13 @@ class Limited:
     stderr: str
     peak_bytes: int
     oom_killed: bool
+    timed_out: bool = False
 
 
-def run_limited(cmd: list[str], limit_bytes: int) -> Limited:
+def run_limited(cmd: list[str], limit_bytes: int, timeout: float | None = None) -> Limited:
     """Run `cmd` in a fresh memory cgroup limited to `limit_bytes` (v1 `memory.limit_in_bytes`,
-    v2 `memory.max`; needs root), the child joining it before it executes anything."""
+    v2 `memory.max`; needs root), the child joining it before it executes anything; killed
+    after `timeout` seconds, if given (a peer that thrashes under the limit may never finish)."""
     v1 = CGROUP_V1.is_dir() and (CGROUP_V1 / "memory.limit_in_bytes").exists()
     group = (CGROUP_V1 if v1 else CGROUP_V2) / f"flexeval-bench-{os.getpid()}-{time.monotonic_ns()}"
     try:
@@ -201,17 +203,31 @@ def run_limited(cmd: list[str], limit_bytes: int) -> Limited:
         if v1:
             (group / "memory.swappiness").write_text("0")
         procs = group / "cgroup.procs"
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, check=False, preexec_fn=lambda: procs.write_text(str(os.getpid()))
-        )
+        timed_out = False
+        try:
+            done = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=timeout,
+                preexec_fn=lambda: procs.write_text(str(os.getpid())),
+            )
+        except subprocess.TimeoutExpired as expired:
+            done = subprocess.CompletedProcess(cmd, -9, _text(expired.stdout), _text(expired.stderr))
+            timed_out = True
         peak = int((group / ("memory.max_usage_in_bytes" if v1 else "memory.peak")).read_text())
         events = (group / ("memory.oom_control" if v1 else "memory.events")).read_text()
         oom = any(line.split()[0] == "oom_kill" and int(line.split()[1]) > 0 for line in events.splitlines())
-        return Limited(done.returncode, done.stdout, done.stderr, peak, oom)
+        return Limited(done.returncode, done.stdout, done.stderr, peak, oom, timed_out)
     finally:
         if v1:
             (group / "memory.force_empty").write_text("0")  # uncharge the page cache it still holds
         group.rmdir()
+
+
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def drop_page_cache() -> bool:
