@@ -11,14 +11,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexeval import Engine, FlexevalError, Policy
+from flexeval.engine import compression
 from flexeval.engine.compression import (
     BITS,
+    PARTS,
     CompressionConfig,
     Quantized,
     dequantize,
     pack,
     packed_bytes,
     quantize,
+    quantize_rows,
     quantized_nbytes,
     unpack,
 )
@@ -97,6 +100,25 @@ def test_rows_of_a_table_dequantize_from_their_own_parts(group_dim: int) -> None
     assert torch.equal(group_rows(rows, q.config, 2), groups)
     fetched = Quantized(q.codes[rows], q.scale[groups], q.minimum[groups], q.shape, q.dtype, q.config)
     assert torch.equal(dequantize(table_rows(fetched, rows)), dequantize(q)[rows])
+
+
+@pytest.mark.parametrize("fit", ["minmax", "mse"])
+@pytest.mark.parametrize("group_dim", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_a_slice_of_rows_at_a_time_makes_the_same_bits(
+    fit: str, group_dim: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How a weight is quantized at load (whole, it would take several fp32 copies of itself):
+    slices of 80 rows, cut down to whole groups (64 rows) when groups run along the rows."""
+    monkeypatch.setattr(compression, "QUANTIZE_VALUES", 80 * 70)
+    table = torch.randn(150, 70).to(dtype)
+    config = CompressionConfig(4, 32, group_dim, fit)
+    reads = []
+    sliced = quantize_rows(lambda start, stop: reads.append(stop - start) or table[start:stop], table.shape, config)
+    assert reads == ([64, 64, 22] if group_dim == 0 else [80, 70])
+    whole = quantize(table, config)
+    assert all(torch.equal(getattr(sliced, part), getattr(whole, part)) for part in PARTS)
+    assert (sliced.shape, sliced.dtype) == (whole.shape, whole.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

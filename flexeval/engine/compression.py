@@ -18,6 +18,8 @@ normal range the scale rounds up, where its absolute error is tiny.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ BITS = (2, 3, 4, 8)
 FITS = ("minmax", "mse", "gptq")
 HALF = torch.float16
 DEQUANTIZE_VALUES = 2**20  # values that `dequantize` unpacks at a time
+QUANTIZE_VALUES = 2**22  # values that `quantize_rows` reads and quantizes at a time
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 21).tolist()  # the ranges that the "mse" fit tries, as shares of min-max
 
 
@@ -83,7 +86,7 @@ def quantize(x: Tensor, config: CompressionConfig) -> Quantized:
     """Codes keep the tensor's own layout, packed along its last dimension: dequantizing needs no
     transpose, and each index of the leading dimensions (a row of a token table, a token of a
     KV cache) stays readable on its own when groups run along the last one."""
-    dim = _dim(x, config)
+    dim = _dim(x.dim(), config)
     groups = _grouped(x.float(), dim, config.group_size)  # (pre..., groups, group_size, post...)
     low, high = groups.amin(dim + 1), groups.amax(dim + 1)
     if not torch.isfinite(low).all() or not torch.isfinite(high).all():
@@ -106,6 +109,23 @@ def quantize(x: Tensor, config: CompressionConfig) -> Quantized:
         codes = _codes(groups, scale, minimum, dim, config.levels)
     codes = codes.to(torch.uint8).flatten(dim, dim + 1).narrow(dim, 0, x.shape[dim])
     return Quantized(pack(codes, config.num_bits), scale, minimum, tuple(x.shape), x.dtype, config)
+
+
+def quantize_rows(read: Callable[[int, int], Tensor], shape: tuple[int, ...], config: CompressionConfig) -> Quantized:
+    """`quantize` of a tensor given by a reader of its leading rows [start, stop), a slice at a
+    time: quantizing takes several fp32 copies of what it quantizes (a 7B model's 131M-value
+    token table: ~2 GB), which a model loaded in 4 bits under a memory limit cannot hold beside
+    its resident weights (Llama-2-7B under a 3.5 GB plan peaked at 7.7 GiB). The result is
+    `quantize`'s own, bit for bit: a slice holds whole groups of rows when groups run along the
+    rows, and rows are quantized independently when they run along another dimension."""
+    dim = _dim(len(shape), config)
+    unit = config.group_size if dim == 0 else 1
+    rows = max(unit, QUANTIZE_VALUES // max(1, math.prod(shape[1:])) // unit * unit)
+    parts = [quantize(read(start, min(start + rows, shape[0])), config) for start in range(0, shape[0], rows)]
+    if len(parts) == 1:
+        return parts[0]
+    fields = (torch.cat([getattr(p, part) for p in parts]) for part in PARTS)
+    return Quantized(*fields, tuple(shape), parts[0].dtype, config)
 
 
 def _codes(groups: Tensor, scale: Tensor, minimum: Tensor, dim: int, levels: int) -> Tensor:
@@ -217,10 +237,10 @@ def _shifts(count: int, width: int, device: torch.device) -> Tensor:
     return torch.arange(count, dtype=torch.int32, device=device) * width
 
 
-def _dim(x: Tensor, config: CompressionConfig) -> int:
-    if not -x.dim() <= config.group_dim < x.dim():
-        raise FlexevalError(f"compression: group_dim {config.group_dim} is out of range for a {x.dim()}-d tensor")
-    return config.group_dim % x.dim()
+def _dim(ndim: int, config: CompressionConfig) -> int:
+    if not -ndim <= config.group_dim < ndim:
+        raise FlexevalError(f"compression: group_dim {config.group_dim} is out of range for a {ndim}-d tensor")
+    return config.group_dim % ndim
 
 
 def _grouped(x: Tensor, dim: int, size: int) -> Tensor:

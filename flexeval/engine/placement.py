@@ -28,7 +28,7 @@ from flexeval.engine.compression import (
     CompressionConfig,
     Quantized,
     dequantize,
-    quantize,
+    quantize_rows,
     quantized_nbytes,
 )
 from flexeval.engine.policy import Policy
@@ -154,8 +154,7 @@ class WeightStore:
             elif config is None:
                 stored[name] = tensor
             else:
-                whole = tensor.materialize() if isinstance(tensor, Lazy) else tensor
-                q = fitted[name] if fitted and name in fitted else quantize(whole, config)
+                q = fitted[name] if fitted and name in fitted else _quantize(tensor, config)
                 stored |= {f"{name}#{part}": getattr(q, part) for part in PARTS}
         for t, tier in enumerate(self.tiers):
             part = {n: tensor for n, tensor in stored.items() if self.tier_of.get((j, n.split("#")[0])) == t}
@@ -249,6 +248,12 @@ class WeightStore:
 
     def _tier(self, j: int, name: str) -> int:
         return self.tier_of[self.owner[j, name]]
+
+
+def _quantize(tensor: torch.Tensor | Lazy, config: CompressionConfig) -> Quantized:
+    """A weight quantized a slice of rows at a time, each read only then when it is `Lazy`."""
+    read = tensor.read if isinstance(tensor, Lazy) else lambda start, stop: tensor[start:stop]
+    return quantize_rows(read, tuple(tensor.shape), config)
 
 
 class BlockState:
