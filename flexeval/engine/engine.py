@@ -179,20 +179,23 @@ def release_free_memory() -> None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 2**20
+MMAP_THRESHOLD_BYTES = 8 * 2**20
 
 
 def map_large_buffers() -> None:
-    """Have glibc serve every allocation of 1 MiB or more with its own mapping, returned to the
+    """Have glibc serve every allocation of 8 MiB or more with its own mapping, returned to the
     system when freed (a no-op elsewhere): for a process that must stay within a RAM budget.
 
     By default glibc raises that threshold to the size of the buffers a program frees, up to
     32 MiB, and then keeps such buffers in per-thread heaps, where fragments of one layer's
     activations outlive it: prefill of 4,096-token micro-batches through Qwen2.5-1.5B in bf16
-    then held 0.5 GiB more at its end than at its start and peaked at 1.72 GiB where its tensors
-    need 1.52; with the threshold fixed the same run peaks at 1.42 GiB, as fast. The mappings
-    cost page faults, though: SmolLM2-135M's fp32 scoring, whose buffers are mostly 1-32 MiB,
-    runs 12-25 % slower, so only a run planned under a budget pays for them.
+    then peaked at 1.72 GiB where its tensors need 1.52; with the threshold fixed at 1 MiB the
+    same run peaked at 1.42 GiB, at 8 MiB at 1.45 GiB (32 prompts x 128 + 16 under a 1.5 GiB
+    limit), as fast. The mappings cost page faults, though, and below 8 MiB they fall on
+    dequantization's 4 MiB fp32 temporaries: decoding with 4-bit weights ran 5x slower at a
+    1 MiB threshold (Qwen2.5-1.5B, 8 rows: 4.6 s a step; 0.9 s at 8 MiB, as with glibc's
+    default), and SmolLM2-135M's fp32 scoring, whose buffers are mostly 1-32 MiB, runs 8-13 %
+    slower at 8 MiB; so only a run planned under a budget pays for them.
     """
     libc = ctypes.CDLL(None)
     if hasattr(libc, "mallopt"):
