@@ -1,7 +1,8 @@
 """Generation with weights on disk: flexeval against transformers + Accelerate disk offload.
 
-Both systems run SmolLM2-135M fp32 with every weight on disk and read it from disk, not from
-the page cache: flexeval reads with O_DIRECT; for Accelerate (which memory-maps the checkpoint)
+Both systems run SmolLM2-135M fp32 (flexeval's weights optionally kept quantized on disk,
+`--compression 4bit-weights`) with every weight on disk and read it from disk, not from the page
+cache: flexeval reads with O_DIRECT; for Accelerate (which memory-maps the checkpoint)
 the checkpoint's pages are dropped before every module runs. Prompts are windows of WikiText-2
 text, every sequence generates exactly `--new-tokens` tokens. Each configuration runs in its own
 process so that its peak RSS is its own; Accelerate is tried at several batch sizes and its
@@ -10,6 +11,7 @@ Also prints the bound that this machine's measured disk bandwidth and matmul spe
 flexeval's run.
 
     python benchmarks/vs_accelerate.py --prompts 256 --prompt-tokens 128 --new-tokens 32
+    python benchmarks/vs_accelerate.py --compression 4bit-weights --batch-sizes 256 --rss-budget-mb 3300
 """
 
 from __future__ import annotations
@@ -32,13 +34,12 @@ from common import data_dir, dense_checkpoint, generate_from_disk, hf_generate, 
 
 def run_flexeval(args) -> dict:
     from flexeval import Policy
+    from flexeval.engine.policy import compression_fields
 
-    policy = Policy(
-        gpu_batch_size=args.gpu_batch_size,
-        num_gpu_batches=args.num_gpu_batches,
-        w_gpu_percent=0,
-        w_cpu_percent=0,
+    placement = dict(
+        gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches, w_gpu_percent=0, w_cpu_percent=0
     )
+    policy = Policy.from_dict(compression_fields(args.compression) | placement)
     seconds, _, stats = generate_from_disk(policy, args.data_dir, args.prompts, args.prompt_tokens, args.new_tokens)
     return {
         "seconds": seconds,
@@ -135,6 +136,7 @@ def forwarded(args) -> list[str]:
         "--prompts", str(args.prompts), "--prompt-tokens", str(args.prompt_tokens),
         "--new-tokens", str(args.new_tokens), "--data-dir", str(args.data_dir),
         "--gpu-batch-size", str(args.gpu_batch_size), "--num-gpu-batches", str(args.num_gpu_batches),
+        "--compression", args.compression,
     ]  # fmt: skip
 
 
@@ -147,6 +149,7 @@ def main() -> int:
     # and prefill runs it a few thousand tokens at a time anyway (schedule.CPU_CHUNK_TOKENS).
     parser.add_argument("--gpu-batch-size", type=int, default=256)
     parser.add_argument("--num-gpu-batches", type=int, default=1)
+    parser.add_argument("--compression", default="none", help="flexeval's preset (conf/compression), e.g. 4bit-weights")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 32, 64])
     parser.add_argument("--rss-budget-mb", type=int, default=0, help="default: flexeval's own peak RSS")
     parser.add_argument("--data-dir", type=Path, default=data_dir())
@@ -165,7 +168,7 @@ def main() -> int:
     )
     print(f"{'system':<28}{'seconds':>9}{'new tok/s':>11}{'peak RSS MB':>13}")
     print(
-        f"{'flexeval ' + str(args.gpu_batch_size) + 'x' + str(args.num_gpu_batches):<28}"
+        f"{f'flexeval {args.gpu_batch_size}x{args.num_gpu_batches} {args.compression}':<28}"
         f"{ours['seconds']:>9.1f}{new / ours['seconds']:>11.2f}{ours['peak_rss'] / 1e6:>13.0f}"
         f"{'' if ours['peak_rss'] <= budget else '  over budget'}"
     )
