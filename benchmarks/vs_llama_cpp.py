@@ -38,6 +38,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import torch
+
+from flexeval import Engine, Policy
+from flexeval.engine.policy import compression_fields
+from flexeval.models import packaged, registry
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import data_dir, prompt_windows  # noqa: E402
 
@@ -91,7 +97,8 @@ def build_llama_cpp(cache: Path) -> tuple[Path | None, str]:
 
 
 def run_llama_cpp(binaries: Path, gguf: Path, args) -> dict[str, float]:
-    """Tokens/s: prompt, generation at batch 1, generation at `args.batch` (medians over repetitions)."""
+    """Tokens/s: prompt, generation at batch 1 (llama-bench's means over `--repeats`), generation at
+    `args.batch` (median of `--repeats` runs)."""
     bench = [
         str(binaries / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-p", str(args.prompt_tokens),
         "-n", str(args.new_tokens), "-r", str(args.repeats), "-o", "json",
@@ -115,9 +122,6 @@ def run_llama_cpp(binaries: Path, gguf: Path, args) -> dict[str, float]:
 
 def run_flexeval(model: str, compression: str, args) -> dict[str, float]:
     """The same three figures for flexeval, everything resident (the 1.5B model fits in RAM here)."""
-    from flexeval import Engine, Policy
-    from flexeval.engine.policy import compression_fields
-
     batch = max(args.prompts, args.batch)  # one micro-batch holds each run's prompts
     policy = Policy.from_dict(compression_fields(compression) | dict(gpu_batch_size=batch))
     engine = Engine.load(model, dtype=args.dtype, policy=policy)
@@ -136,7 +140,12 @@ def run_flexeval(model: str, compression: str, args) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="qwen2.5-coder-1.5b", help="a packaged GGUF model (flexeval-install-model)")
+    parser.add_argument(
+        "--model",
+        default="qwen2.5-coder-1.5b",
+        choices=packaged.MODELS,
+        help="a packaged GGUF (flexeval-install-model)",
+    )
     parser.add_argument("--compressions", nargs="*", default=["none", "native"], help="flexeval's presets to run")
     parser.add_argument("--dtype", default="bfloat16", help="flexeval's compute dtype")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -149,12 +158,6 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=data_dir())
     args = parser.parse_args()
 
-    import torch
-
-    from flexeval.models import packaged, registry
-
-    if args.model not in packaged.MODELS:
-        parser.error(f"--model: one of {', '.join(packaged.MODELS)} (GGUF files both systems read)")
     torch.set_num_threads(args.threads)
     gguf = packaged.MODELS[args.model].locate(registry.cache_root())
     registry.resolve(args.model)  # flexeval's conversion, before any timing
@@ -170,7 +173,7 @@ def main() -> int:
     print(f"\n{gguf.name}, {args.threads} threads; {origin}")
     print(
         f"prompt: {args.prompt_tokens} tokens; generation: {args.new_tokens} new tokens, at batch {args.batch} "
-        f"after {args.batch_prompt_tokens}-token prompts; medians of {args.repeats}"
+        f"after {args.batch_prompt_tokens}-token prompts; {args.repeats} runs each (medians; llama-bench: means)"
     )
     columns = ("prompt", "batch 1", f"batch {args.batch}")
     print(f"{'tokens/s':<36}" + "".join(f"{c:>14}" for c in columns))
