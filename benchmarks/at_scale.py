@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, dense_checkpoint, drop_page_cache, hf_generate, prompt_windows, run_limited  # noqa: E402
+from common import data_dir, dense_checkpoint, hf_generate, prompt_windows, run_limited, spawn_measured  # noqa: E402
 
 WORKLOADS = {
     "7b": dict(model="dummy:llama-2-7b", dtype="bfloat16", limit_gb=4.0, prompts=8, prompt_tokens=64, new_tokens=32),
@@ -265,18 +265,7 @@ def spawn(args, system: str, batch_size: int, compression: str = "none", policy:
         "--batch-size", str(batch_size), "--policy", json.dumps(policy or {}),
         "--accelerate-cpu-gb", str(args.accelerate_cpu_gb),
     ]  # fmt: skip
-    drop_page_cache()
-    done = run_limited(cmd, int(args.limit_gb * 2**30), timeout=args.timeout)
-    if done.timed_out:
-        return {
-            "failed": f"did not finish in {args.timeout:g} s",
-            "timed_out": args.timeout,
-            "peak_cgroup": done.peak_bytes,
-        }
-    if done.returncode != 0:
-        why = "killed at the memory limit" if done.oom_killed else done.stderr.strip().splitlines()[-1:]
-        return {"failed": str(why), "peak_cgroup": done.peak_bytes}
-    return json.loads(done.stdout.strip().splitlines()[-1]) | {"peak_cgroup": done.peak_bytes}
+    return spawn_measured(cmd, int(args.limit_gb * 2**30), args.timeout)
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ __all__ = [
     "Limited",
     "drop_page_cache",
     "run_limited",
+    "spawn_measured",
     "data_dir",
     "dense_checkpoint",
     "evaluate_task",
@@ -224,6 +225,20 @@ def run_limited(cmd: list[str], limit_bytes: int, timeout: float | None = None) 
         if v1:
             (group / "memory.force_empty").write_text("0")  # uncharge the page cache it still holds
         group.rmdir()
+
+
+def spawn_measured(cmd: list[str], limit_bytes: int, timeout: float | None = None) -> dict:
+    """A benchmark's child run from a cold page cache under `run_limited`: the JSON object of its
+    last line of output, or {"failed": why} (and "timed_out": the timeout, when that was why);
+    either way with "peak_cgroup", the cgroup's peak in bytes."""
+    drop_page_cache()
+    done = run_limited(cmd, limit_bytes, timeout=timeout)
+    if done.timed_out:
+        return {"failed": f"did not finish in {timeout:g} s", "timed_out": timeout, "peak_cgroup": done.peak_bytes}
+    if done.returncode != 0:
+        why = "killed at the memory limit" if done.oom_killed else "; ".join(done.stderr.strip().splitlines()[-3:])
+        return {"failed": why, "peak_cgroup": done.peak_bytes}
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"peak_cgroup": done.peak_bytes}
 
 
 def _text(output: bytes | str | None) -> str:

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dense_checkpoint, drop_page_cache, evaluate_task, run_limited  # noqa: E402
+from common import dense_checkpoint, evaluate_task, spawn_measured  # noqa: E402
 
 
 def child(args) -> int:
@@ -74,14 +74,7 @@ def spawn(args, backend: str, model_args: str, batch_size: int, limit_bytes: int
         sys.executable, __file__, "--backend", backend, "--model-args", model_args, "--batch-size", str(batch_size),
         "--task", args.task, "--limit", str(args.limit),
     ] + (["--num-fewshot", str(args.num_fewshot)] if args.num_fewshot is not None else [])  # fmt: skip
-    drop_page_cache()
-    done = run_limited(cmd, limit_bytes, timeout=args.timeout)
-    if done.timed_out:
-        return {"failed": f"did not finish in {args.timeout:g} s", "peak_cgroup": done.peak_bytes}
-    if done.returncode != 0:
-        why = "killed at the memory limit" if done.oom_killed else "; ".join(done.stderr.strip().splitlines()[-3:])
-        return {"failed": why, "peak_cgroup": done.peak_bytes}
-    return json.loads(done.stdout.strip().splitlines()[-1]) | {"peak_cgroup": done.peak_bytes}
+    return spawn_measured(cmd, limit_bytes, args.timeout)
 
 
 def main() -> int:
