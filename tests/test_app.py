@@ -106,7 +106,7 @@ def compose_run(*overrides: str):
         (
             ["compression=2bit"],
             "unknown compression '2bit': choose one of 4bit, 4bit-cache, 4bit-weights, 4bit-weights-gptq, "
-            "4bit-weights-input, 8bit, ",
+            "4bit-weights-input, 4bit-weights-int4mm, 8bit, ",
         ),
         (["-m", "policy=all-resident,cpu-offlaod"], "unknown policy 'cpu-offlaod'"),
     ],

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexeval import Engine, FlexevalError, Policy
-from flexeval.engine import compression
+from flexeval.engine import compression, int4mm
 from flexeval.engine.compression import (
     BITS,
     PARTS,
@@ -220,14 +220,20 @@ def test_bad_tensors_are_refused() -> None:
         quantize(torch.tensor([[-1e9, 1e9]], dtype=torch.bfloat16), CompressionConfig(num_bits=2, group_dim=1))
 
 
-def fake_quantized_checkpoint(directory: Path, config: CompressionConfig) -> None:
-    """Rewrite a checkpoint with every matrix replaced by dequantize(quantize(.)): what an engine
-    storing quantized weights must compute."""
+def fake_quantized_checkpoint(
+    directory: Path,
+    config: CompressionConfig,
+    dtype: torch.dtype = torch.float32,
+    tables: CompressionConfig | None = None,
+) -> None:
+    """Rewrite a checkpoint with every matrix replaced by dequantize(quantize(.)) in `dtype`: what
+    an engine storing quantized weights must compute; token tables by `tables` if given."""
     path = directory / "model.safetensors"
     tensors = load_file(path)
     for name, w in tensors.items():
         if w.dim() == 2:
-            tensors[name] = dequantize(quantize(w, config))
+            table = tables is not None and ("embed_tokens" in name or "lm_head" in name)
+            tensors[name] = dequantize(quantize(w.to(dtype), tables if table else config))
     save_file(tensors, path, metadata={"format": "pt"})
 
 
@@ -329,3 +335,91 @@ def test_a_4_bit_cache_takes_under_0_3_of_its_16_bit_bytes(dtype: torch.dtype, r
     cache = QuantizedKVCache.empty(shape, dtype, torch.device("cpu"), CompressionConfig(4, 64, -1))
     stored = sum(t.nbytes for t in cache.parts().values())
     assert stored / (2 * torch.Size(shape).numel() * dtype.itemsize) == ratio
+
+
+def test_tiles_are_the_int4_kernels_layout_and_hold_the_same_codes() -> None:
+    codes = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    tiles = compression.pack_tiles(codes)
+    assert tiles.shape == (192, 48) and tiles.is_contiguous() and tiles.nbytes == pack(codes, 4).nbytes
+    assert torch.equal(tiles, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 8))
+    assert torch.equal(compression.untile(tiles, 96), codes)
+
+
+@pytest.mark.parametrize("group_size", compression.INT4MM_GROUP_SIZES)
+def test_tiled_codes_keep_the_bound_on_bf16_grids_and_slice_like_rows(group_size: int) -> None:
+    """bf16 grids: a group's top may fall short of its maximum by 15 steps' rounding (2^-9 each)."""
+    x = torch.randn(320, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    rows, tiled = CompressionConfig(4, group_size, 1), CompressionConfig(4, group_size, 1, kernel="int4mm")
+    q = quantize(x, tiled)
+    assert q.scale.dtype == q.minimum.dtype == torch.bfloat16 and q.scale.shape == (512 // group_size, 320)
+    assert q.nbytes == quantized_nbytes(tuple(x.shape), x.dtype, tiled) == quantize(x, rows).nbytes
+    step = (groups(x, tiled).amax(-1, keepdim=True) - groups(x, tiled).amin(-1, keepdim=True)) / 15
+    assert (excess(x, tiled) <= step * 15 * 2**-9 + groups(x, tiled).abs() * 2**-8).all()
+    converted = compression.as_tiles(quantize(x, rows), tiled)
+    assert converted.codes.equal(pack_tiles_of(quantize(x, rows)))
+    rounded = dict(atol=float(step.max()) * 15 * 2**-9, rtol=2**-7)  # the grid's rounding, then each value's
+    torch.testing.assert_close(dequantize(converted).float(), dequantize(quantize(x, rows)).float(), **rounded)
+    sliced = quantize_rows(lambda start, stop: x[start:stop], tuple(x.shape), tiled)
+    assert all(torch.equal(getattr(sliced, part), getattr(q, part)) for part in PARTS)
+    with pytest.raises(FlexevalError, match=r"kernel int4mm cannot tile a tensor of shape \(96, 512\)"):
+        quantize(x[:96], tiled)
+
+
+def test_the_int4_kernel_multiplies_the_codes_row_by_row() -> None:
+    g = torch.Generator().manual_seed(2)
+    q = quantize((torch.randn(256, 128, generator=g) * 0.05).bfloat16(), CompressionConfig(4, 32, 1, kernel="int4mm"))
+    assert int4mm.usable(q)
+    x, bias = torch.randn(2, 5, 128, generator=g).bfloat16(), torch.randn(256, generator=g).bfloat16()
+    y = int4mm.Int4Weight.of(q).linear(x, bias)
+    expected = x.float() @ dequantize(q).float().T + bias.float()
+    assert y.shape == (2, 5, 256) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=0.02, atol=0.02)
+    one = int4mm.Int4Weight.of(q).linear(x[1, 3:4], bias)
+    assert torch.equal(one, y[1, 3:4])  # a row computes alike among any number of rows
+
+
+def pack_tiles_of(q: Quantized) -> torch.Tensor:
+    return compression.pack_tiles(unpack(q.codes, q.config.num_bits, q.shape[-1]))
+
+
+def decode_products(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the rows that the int4 kernel multiplies from here on (its probe run before)."""
+    assert int4mm.available()
+    rows = []
+    multiply = int4mm.Int4Weight.linear
+    monkeypatch.setattr(
+        int4mm.Int4Weight, "linear", lambda w, x, b: rows.append(x.numel() // x.shape[-1]) or multiply(w, x, b)
+    )
+    return rows
+
+
+def test_int4mm_decodes_with_the_kernel_alike_in_every_batch_and_placement(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seqs = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 40, 17, 2)]
+    tiled = CompressionConfig(4, 64, 1, kernel="int4mm")
+    preset = dict(compress_weight=True, comp_weight_config=tiled)
+    rows = decode_products(monkeypatch)
+    results = []
+    for fields in (dict(gpu_batch_size=4), dict(gpu_batch_size=1, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=0)):
+        engine = Engine.load(tiny_dir, dtype="bfloat16", policy=Policy(**fields, **preset), offload_dir=tmp_path)
+        lp = engine.logprobs(seqs)
+        assert not rows  # scoring dequantizes
+        results.append((lp, engine.generate(seqs, max_new_tokens=6, stop_token_ids=[])))
+        assert rows and max(rows) <= 4  # decoding steps multiplied the codes, a micro-batch at a time
+        rows.clear()
+        engine.close()
+    assert results[0][1] == results[1][1] and same_results(results[0][0], results[1][0])
+    fake_quantized_checkpoint(tiny_dir, tiled, torch.bfloat16, tables=replace(tiled, kernel="dequantize"))
+    expected_lp = Engine.load(tiny_dir, dtype="bfloat16", policy=Policy(gpu_batch_size=4)).logprobs(seqs)
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], expected_lp))  # scoring: the dequantized weights
+
+
+def test_int4mm_is_refused_where_it_cannot_run(tiny_dir: Path) -> None:
+    with pytest.raises(FlexevalError, match="kernel int4mm multiplies 4-bit codes in groups of 32, 64, 128, 256"):
+        CompressionConfig(4, 64, 0, kernel="int4mm")
+    with pytest.raises(FlexevalError, match="kernel must be one of"):
+        CompressionConfig(kernel="marlin")
+    policy = Policy(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1, kernel="int4mm"))
+    with pytest.raises(FlexevalError, match="int4mm multiplies in bfloat16 .* set dtype=bfloat16"):
+        Engine.load(tiny_dir, dtype="float32", policy=policy)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -29,6 +29,10 @@ from flexeval.errors import FlexevalError
 
 BITS = (2, 3, 4, 8)
 FITS = ("minmax", "mse", "gptq")
+KERNELS = ("dequantize", "int4mm")
+INT4MM_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel takes
+TILE_ROWS = 64  # output rows per tile of the int4 kernel's layout (see `pack_tiles`)
+TILE_GRID = torch.bfloat16  # what tiled codes keep their scales and minima in: the kernel's dtype
 HALF = torch.float16
 DEQUANTIZE_VALUES = 2**20  # values that `dequantize` unpacks at a time
 QUANTIZE_VALUES = 2**22  # values that `quantize_rows` reads and quantizes at a time
@@ -47,6 +51,10 @@ class CompressionConfig:
     # grids stored in 16 bits (see `engine.gptq`; anything it does not fit is min-max rounded
     # on such grids)
     fit: str = "minmax"
+    # how a weight matrix is multiplied: "dequantize": into a copy in the model's dtype first;
+    # "int4mm": its codes are stored in the tiles of torch's int4 CPU kernel, which decoding
+    # steps multiply as they are (`engine.int4mm`); prefills still dequantize
+    kernel: str = "dequantize"
 
     def __post_init__(self) -> None:
         if self.num_bits not in BITS:
@@ -57,10 +65,23 @@ class CompressionConfig:
             raise FlexevalError(f"compression: group_dim must be an integer, got {self.group_dim!r}")
         if self.fit not in FITS:
             raise FlexevalError(f"compression: fit must be one of {FITS}, got {self.fit!r}")
+        if self.kernel not in KERNELS:
+            raise FlexevalError(f"compression: kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.tiled and (self.num_bits != 4 or self.group_size not in INT4MM_GROUP_SIZES or self.group_dim != 1):
+            raise FlexevalError(
+                "compression: kernel int4mm multiplies 4-bit codes in groups of "
+                f"{', '.join(map(str, INT4MM_GROUP_SIZES))} along the input dimension (group_dim 1); got "
+                f"num_bits={self.num_bits}, group_size={self.group_size}, group_dim={self.group_dim}"
+            )
 
     @property
     def levels(self) -> int:
         return 2**self.num_bits - 1
+
+    @property
+    def tiled(self) -> bool:
+        """Whether codes are stored in the int4 kernel's tiles (`pack_tiles`) instead of by rows."""
+        return self.kernel == "int4mm"
 
 
 PARTS = ("codes", "scale", "minimum")  # the tensors of a `Quantized`; stored as `name#codes`, ...
@@ -70,8 +91,8 @@ PARTS = ("codes", "scale", "minimum")  # the tensors of a `Quantized`; stored as
 class Quantized:
     """A tensor as packed codes plus per-group scale and minimum; its shape and dtype."""
 
-    codes: Tensor  # uint8, densely packed
-    scale: Tensor  # `grid_dtypes(dtype, config)[0]`, (..., groups) over the other dimensions
+    codes: Tensor  # uint8, densely packed (tiled: `pack_tiles`)
+    scale: Tensor  # `grid_dtypes(dtype, config)[0]`, (..., groups) over the other dimensions; tiled: (groups, out)
     minimum: Tensor  # `grid_dtypes(dtype, config)[1]`, like scale
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -87,6 +108,8 @@ def quantize(x: Tensor, config: CompressionConfig) -> Quantized:
     transpose, and each index of the leading dimensions (a row of a token table, a token of a
     KV cache) stays readable on its own when groups run along the last one."""
     dim = _dim(x.dim(), config)
+    if config.tiled and not tileable(tuple(x.shape), config):
+        raise FlexevalError(f"compression: kernel int4mm cannot tile a tensor of shape {tuple(x.shape)}")
     groups = _grouped(x.float(), dim, config.group_size)  # (pre..., groups, group_size, post...)
     low, high = groups.amin(dim + 1), groups.amax(dim + 1)
     if not torch.isfinite(low).all() or not torch.isfinite(high).all():
@@ -107,7 +130,14 @@ def quantize(x: Tensor, config: CompressionConfig) -> Quantized:
         if not (torch.isfinite(scale).all() and torch.isfinite(minimum).all()):
             raise FlexevalError("compression: values beyond fp16's range; the gptq fit stores 16-bit grids: use minmax")
         codes = _codes(groups, scale, minimum, dim, config.levels)
+    if config.tiled:  # the kernel's bf16 grids, codes chosen on them
+        scale, minimum = scale.to(TILE_GRID), minimum.to(TILE_GRID)
+        codes = _codes(groups, scale, minimum, dim, config.levels)
     codes = codes.to(torch.uint8).flatten(dim, dim + 1).narrow(dim, 0, x.shape[dim])
+    if config.tiled:
+        return Quantized(
+            pack_tiles(codes), scale.T.contiguous(), minimum.T.contiguous(), tuple(x.shape), x.dtype, config
+        )
     return Quantized(pack(codes, config.num_bits), scale, minimum, tuple(x.shape), x.dtype, config)
 
 
@@ -119,12 +149,12 @@ def quantize_rows(read: Callable[[int, int], Tensor], shape: tuple[int, ...], co
     `quantize`'s own, bit for bit: a slice holds whole groups of rows when groups run along the
     rows, and rows are quantized independently when they run along another dimension."""
     dim = _dim(len(shape), config)
-    unit = config.group_size if dim == 0 else 1
+    unit = _row_unit(dim, config)
     rows = max(unit, QUANTIZE_VALUES // max(1, math.prod(shape[1:])) // unit * unit)
     parts = [quantize(read(start, min(start + rows, shape[0])), config) for start in range(0, shape[0], rows)]
     if len(parts) == 1:
         return parts[0]
-    fields = (torch.cat([getattr(p, part) for p in parts]) for part in PARTS)
+    fields = (torch.cat([getattr(p, part) for p in parts], _row_dim(part, config)) for part in PARTS)
     return Quantized(*fields, tuple(shape), parts[0].dtype, config)
 
 
@@ -146,13 +176,14 @@ def dequantize(q: Quantized, out: Tensor | None = None) -> Tensor:
     temporaries stay in the CPU's caches (a 49,152 x 576 token table: 3x faster)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.codes.device) if out is None else out
     dim = q.config.group_dim % len(q.shape)
-    unit = q.config.group_size if dim == 0 else 1  # rows that share their groups' parameters
+    unit = _row_unit(dim, q.config)
     rows = max(unit, DEQUANTIZE_VALUES // max(1, torch.Size(q.shape[1:]).numel()) // unit * unit)
     for start in range(0, q.shape[0], rows):
         stop = min(start + rows, q.shape[0])
-        groups = slice(start // unit, -(-stop // unit))
+        groups = slice(start // unit, -(-stop // unit)) if dim == 0 else slice(start, stop)
+        index = (slice(None), groups) if q.config.tiled else (groups,)  # tiled grids: (groups, out)
         part = Quantized(
-            q.codes[start:stop], q.scale[groups], q.minimum[groups], (stop - start, *q.shape[1:]), q.dtype, q.config
+            q.codes[start:stop], q.scale[index], q.minimum[index], (stop - start, *q.shape[1:]), q.dtype, q.config
         )
         _dequantize(part, out[start:stop])
     return out
@@ -161,13 +192,14 @@ def dequantize(q: Quantized, out: Tensor | None = None) -> Tensor:
 def _dequantize(q: Quantized, out: Tensor) -> None:
     config, shape = q.config, q.shape
     dim = config.group_dim % len(shape)
-    codes = unpack(q.codes, config.num_bits, shape[-1])  # shape
-    pad = q.scale.shape[dim] * config.group_size - shape[dim]
+    codes = untile(q.codes, shape[-1]) if config.tiled else unpack(q.codes, config.num_bits, shape[-1])  # shape
+    scale, minimum = (q.scale.T, q.minimum.T) if config.tiled else (q.scale, q.minimum)  # (..., groups)
+    pad = scale.shape[dim] * config.group_size - shape[dim]
     if pad:  # the short last group: any codes do, they are cut off again below
         codes = torch.cat((codes, codes.new_zeros(*shape[:dim], pad, *shape[dim + 1 :])), dim)
-    grouped = (*shape[:dim], q.scale.shape[dim], config.group_size, *shape[dim + 1 :])
+    grouped = (*shape[:dim], scale.shape[dim], config.group_size, *shape[dim + 1 :])
     codes = codes.view(grouped)
-    scale, minimum = q.scale.float().unsqueeze(dim + 1), q.minimum.float().unsqueeze(dim + 1)
+    scale, minimum = scale.float().unsqueeze(dim + 1), minimum.float().unsqueeze(dim + 1)
     if not pad and out.is_contiguous():  # one pass, codes converted on the fly
         torch.addcmul(minimum, codes, scale, out=out.view(grouped))
     else:
@@ -199,6 +231,38 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     return codes.to(torch.uint8).flatten(-2)[..., :n]
 
 
+def tileable(shape: tuple[int, ...], config: CompressionConfig) -> bool:
+    """Whether a weight of this shape fits the int4 kernel's tiles under this config."""
+    return len(shape) == 2 and shape[0] % TILE_ROWS == 0 and shape[1] % config.group_size == 0
+
+
+def pack_tiles(codes: Tensor) -> Tensor:
+    """(n, k) 4-bit codes -> (n, k / 2) bytes in the layout of torch's int4 CPU kernel
+    (`_convert_weight_to_int4pack_for_cpu`): for each tile of 64 rows and each column, 32 bytes
+    whose low nibbles hold rows 0-31 of the tile and high nibbles rows 32-63. Storing codes so
+    makes them the kernel's operand with no conversion at each use; `engine.int4mm` probes
+    that torch still agrees. The bytes are as many as `pack`'s."""
+    n, k = codes.shape
+    tiles = codes.view(n // TILE_ROWS, 2, TILE_ROWS // 2, k).transpose(2, 3)  # (tiles, halves, k, 32)
+    return (tiles[:, 0] | (tiles[:, 1] << 4)).contiguous().view(n, k // 2)
+
+
+def untile(packed: Tensor, k: int) -> Tensor:
+    """`pack_tiles`'s (n, k / 2) bytes -> the (n, k) uint8 codes."""
+    tiles = packed.reshape(-1, k, TILE_ROWS // 2)  # (tiles, k, 32)
+    return torch.cat((tiles & 0xF, tiles >> 4), -1).transpose(1, 2).reshape(-1, k)
+
+
+def as_tiles(q: Quantized, config: CompressionConfig) -> Quantized:
+    """A row-packed `Quantized` (what a GPTQ fit makes) as `config`'s tiles: the same codes, their
+    grids rounded to bf16 (a weight moves by at most 15 / 512 of a step)."""
+    if q.config.tiled or not config.tiled:
+        return q
+    codes = pack_tiles(unpack(q.codes, q.config.num_bits, q.shape[-1]))
+    scale, minimum = (t.to(TILE_GRID).T.contiguous() for t in (q.scale, q.minimum))
+    return Quantized(codes, scale, minimum, q.shape, q.dtype, replace(q.config, kernel=config.kernel))
+
+
 def quantized_nbytes(shape: tuple[int, ...], dtype: torch.dtype, config: CompressionConfig) -> int:
     """What `quantize` makes of a tensor of this shape and dtype, in bytes."""
     dim = config.group_dim % len(shape)
@@ -215,7 +279,10 @@ def scale_dtype(dtype: torch.dtype) -> torch.dtype:
 def grid_dtypes(dtype: torch.dtype, config: CompressionConfig) -> tuple[torch.dtype, torch.dtype]:
     """(scale, minimum) dtypes of a tensor's groups. The "gptq" fit keeps both in 16 bits in
     every model (4.5 bits a weight at groups of 64): it chooses codes on the stored grid, so a
-    rounded grid costs nothing its fit does not absorb, and it has no exact arithmetic to match."""
+    rounded grid costs nothing its fit does not absorb, and it has no exact arithmetic to match.
+    Tiled codes keep both in bf16, what the int4 kernel computes with (`engine.int4mm`)."""
+    if config.tiled:
+        return TILE_GRID, TILE_GRID
     if config.fit == "gptq":
         return HALF, HALF if dtype == torch.float32 else dtype
     return scale_dtype(dtype), dtype
@@ -235,6 +302,19 @@ def _unit(bits: int) -> tuple[int, int]:
 
 def _shifts(count: int, width: int, device: torch.device) -> Tensor:
     return torch.arange(count, dtype=torch.int32, device=device) * width
+
+
+def _row_dim(part: str, config: CompressionConfig) -> int:
+    """The dimension of a part that runs along the tensor's leading rows."""
+    return 1 if config.tiled and part != "codes" else 0
+
+
+def _row_unit(dim: int, config: CompressionConfig) -> int:
+    """Leading rows that a slice of a quantized tensor keeps together: those sharing their groups'
+    parameters, or a tile's."""
+    if dim == 0:
+        return config.group_size
+    return TILE_ROWS if config.tiled else 1
 
 
 def _dim(ndim: int, config: CompressionConfig) -> int:

@@ -28,12 +28,12 @@ from scipy.optimize import nnls
 
 from flexeval.engine.compression import quantized_nbytes
 from flexeval.engine.hardware import HardwareProfile, LayerTimes
-from flexeval.engine.placement import WeightKey, owners, stored_nbytes, weight_tiers
+from flexeval.engine.placement import WeightKey, compression, owners, stored_nbytes, weight_tiers
 from flexeval.engine.policy import Policy
 from flexeval.engine.schedule import CPU_CHUNK_TOKENS, Unit, units
 from flexeval.engine.tiers import ALIGN as PAGE
 from flexeval.engine.tiers import POOL_GRANULE, distribute
-from flexeval.models.common import LOGITS_CHUNK_BYTES, LOGITS_CHUNK_ROWS, Model
+from flexeval.models.common import LOGITS_CHUNK_BYTES, LOGITS_CHUNK_ROWS, Model, Param
 
 TIERS = ("compute", "cpu", "disk")
 CHANNELS = ("disk", "h2d", "d2h")
@@ -359,13 +359,19 @@ class CostModel:
             staged["compute"] = staged["compute"] + Term(_pooled(full, 1) if not self.cuda else max(full))
         return staged
 
-    def _unit_dense(self, unit: Unit, policy: Policy) -> float:
-        """Bytes of a unit's quantizable weights once dequantized."""
+    def _unit_dense(self, unit: Unit, policy: Policy, tiled: bool = True) -> float:
+        """Bytes of a unit's quantizable weights once dequantized; without those the int4 kernel
+        multiplies as codes unless `tiled`."""
+
+        def dequantized(param: Param) -> bool:
+            config = compression(param, policy)
+            return len(param.shape) > 1 and (tiled or config is None or not config.tiled)
+
         return sum(
             param.nbytes(self.dtype) * self._read_share(unit, param.by_token, policy)
             for j in unit.layers
             for param in self.model.layers[j].params.values()
-            if len(param.shape) > 1
+            if dequantized(param)
         )
 
     # --- time --------------------------------------------------------------------------------
@@ -389,7 +395,8 @@ class CostModel:
                 continue
             compute = sum(self._compute(kind, policy, decoding, unit) for kind in kinds)
             compute += (
-                self._dequantize_seconds(unit, policy) + UNIT_OPS * self.profile.op_seconds * policy.num_gpu_batches
+                self._dequantize_seconds(unit, policy, decoding)
+                + UNIT_OPS * self.profile.op_seconds * policy.num_gpu_batches
             )
             state = self._state_io(unit, list(kinds), policy, decoding)
             grouped[key] = UnitCost(unit, "+".join(kinds), 1, compute, weights[u], prefetch, state, first=u == 0)
@@ -463,12 +470,13 @@ class CostModel:
             )
         return seconds
 
-    def _dequantize_seconds(self, unit: Unit, policy: Policy) -> float:
-        return (
-            self._unit_dense(unit, policy) / self.profile.dequantize
-            if policy.compress_weight or policy.native_weights
-            else 0.0
-        )
+    def _dequantize_seconds(self, unit: Unit, policy: Policy, decoding: bool) -> float:
+        """Decoding on the CPU multiplies tiled codes with the int4 kernel instead (`engine.int4mm`),
+        whose products the model costs as the dtype's GEMMs: at the few rows of a decoding step
+        they take about as long (Llama-2-7B shapes, 8 rows: 4.7 ms against 5.6)."""
+        if not (policy.compress_weight or policy.native_weights):
+            return 0.0
+        return self._unit_dense(unit, policy, tiled=self.cuda or not decoding) / self.profile.dequantize
 
     def _read_share(self, unit: Unit, by_token: bool, policy: Policy) -> float:
         """The share of a token table a unit reads: a vocabulary slice, or at most the rows of the

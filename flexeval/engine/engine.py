@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from flexeval.engine import int4mm
 from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists, left_pad, pack, packed_mask
 from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.gptq import Calibration, FittedWeights
@@ -254,6 +255,11 @@ class Engine:
             resolve_dtype(dtype, device)  # a bad name is refused before the checkpoint is prepared
         directory = registry.resolve(str(spec), cache_dir)
         dtype = resolve_dtype(dtype, device, directory)
+        if policy.compress_weight and policy.comp_weight_config.tiled and dtype != int4mm.DTYPE:
+            raise FlexevalError(
+                f"compression kernel int4mm multiplies in bfloat16 (torch's int4 CPU kernel) but the model runs "
+                f"in {dtype}: set dtype=bfloat16, or use compression=4bit-weights-input (the same codes, dequantized)"
+            )
         model = registry.build_model(directory)
         shapes = product_shapes(model, units(model.layers, policy, dtype))
         gemm_rows = safe_gemm_rows(shapes, dtype, device, registry.cache_root(cache_dir))
@@ -275,7 +281,7 @@ class Engine:
             fitted = FittedWeights(
                 model,
                 checkpoint=directory,
-                config=policy.comp_weight_config,
+                config=replace(policy.comp_weight_config, kernel="dequantize"),  # codes by rows; tiled when stored
                 dtype=dtype,
                 device=device,
                 calibration=calibration or Calibration(),

@@ -11,7 +11,8 @@ loads it. Vectors (norms, biases) stay as they are: their bytes are negligible a
 sensitive. Token tables (vocabulary × width) group like any matrix, whose output dimension the
 vocabulary is; their rows (the tokens a step reads, a slice of the vocabulary) stay readable on
 their own all the same, because codes are packed along the width and a row needs only its own
-codes and its group's scale and minimum.
+codes and its group's scale and minimum. Under the int4mm kernel, matrices whose shape tiles
+keep their codes in the kernel's tiles; token tables and the rest stay packed by rows.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from flexeval.engine import blocks
+from flexeval.engine import blocks, int4mm
 from flexeval.engine.blocks import Blocks
 from flexeval.engine.compression import (
     PARTS,
     CompressionConfig,
     Quantized,
+    as_tiles,
     dequantize,
     quantize_rows,
     quantized_nbytes,
+    tileable,
 )
 from flexeval.engine.policy import Policy
 from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute
@@ -77,7 +80,10 @@ def compression(param: Param, policy: Policy) -> CompressionConfig | None:
     """How a weight is stored: None means as it is."""
     if not policy.compress_weight or len(param.shape) < 2:
         return None
-    return policy.comp_weight_config
+    config = policy.comp_weight_config
+    if config.tiled and (param.by_token or not tileable(param.shape, config)):  # tables and odd shapes: by rows
+        return replace(config, kernel="dequantize")
+    return config
 
 
 def stored_nbytes(param: Param, policy: Policy, dtype: torch.dtype) -> int:
@@ -154,7 +160,7 @@ class WeightStore:
             elif config is None:
                 stored[name] = tensor
             else:
-                q = fitted[name] if fitted and name in fitted else _quantize(tensor, config)
+                q = as_tiles(fitted[name], config) if fitted and name in fitted else _quantize(tensor, config)
                 stored |= {f"{name}#{part}": getattr(q, part) for part in PARTS}
         for t, tier in enumerate(self.tiers):
             part = {n: tensor for n, tensor in stored.items() if self.tier_of.get((j, n.split("#")[0])) == t}
@@ -203,13 +209,16 @@ class WeightStore:
             loaded.bundles.append(bundle)
         return loaded
 
-    def dequantize(self, loaded: Loaded) -> Loaded:
+    def dequantize(self, loaded: Loaded, decoding: bool) -> Loaded:
         """The loaded weights ready to compute with: quantized ones dequantized, on the compute
         device by the compute thread, as FlexGen dequantizes in its compute stream: the I/O
-        threads only move bytes (see `schedule.Executors.make` for why they stay single-threaded)."""
+        threads only move bytes (see `schedule.Executors.make` for why they stay single-threaded).
+        Decoding steps multiply tiled 4-bit codes as they are (`engine.int4mm`)."""
         for bundle in loaded.bundles:
             for name, value in bundle.items():
-                if isinstance(value, Quantized):
+                if isinstance(value, Quantized) and decoding and int4mm.usable(value):
+                    bundle[name] = int4mm.Int4Weight.of(value)
+                elif isinstance(value, Quantized):
                     bundle[name] = dequantize(value, self._buffer(value.shape, value.dtype, value.codes, loaded))
                 elif isinstance(value, Blocks):
                     out = self._buffer(value.shape, value.dtype, value.segments[0], loaded)

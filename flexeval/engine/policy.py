@@ -126,6 +126,7 @@ COMPRESSIONS: dict[str, dict[str, Any]] = {
     "4bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 0)),
     "4bit-weights-input": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1)),
     "4bit-weights-gptq": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1, "gptq")),
+    "4bit-weights-int4mm": dict(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1, kernel="int4mm")),
     "8bit-weights": dict(compress_weight=True, comp_weight_config=CompressionConfig(8, 64, 1)),
     "4bit-cache": dict(compress_cache=True, comp_cache_config=CompressionConfig(4, 64, -1)),
     "native": dict(native_weights=True),

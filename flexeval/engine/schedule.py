@@ -181,7 +181,7 @@ def run_pass(
         if u < last:
             next_weights = load(u + 1)
         start = time.perf_counter()
-        weights.dequantize(loaded)
+        weights.dequantize(loaded, decoding=steps[0].cache_start > 0)
         timing.compute_seconds += time.perf_counter() - start
         for k in range(n):
             h, caches, handles = timing.wait(next_state)

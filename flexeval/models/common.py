@@ -181,10 +181,19 @@ class Model:
         return sum(p.nbytes(dtype) for p in params.values())
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> Tensor:
+class PackedWeight(Protocol):
+    """A weight matrix that an engine hands over still packed, multiplying itself (int4 codes:
+    `flexeval.engine.int4mm`); its rows come out the same among any number of rows."""
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor: ...
+
+
+def linear(x: Tensor, weight: Tensor | PackedWeight, bias: Tensor | None, rows: int) -> Tensor:
     """`F.linear` over at least `rows` rows: a product of fewer is padded with zero rows, which are
     dropped after, because a BLAS may compute very few rows with other kernels, and so other
     rounding, than the same rows among more (`flexeval.reproducible` finds `rows` per machine)."""
+    if not isinstance(weight, Tensor):
+        return weight.linear(x, bias)
     m = x.numel() // x.shape[-1]
     if m >= rows or m == 0:
         return F.linear(x, weight, bias)
