@@ -423,3 +423,8 @@ def test_int4mm_is_refused_where_it_cannot_run(tiny_dir: Path) -> None:
     policy = Policy(compress_weight=True, comp_weight_config=CompressionConfig(4, 64, 1, kernel="int4mm"))
     with pytest.raises(FlexevalError, match="int4mm multiplies in bfloat16 .* set dtype=bfloat16"):
         Engine.load(tiny_dir, dtype="float32", policy=policy)
+
+
+def test_command_lines_name_the_kernel_after_the_fit() -> None:
+    policy = Policy.from_dict({"compress_weight": "true", "comp_weight_config": "4:64:1:minmax:int4mm"})
+    assert policy.comp_weight_config == CompressionConfig(4, 64, 1, "minmax", "int4mm")

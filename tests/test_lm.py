@@ -141,7 +141,7 @@ def test_bad_model_args_are_named() -> None:
         FlexGenLM(pretrained="tiny-llama", overlap="maybe")
     with pytest.raises(FlexevalError, match="compression: unknown preset '2bit'; presets: none, 4bit-weights"):
         FlexGenLM(pretrained="tiny-llama", compression="2bit")
-    with pytest.raises(FlexevalError, match=r"comp_weight_config takes bits:group_size:group_dim\[:fit\]"):
+    with pytest.raises(FlexevalError, match=r"comp_weight_config takes bits:group_size:group_dim\[:fit\[:kernel\]\]"):
         FlexGenLM(pretrained="tiny-llama", compression="4bit-weights", comp_weight_config="4-64")
 
 

@@ -168,18 +168,20 @@ def _convert(name: str, value: Any, kind: type) -> Any:
 
 
 def _compression_config(name: str, value: Any) -> CompressionConfig:
-    """A CompressionConfig, a mapping of its fields, or 'bits:group_size:group_dim[:fit]' (command lines)."""
+    """A CompressionConfig, a mapping of its fields, or 'bits:group_size:group_dim[:fit[:kernel]]'
+    (command lines)."""
     if isinstance(value, CompressionConfig):
         return value
     if isinstance(value, Mapping):
         return CompressionConfig(**value)
     parts = str(value).split(":")
     try:
-        if len(parts) not in (3, 4):
+        if len(parts) not in (3, 4, 5):
             raise ValueError
         bits, size, dim = (int(part) for part in parts[:3])
     except ValueError:
         raise FlexevalError(
-            f"policy: {name} takes bits:group_size:group_dim[:fit] such as 4:64:0 or 4:128:1:mse, got {value!r}"
+            f"policy: {name} takes bits:group_size:group_dim[:fit[:kernel]] such as 4:64:0, 4:128:1:mse or "
+            f"4:64:1:minmax:int4mm, got {value!r}"
         ) from None
     return CompressionConfig(bits, size, dim, *parts[3:])
