@@ -106,7 +106,8 @@ class Quantized:
 def quantize(x: Tensor, config: CompressionConfig) -> Quantized:
     """Codes keep the tensor's own layout, packed along its last dimension: dequantizing needs no
     transpose, and each index of the leading dimensions (a row of a token table, a token of a
-    KV cache) stays readable on its own when groups run along the last one."""
+    KV cache) stays readable on its own when groups run along the last one. The int4 kernel's
+    codes (`config.tiled`) are laid out as it reads them instead, and their grids as (groups, out)."""
     dim = _dim(x.dim(), config)
     if config.tiled and not tileable(tuple(x.shape), config):
         raise FlexevalError(f"compression: kernel int4mm cannot tile a tensor of shape {tuple(x.shape)}")

@@ -359,13 +359,13 @@ class CostModel:
             staged["compute"] = staged["compute"] + Term(_pooled(full, 1) if not self.cuda else max(full))
         return staged
 
-    def _unit_dense(self, unit: Unit, policy: Policy, tiled: bool = True) -> float:
-        """Bytes of a unit's quantizable weights once dequantized; without those the int4 kernel
-        multiplies as codes unless `tiled`."""
+    def _unit_dense(self, unit: Unit, policy: Policy, kernel_decodes: bool = False) -> float:
+        """Bytes of a unit's quantizable weights once dequantized; with `kernel_decodes`, less
+        those the int4 kernel multiplies as codes."""
 
         def dequantized(param: Param) -> bool:
             config = compression(param, policy)
-            return len(param.shape) > 1 and (tiled or config is None or not config.tiled)
+            return len(param.shape) > 1 and not (kernel_decodes and config is not None and config.tiled)
 
         return sum(
             param.nbytes(self.dtype) * self._read_share(unit, param.by_token, policy)
@@ -476,7 +476,7 @@ class CostModel:
         they take about as long (Llama-2-7B shapes, 8 rows: 4.7 ms against 5.6)."""
         if not (policy.compress_weight or policy.native_weights):
             return 0.0
-        return self._unit_dense(unit, policy, tiled=self.cuda or not decoding) / self.profile.dequantize
+        return self._unit_dense(unit, policy, kernel_decodes=decoding and not self.cuda) / self.profile.dequantize
 
     def _read_share(self, unit: Unit, by_token: bool, policy: Policy) -> float:
         """The share of a token table a unit reads: a vocabulary slice, or at most the rows of the
