@@ -13,8 +13,8 @@ sequence keeps its bits under every batch shape and placement (see `flexeval.rep
 
 The kernel reads a weight as (q - 8) scale + zero per group, scale and zero in bf16, laid out
 (groups, out, 2). Tiled codes are stored for it (`compression.pack_tiles`, grids in bf16 and
-(groups, out)), so making its operands at each use is one interleaving pass over the grids (4 ms a
-step for Qwen2.5-1.5B, where converting fp16 row-major grids took 46 ms). Its zero, minimum +
+(groups, out)), so making its operands at each use is one interleaving pass over the grids (12 ms
+a decoding step for Qwen2.5-1.5B, where converting fp16 grids stored by rows took 68 ms). Its zero, minimum +
 8 scale rounded to bf16, is the one value that differs from what dequantizing computes with.
 """
 
