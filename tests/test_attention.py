@@ -11,7 +11,8 @@ import torch
 from flexeval.engine.batch import left_pad, pack, packed_mask
 from flexeval.engine.compression import CompressionConfig, dequantize
 from flexeval.engine.kv_cache import QuantizedKVCache
-from flexeval.models.attention import _padded, _unpadded, attend
+from flexeval.models import attention
+from flexeval.models.attention import _padded, _unpadded, attend, one_query_invariant
 from flexeval.models.common import KVCache, Step
 
 CPU = torch.device("cpu")
@@ -38,6 +39,37 @@ def test_per_padding_calls_compute_the_masked_batch(queries: int, window: int | 
     a, b = _unpadded(q, k, v, s, None), _padded(q, k, v, s, None)
     torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], rtol=0, atol=1e-6)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_one_bf16_query_takes_two_products_and_computes_the_masked_batch(window: int | None) -> None:
+    """A decoding step in bf16 (grouped heads, windows, padding) against the masked flash
+    kernel; the per-run products are what makes it fast, and they must agree with it."""
+    pads, keys = (0, 0, 3, 5, 5, 9, 0), 12
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(len(pads), 1, keys))
+    if not one_query_invariant(torch.bfloat16, 4, 2, 8):
+        pytest.skip("this machine's batched products depend on the batch: the flash kernel runs instead")
+    s = step(pads, 1, keys, window)
+    a, b = _unpadded(q, k, v, s, None), _padded(q, k, v, s, None)
+    torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=1e-2)
+    alone = [
+        _unpadded(q[i : i + 1], k[i : i + 1], v[i : i + 1], step(pads[i : i + 1], 1, keys, window), None)
+        for i in range(len(pads))
+    ]
+    assert torch.equal(torch.cat(alone), a)
+
+
+def test_a_batch_dependent_one_query_path_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe is what keeps a sequence's bits independent of its batch: a product whose
+    rounding follows the batch size must send decoding back to the flash kernel."""
+    exact = attention._one_query
+    monkeypatch.setattr(attention, "_one_query", lambda q, k, v, scale: exact(q, k, v, scale) * (1 + q.shape[0] / 64))
+    one_query_invariant.cache_clear()
+    try:
+        assert not one_query_invariant(torch.bfloat16, 4, 2, 8)
+        assert not one_query_invariant(torch.float32, 4, 2, 8)  # fp32: the flash kernel is as fast
+    finally:
+        one_query_invariant.cache_clear()
 
 
 def test_packed_rows_keep_their_segment_mask() -> None:
