@@ -1,9 +1,10 @@
 """Generation with weights on disk: flexeval against transformers + Accelerate disk offload.
 
-Both systems run SmolLM2-135M fp32 (flexeval's weights optionally kept quantized on disk,
-`--compression 4bit-weights`) with every weight on disk and read it from disk, not from the page
-cache: flexeval reads with O_DIRECT; for Accelerate (which memory-maps the checkpoint)
-the checkpoint's pages are dropped before every module runs. Prompts are windows of WikiText-2
+Both systems run SmolLM2-135M in `--dtype` (fp32 by default; flexeval's weights optionally kept
+quantized on disk, `--compression 4bit-weights`, and dequantized to that dtype) with every weight
+on disk and read it from disk, not from the page cache: flexeval reads with O_DIRECT; for
+Accelerate (which memory-maps the checkpoint) the checkpoint's pages are dropped before every
+module runs. Prompts are windows of WikiText-2
 text, every sequence generates exactly `--new-tokens` tokens. Each configuration runs in its own
 process so that its peak RSS is its own; Accelerate is tried at several batch sizes and its
 best one under the RSS budget (`--rss-budget-mb`, by default flexeval's own peak) is compared.
@@ -12,6 +13,7 @@ flexeval's run.
 
     python benchmarks/vs_accelerate.py --prompts 256 --prompt-tokens 128 --new-tokens 32
     python benchmarks/vs_accelerate.py --compression 4bit-weights --batch-sizes 256 --rss-budget-mb 3300
+    python benchmarks/vs_accelerate.py --dtype bfloat16 --compression 4bit-weights --rss-budget-mb 3300
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def run_flexeval(args) -> dict:
         gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches, w_gpu_percent=0, w_cpu_percent=0
     )
     policy = Policy.from_dict(compression_fields(args.compression) | placement)
-    seconds, _, stats = generate_from_disk(policy, args.data_dir, args.prompts, args.prompt_tokens, args.new_tokens)
+    seconds, _, stats = generate_from_disk(
+        policy, args.data_dir, args.prompts, args.prompt_tokens, args.new_tokens, dtype=args.dtype
+    )
     return {
         "seconds": seconds,
         "bytes_read": stats.tiers["weights"]["disk"]["bytes_read"],
@@ -54,13 +58,13 @@ def run_accelerate(args) -> dict:
 
     from flexeval.models import registry
 
-    directory = dense_checkpoint(registry.DEFAULT_MODEL)
+    directory = dense_checkpoint(registry.DEFAULT_MODEL, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     names = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"]
     device_map = {name: "disk" for name in names} | {f"model.layers.{i}": "disk" for i in range(30)}
     with tempfile.TemporaryDirectory() as offload:
         model = AutoModelForCausalLM.from_pretrained(
-            directory, device_map=device_map, offload_folder=offload, dtype=torch.float32
+            directory, device_map=device_map, offload_folder=offload, dtype=getattr(torch, args.dtype)
         )
         shards = [os.open(path, os.O_RDONLY) for path in directory.glob("*.safetensors")]
 
@@ -77,8 +81,8 @@ def run_accelerate(args) -> dict:
     return {"seconds": seconds}
 
 
-def measure_machine(path: Path) -> tuple[float, float]:
-    """(disk bytes/s with direct I/O on `path`'s file system, fp32 matmul FLOP/s)."""
+def measure_machine(path: Path, dtype: torch.dtype) -> tuple[float, float]:
+    """(disk bytes/s with direct I/O on `path`'s file system, matmul FLOP/s in `dtype`)."""
     size = 256 * 2**20
     with tempfile.NamedTemporaryFile(dir=path) as f:
         f.write(os.urandom(size))
@@ -94,7 +98,7 @@ def measure_machine(path: Path) -> tuple[float, float]:
             done += os.preadv(fd, [buffer[done:]], done)
         disk = size / (time.perf_counter() - start)
         os.close(fd)
-    a = torch.randn(2048, 2048)
+    a = torch.randn(2048, 2048).to(dtype)
     a @ a
     start = time.perf_counter()
     for _ in range(10):
@@ -136,7 +140,7 @@ def forwarded(args) -> list[str]:
         "--prompts", str(args.prompts), "--prompt-tokens", str(args.prompt_tokens),
         "--new-tokens", str(args.new_tokens), "--data-dir", str(args.data_dir),
         "--gpu-batch-size", str(args.gpu_batch_size), "--num-gpu-batches", str(args.num_gpu_batches),
-        "--compression", args.compression,
+        "--compression", args.compression, "--dtype", args.dtype,
     ]  # fmt: skip
 
 
@@ -150,6 +154,7 @@ def main() -> int:
     parser.add_argument("--gpu-batch-size", type=int, default=256)
     parser.add_argument("--num-gpu-batches", type=int, default=1)
     parser.add_argument("--compression", default="none", help="flexeval's preset (conf/compression), e.g. 4bit-weights")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both systems' dtype")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 32, 64])
     parser.add_argument("--rss-budget-mb", type=int, default=0, help="default: flexeval's own peak RSS")
     parser.add_argument("--data-dir", type=Path, default=data_dir())
@@ -163,7 +168,7 @@ def main() -> int:
     ours = spawn(args, "flexeval")
     budget = args.rss_budget_mb * 10**6 if args.rss_budget_mb else ours["peak_rss"]
     print(
-        f"SmolLM2-135M fp32, weights on disk, {args.prompts} prompts x {args.prompt_tokens} tokens, "
+        f"SmolLM2-135M {args.dtype}, weights on disk, {args.prompts} prompts x {args.prompt_tokens} tokens, "
         f"{args.new_tokens} new tokens each; peak-RSS budget for both systems {budget / 1e6:.0f} MB"
     )
     print(f"{'system':<28}{'seconds':>9}{'new tok/s':>11}{'peak RSS MB':>13}")
@@ -187,7 +192,7 @@ def main() -> int:
     else:
         print(f"flexeval / accelerate (batch {best[0]}): {best[1]['seconds'] / ours['seconds']:.2f}x")
 
-    disk, flops = measure_machine(Path(tempfile.gettempdir()))
+    disk, flops = measure_machine(Path(tempfile.gettempdir()), getattr(torch, args.dtype))
     passes = 1 + (args.new_tokens - 1)  # one prefill pass, then one pass per fed-back token, per block
     blocks = -(-args.prompts // (args.gpu_batch_size * args.num_gpu_batches))
     read = ours["bytes_read"]
@@ -198,7 +203,7 @@ def main() -> int:
         f"bound: {blocks} block(s) x {passes} passes read {read / 1e9:.2f} GB at {disk / 1e9:.2f} GB/s = "
         f"{io_bound:.1f} s; {work / 1e12:.2f} TFLOP (transformer blocks for every token, attention over "
         f"the context, vocabulary logits only where a token is chosen) at {flops / 1e9:.0f} GFLOP/s "
-        f"(2048^3 fp32 matmul) = {compute_bound:.1f} s; overlapped bound max = {bound:.1f} s"
+        f"(2048^3 {args.dtype} matmul) = {compute_bound:.1f} s; overlapped bound max = {bound:.1f} s"
     )
     print(
         f"flexeval reaches {bound / ours['seconds']:.0%} of the bound "
