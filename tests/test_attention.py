@@ -68,7 +68,7 @@ def test_a_batch_dependent_one_query_path_is_refused(monkeypatch: pytest.MonkeyP
     try:
         assert not one_query_invariant(torch.bfloat16, 4, 2, 8)
         assert not one_query_invariant(torch.float32, 4, 2, 8)  # fp32: the flash kernel is as fast
-        assert not one_query_invariant(torch.bfloat16, 4, 4, 8)  # a key head a query head: it is faster
+        assert not one_query_invariant(torch.bfloat16, 4, 4, 8)  # a key head a query head: the kernel is faster
     finally:
         one_query_invariant.cache_clear()
 
