@@ -64,10 +64,8 @@ def device_read_bytes() -> int:
 
 def run_flexeval(args) -> dict:
     from flexeval import Engine, Policy
-    from flexeval.engine.engine import map_large_buffers
     from flexeval.engine.placement import weight_bytes_per_tier
 
-    map_large_buffers()  # the process runs under a limit, as after planning for a budget in-process
     policy = Policy.from_dict(json.loads(args.policy))
     with tempfile.TemporaryDirectory(dir=args.offload_dir) as offload:
         start = time.perf_counter()
@@ -238,9 +236,9 @@ def flexeval_policy(args, compression: str, footprint: int) -> tuple[dict, str]:
 
     base = Policy.from_dict(compression_fields(compression))
     if args.flexeval_policy == "disk":
-        policy = Policy.from_dict(
-            asdict(base) | dict(gpu_batch_size=args.flexeval_batch or args.prompts, w_gpu_percent=0, w_cpu_percent=0)
-        )
+        batch = args.flexeval_batch or args.prompts
+        on_disk = dict(gpu_batch_size=batch, w_gpu_percent=0, w_cpu_percent=0, bound_heap=True)
+        policy = Policy.from_dict(asdict(base) | on_disk)
         return asdict(policy), f"weights on disk, batch {policy.gpu_batch_size}"
     budget = args.flexeval_budget_gb or (args.limit_gb * 2**30 * 0.9 - footprint) / 1e9
     if budget <= 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flexeval import Engine, FlexevalError
 from flexeval.engine.cost_model import Workload
-from flexeval.engine.engine import release_free_memory
+from flexeval.engine.heap import release_free_memory
 from flexeval.engine.search import Budget, plan
 
 WORKLOAD = Workload(sequences=16, prompt_len=64, gen_len=8, uniform=True)

@@ -279,6 +279,7 @@ def test_the_backend_takes_policy_auto_with_budgets_and_workload_in_model_args()
     lm = FlexGenLM(pretrained="tiny-llama", policy="auto", gpu_mem_gb="0.05", cpu_mem_gb="0.05", prompt_len="64")
     assert lm.policy == lm.choice.policy == lm.engine.policy
     assert lm.choice.prediction.peak_bytes["compute"] <= 0.05 * GB and lm.policy.gpu_batch_tokens > 0
+    assert lm.policy.bound_heap  # a RAM budget on the CPU: glibc's heaps are trimmed after every unit
     with pytest.raises(FlexevalError, match="budgets for policy=auto's search"):
         FlexGenLM(pretrained="tiny-llama", policy="disk-offload", gpu_mem_gb=0.05)
     with pytest.raises(FlexevalError, match="gpu_mem_gb must be a number of GB, got 'lots'"):

@@ -276,6 +276,20 @@ def _parts(a, b) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
     return [(n, (t, b.parts()[n])) for n, t in a.parts().items()]
 
 
+def test_a_bounded_heap_is_trimmed_after_every_unit_and_changes_no_result(tmp_path: Path, monkeypatch) -> None:
+    trims = []
+    monkeypatch.setattr(schedule, "release_free_memory", lambda: trims.append(1))
+    reference_lp, reference_gen = run("tiny-llama", Policy(gpu_batch_size=4, **DISK), tmp_path, SMALL)
+    assert trims == []
+    bounded = Policy(gpu_batch_size=4, bound_heap=True, **DISK)
+    lp, gen = run("tiny-llama", bounded, tmp_path, SMALL)
+    assert gen == reference_gen and same_results(lp, reference_lp)
+    units_per_pass = len(units(registry.build_model(registry.resolve("tiny-llama")).layers, bounded, torch.float32))
+    scoring = -(-SMALL.sequences // 4)
+    decoding = -(-SMALL.prompts // 4) * SMALL.new_tokens  # a prefill and a pass per further token
+    assert len(trims) == units_per_pass * (scoring + decoding)
+
+
 def test_disk_reads_reuse_their_buffers(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, CPU)
     tier.put("small", {"w": torch.ones(1000)})

@@ -9,7 +9,6 @@ token), so models stay pure layer math and the schedule stays one loop.
 
 from __future__ import annotations
 
-import ctypes
 import resource
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists,
 from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.gptq import Calibration, FittedWeights
 from flexeval.engine.hardware import cpu_has_bf16
+from flexeval.engine.heap import map_large_buffers, release_free_memory
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, native, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
@@ -167,42 +167,6 @@ def product_shapes(model: Model, plan: Sequence[Unit]) -> set[tuple[int, int]]:
     return shapes
 
 
-def release_free_memory() -> None:
-    """Give the memory that glibc keeps after frees back to the system (a no-op elsewhere).
-
-    Loading streams several times the model's bytes through short-lived tensors, and a run frees
-    its working memory at the end; glibc keeps such memory in its heaps for reuse, so without
-    this the process would carry it for the rest of its life.
-    """
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 8 * 2**20
-
-
-def map_large_buffers() -> None:
-    """Have glibc serve every allocation of 8 MiB or more with its own mapping, returned to the
-    system when freed (a no-op elsewhere): for a process that must stay within a RAM budget.
-
-    By default glibc raises that threshold to the size of the buffers a program frees, up to
-    32 MiB, and then keeps such buffers in per-thread heaps, where fragments of one layer's
-    activations outlive it: prefill of 4,096-token micro-batches through Qwen2.5-1.5B in bf16
-    then peaked at 1.72 GiB where its tensors need 1.52; with the threshold fixed at 1 MiB the
-    same run peaked at 1.42 GiB, at 8 MiB at 1.45 GiB (32 prompts x 128 + 16 under a 1.5 GiB
-    limit), as fast. The mappings cost page faults, though, and below 8 MiB they fall on
-    dequantization's 4 MiB fp32 temporaries: decoding with 4-bit weights ran 5x slower at a
-    1 MiB threshold (Qwen2.5-1.5B, 8 rows: 4.6 s a step; 0.9 s at 8 MiB, as with glibc's
-    default), and SmolLM2-135M's fp32 scoring, whose buffers are mostly 1-32 MiB, runs 8-13 %
-    slower at 8 MiB; so only a run planned under a budget pays for them.
-    """
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
 class Engine:
     """A model whose weights, KV cache and activations live where a `Policy` says."""
 
@@ -250,6 +214,8 @@ class Engine:
         Everything that can be wrong with the request is checked before weights are read.
         """
         policy = policy or Policy()
+        if policy.bound_heap:
+            map_large_buffers()  # before loading, which streams the weights through buffers
         device = resolve_device(device)
         if dtype != AUTO:
             resolve_dtype(dtype, device)  # a bad name is refused before the checkpoint is prepared
@@ -532,7 +498,8 @@ class Engine:
         new_cache: Callable[[int], KVCache] | None = None,
     ) -> list[Tensor]:
         layers, plan = self.model.layers, self.plan
-        return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache)
+        trim = self.policy.bound_heap
+        return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache, trim)
 
     def _step(
         self,

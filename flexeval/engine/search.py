@@ -25,7 +25,7 @@ from scipy.optimize import linprog
 
 from flexeval.engine import hardware
 from flexeval.engine.cost_model import FRACTIONS, TIERS, CostModel, Prediction, Term, Workload
-from flexeval.engine.engine import AUTO, map_large_buffers, resolve_device, resolve_dtype
+from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
 from flexeval.engine.policy import Policy
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
@@ -310,11 +310,12 @@ def plan(
     """`search` for a model spec on this machine (see `cost_model`).
 
     A RAM budget on a CPU is a promise about this process's peak, which glibc's heaps would
-    overshoot (`map_large_buffers`), so planning for one also bounds them."""
+    overshoot (`engine.heap`), so the policy chosen for one bounds them."""
     costs = cost_model(spec, workload, dtype, device, offload_dir, cache_dir, profile_overrides)
+    base = base or Policy()
     if not costs.cuda and (budget.compute is not None or budget.cpu is not None):
-        map_large_buffers()
-    return search(costs, base or Policy(), budget)
+        base = replace(base, bound_heap=True)
+    return search(costs, base, budget)
 
 
 def cost_model(
