@@ -161,6 +161,17 @@ def test_more_on_disk_is_never_predicted_faster_and_overlap_hides_io():
     assert costs.predict(on_disk).seconds < costs.predict(replace(on_disk, overlap=False)).seconds
 
 
+def test_one_unit_per_block_keeps_the_disk_busy_beside_a_short_attention():
+    """With overlap a unit's compute hides the next unit's read: apart, the MLP's long read waits
+    beside the attention's short compute and the attention's short read idles beside the MLP's."""
+    costs = costs_for(registry.DEFAULT_MODEL, Workload(32, 64, 16, uniform=True), disk_read=1e9)
+    on_disk = Policy(gpu_batch_size=32, w_gpu_percent=0, w_cpu_percent=0)
+    apart, together = costs.predict(on_disk), costs.predict(replace(on_disk, sep_layer=False))
+    assert together.decode.seconds < 0.97 * apart.decode.seconds
+    assert together.peak_bytes["compute"] > apart.peak_bytes["compute"]  # a whole block's weights staged
+    assert {shape.sep_layer for shape in search_module._shapes(costs)} == {True, False}
+
+
 def test_a_larger_block_reads_the_weights_fewer_times():
     # prompts long enough that even the small block's tokens touch every row of the token table
     costs = costs_for("tiny-llama", Workload(64, 128, 16, uniform=True), disk_read=1e6)
