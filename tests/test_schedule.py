@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flexeval import Engine, FlexevalError, Policy
-from flexeval.engine import schedule
+from flexeval.engine import heap, schedule
 from flexeval.engine.compression import CompressionConfig
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, weight_bytes_per_tier
@@ -23,6 +23,7 @@ from flexeval.models.common import KVCache
 from tests.conftest import same_results
 
 CPU = torch.device("cpu")
+MB = 2**20
 DISK = dict(w_gpu_percent=0, w_cpu_percent=0)
 PLACEMENTS = {
     "resident": {},
@@ -276,18 +277,29 @@ def _parts(a, b) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
     return [(n, (t, b.parts()[n])) for n, t in a.parts().items()]
 
 
-def test_a_bounded_heap_is_trimmed_after_every_unit_and_changes_no_result(tmp_path: Path, monkeypatch) -> None:
-    trims = []
-    monkeypatch.setattr(schedule, "release_free_memory", lambda: trims.append(1))
+def test_a_bounded_heap_is_settled_after_every_unit_and_changes_no_result(tmp_path: Path, monkeypatch) -> None:
+    settled = []
+    monkeypatch.setattr(heap.Heap, "settle", lambda self: settled.append(1))
     reference_lp, reference_gen = run("tiny-llama", Policy(gpu_batch_size=4, **DISK), tmp_path, SMALL)
-    assert trims == []
+    assert settled == []
     bounded = Policy(gpu_batch_size=4, bound_heap=True, **DISK)
     lp, gen = run("tiny-llama", bounded, tmp_path, SMALL)
     assert gen == reference_gen and same_results(lp, reference_lp)
     units_per_pass = len(units(registry.build_model(registry.resolve("tiny-llama")).layers, bounded, torch.float32))
     scoring = -(-SMALL.sequences // 4)
     decoding = -(-SMALL.prompts // 4) * SMALL.new_tokens  # a prefill and a pass per further token
-    assert len(trims) == units_per_pass * (scoring + decoding)
+    assert len(settled) == units_per_pass * (scoring + decoding)
+
+
+def test_the_heap_is_trimmed_only_once_it_has_grown_by_its_slack(monkeypatch) -> None:
+    resident, trims = [100 * MB], []
+    monkeypatch.setattr(heap, "_resident_anonymous", lambda: resident[0])
+    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(resident[0]))
+    bounded = heap.Heap(slack=32 * MB)
+    for grown in (10, 32, 33, 40, 60, 66):  # MB above the first reading
+        resident[0] = (100 + grown) * MB
+        bounded.settle()
+    assert trims == [133 * MB, 166 * MB]  # each measured from the size after the last trim
 
 
 def test_disk_reads_reuse_their_buffers(tmp_path: Path) -> None:

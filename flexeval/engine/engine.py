@@ -28,7 +28,7 @@ from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists,
 from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.gptq import Calibration, FittedWeights
 from flexeval.engine.hardware import cpu_has_bf16
-from flexeval.engine.heap import map_large_buffers, release_free_memory
+from flexeval.engine.heap import Heap, map_large_buffers, release_free_memory
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, native, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
@@ -193,6 +193,7 @@ class Engine:
         self.gemm_rows = gemm_rows  # matrix products of fewer rows are padded (flexeval.reproducible)
         self.score_readout = StreamedScoreReadout if policy.stream_unembedding else ScoreReadout
         self.io = Executors.make(policy.overlap)
+        self.heap = Heap() if policy.bound_heap else None  # trimmed as it grows, under a RAM budget
         self.stats = RunStats()
         self._finalizer = weakref.finalize(self, _cleanup, self.io, workdir)
 
@@ -498,8 +499,7 @@ class Engine:
         new_cache: Callable[[int], KVCache] | None = None,
     ) -> list[Tensor]:
         layers, plan = self.model.layers, self.plan
-        trim = self.policy.bound_heap
-        return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache, trim)
+        return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache, self.heap)
 
     def _step(
         self,

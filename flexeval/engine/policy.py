@@ -44,9 +44,9 @@ class Policy:
     # weights a GGUF file ships in llama.cpp's blocks stay those blocks, dequantized right before use
     # (bitwise the file's values: `engine.blocks`); other weights stay as they are
     native_weights: bool = False
-    # a process under a RAM budget: large buffers mapped apart and glibc's heaps trimmed after every
-    # scheduling unit (`engine.heap`), so resident memory follows the live tensors (set by
-    # policy=auto for a CPU budget; it costs page faults, up to a quarter of a short unit's time)
+    # a process under a RAM budget: large buffers mapped apart and glibc's heaps trimmed as they grow
+    # (`engine.heap`), so resident memory follows the live tensors (set by policy=auto for a CPU
+    # budget; it costs page faults)
     bound_heap: bool = False
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from flexeval.engine.heap import release_free_memory
+from flexeval.engine.heap import Heap
 from flexeval.engine.placement import BlockState, Loaded, WeightStore
 from flexeval.engine.policy import Policy
 from flexeval.models.common import KVCache, Layer, Step, Weights
@@ -143,12 +143,12 @@ def run_pass(
     timing: Timing,
     cache_mode: CacheMode = "none",
     new_cache: Callable[[int], KVCache] | None = None,
-    trim_heap: bool = False,
+    heap: Heap | None = None,
 ) -> list[Tensor]:
     """One pass over all layers for a block of micro-batches; returns each step's readout result.
 
     `new_cache(k)` allocates micro-batch k's cache for one transformer block (prefill only);
-    `trim_heap` returns the memory each unit freed to the system (`Policy.bound_heap`).
+    `heap`, under a RAM budget (`Policy.bound_heap`), is settled after every unit.
     """
     n, last = len(steps), len(plan) - 1
     token_ids = torch.unique(torch.cat([step.ids.flatten() for step in steps]).cpu())  # sorted
@@ -202,8 +202,8 @@ def run_pass(
             if n == 1 and u < last:
                 next_state = state_io.submit(fetch, u + 1, 0)
         loaded.release()
-        if trim_heap:
-            release_free_memory()
+        if heap is not None:
+            heap.settle()
     timing.wait(state_io.submit(lambda: None))  # every store of this pass has landed
     return [step.readout.result() for step in steps]
 
