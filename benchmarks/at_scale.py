@@ -9,8 +9,8 @@ and page cache), the process's peak RSS, the bytes it read from the block device
 pass, and the run's bound:
 
     bound = sum over the weight passes the workload needs at the system's batch size of
-            max(the pass's GEMM FLOPs / this machine's measured GEMM rate for the dtype at that
-                many rows, the weight bytes the pass reads / the measured direct-read bandwidth
+            max(the seconds the pass's matrix products take on this machine in the dtype,
+                the weight bytes the pass reads / the measured direct-read bandwidth
                 with one or several reads in flight, whichever is faster)
 
 A block of B prompts needs one prefill pass (B x prompt tokens rows) and one pass per further new
@@ -18,7 +18,8 @@ token (B rows); a pass must read the weights (in the system's format) that the l
 interpreter's footprint and a tenth for slack, cannot hold. Attention, norms, activations and
 sampling are left out of the bound: 17 % of Qwen2.5-1.5B's resident bf16 prefill at 16 x 128
 tokens (SiLU 6 %, attention 4 %; the GEMMs ran at 778 GFLOP/s), so a prefill-heavy run cannot
-reach its bound. The disk rate is the sustained one (see `measure_machine`).
+reach its bound. The disk rate is the sustained one (see `measure_machine`); the products are
+timed in this script at the pass's own shapes and rows (see `Products`).
 Accelerate reads a safetensors checkpoint in the run's dtype, written once into the flexeval cache
 (a GGUF's weights dequantized, a dummy model's generated); flexeval reads its own sources (the
 GGUF file, generated dummy weights) into its offload files, kept as shipped with
@@ -136,18 +137,12 @@ def weight_bytes(directory: Path) -> int:
 class Machine:
     disk: float  # bytes/s, direct reads, the better of one and several in flight
     disk_one: float
-    profile: object  # flexeval's HardwareProfile: GEMM FLOP/s by rows and dtype
 
 
-def measure_machine(directory: Path, dtype: str, in_flight: int = 4, rounds: int = 3) -> Machine:
+def measure_machine(directory: Path, in_flight: int = 4, rounds: int = 3) -> Machine:
     """The disk's sustained direct-read rate: a run reads tens of GB, and this project's virtual
     disks serve a first gigabyte at up to twice the rate they keep up (one 1 GiB read: 2.9-3.7 GB/s,
     the next ones 1.3-1.9 GB/s), so each rate is the median over `rounds` reads of the whole file."""
-    import torch
-
-    from flexeval.engine import hardware
-    from flexeval.models import registry
-
     size, chunk = 1 << 30, 64 << 20
     with tempfile.NamedTemporaryFile(dir=directory) as f:
         for _ in range(size // chunk):
@@ -158,8 +153,57 @@ def measure_machine(directory: Path, dtype: str, in_flight: int = 4, rounds: int
             statistics.median(direct_read_rate(Path(f.name), size, chunk, n) for _ in range(rounds))
             for n in (1, in_flight)
         ]
-    profile = hardware.profile(torch.device("cpu"), directory, registry.cache_root())
-    return Machine(max(rates), rates[0], profile)
+    return Machine(max(rates), rates[0])
+
+
+class Products:
+    """Seconds one weight pass's matrix products take on this machine: every distinct weight shape
+    of the model's blocks timed (torch's benchmark timer) at the pass's rows, counted over the
+    blocks that hold it, and the head at one row a sequence. Timed here rather than read from
+    flexeval's cached hardware profile, whose square products of one width stand for every shape
+    and which an earlier session may have measured on a faster or slower CPU of the same name."""
+
+    def __init__(self, model_spec: str, dtype: str) -> None:
+        from collections import Counter
+
+        import torch
+
+        from flexeval.models import registry
+
+        model = registry.build_model(registry.resolve(model_spec))
+        self.dtype = getattr(torch, dtype)
+        self.shapes = Counter(
+            tuple(p.shape) for layer in model.layers if layer.kind in ("attention", "mlp")
+            for p in layer.params.values() if len(p.shape) == 2
+        )  # fmt: skip
+        hidden = next(p.shape[1] for p in model.layers[-1].params.values() if len(p.shape) == 2)
+        self.head = (model.vocab_size, hidden)
+        self.times: dict[tuple[int, tuple[int, int]], float] = {}
+
+    def seconds(self, rows: int, sequences: int) -> float:
+        blocks = sum(count * self.time(rows, shape) for shape, count in self.shapes.items())
+        return blocks + self.time(sequences, self.head)
+
+    def time(self, rows: int, shape: tuple[int, int]) -> float:
+        """The product of `rows` rows whole or in parts, whichever is fastest: a BLAS computes many
+        rows slower than the same rows in parts whose outputs stay in the caches (SmolLM2-135M's
+        fp32 products: 122 GFLOP/s at 16,384 rows, 160 in parts of 1,024)."""
+        parts = {rows, *(part for part in (256, 1024, 4096) if part < rows)}
+        return min(self.timed(part, shape) * rows / part for part in parts)
+
+    def timed(self, rows: int, shape: tuple[int, int]) -> float:
+        if (rows, shape) not in self.times:
+            import torch
+            from torch.utils import benchmark
+
+            x, w = torch.randn(rows, shape[1]).to(self.dtype), torch.randn(shape).to(self.dtype)
+            timer = benchmark.Timer(
+                "torch.nn.functional.linear(x, w)",
+                globals={"x": x, "w": w, "torch": torch},
+                num_threads=torch.get_num_threads(),  # the timer's default is one
+            )
+            self.times[rows, shape] = timer.blocked_autorange(min_run_time=0.3).median
+        return self.times[rows, shape]
 
 
 def direct_read_rate(path: Path, size: int, chunk: int, threads: int) -> float:
@@ -192,26 +236,13 @@ def direct_read_rate(path: Path, size: int, chunk: int, threads: int) -> float:
     return size / (time.perf_counter() - start)
 
 
-def bound_seconds(args, batch: int, pass_bytes: float, machine: Machine) -> float:
-    import torch
-
-    from flexeval.models import registry
-
-    model = registry.build_model(registry.resolve(args.model))
-    dtype = getattr(torch, args.dtype)
-    per_token = 2 * sum(
-        torch.Size(p.shape).numel() for layer in model.layers if layer.kind in ("attention", "mlp")
-        for p in layer.params.values() if len(p.shape) == 2
-    )  # fmt: skip
-    head = 2 * model.vocab_size * next(p.shape[1] for p in model.layers[-1].params.values() if len(p.shape) == 2)
+def bound_seconds(args, batch: int, pass_bytes: float, machine: Machine, products: Products) -> float:
     read = pass_bytes / machine.disk
     total = 0.0
     for first in range(0, args.prompts, batch):
         rows = min(batch, args.prompts - first)
-        prefill = rows * args.prompt_tokens
-        total += max(machine.profile.gemm_seconds(prefill, per_token * prefill + head * rows, dtype), read)
-        decode = machine.profile.gemm_seconds(rows, (per_token + head) * rows, dtype)
-        total += (args.new_tokens - 1) * max(decode, read)
+        total += max(products.seconds(rows * args.prompt_tokens, rows), read)
+        total += (args.new_tokens - 1) * max(products.seconds(rows, rows), read)
     return total
 
 
@@ -311,7 +342,8 @@ def main() -> int:
     registry.resolve(args.model)  # prepared, and the peer's checkpoint written, before any timing
     if args.accelerate_batches:
         dense_checkpoint(args.model, args.dtype)
-    machine = measure_machine(args.offload_dir, args.dtype)
+    machine = measure_machine(args.offload_dir)
+    products = Products(args.model, args.dtype)
     footprint = footprint_bytes(args)
     policies = {c: flexeval_policy(args, c, footprint) for c in args.compressions}
     runs = [("flexeval", policies[c][0]["gpu_batch_size"] * policies[c][0]["num_gpu_batches"], c) for c in policies]
@@ -352,7 +384,7 @@ def main() -> int:
         passes = -(-args.prompts // batch) * args.new_tokens
         per_pass = statistics.median(r["device_read"] for r in done) / passes
         must_read = max(0.0, done[0]["weight_bytes"] - (args.limit_gb * 2**30 * 0.9 - footprint))
-        bound = bound_seconds(args, batch, must_read, machine)
+        bound = bound_seconds(args, batch, must_read, machine, products)
         figures = (
             f"{seconds:.1f}", f"{new / seconds:.2f}", f"{max(r['peak_cgroup'] for r in done) / 2**30:.2f}",
             f"{max(r['peak_rss'] for r in done) / 2**30:.2f}", f"{per_pass / 1e9:.2f}", f"{bound:.1f}",
