@@ -185,9 +185,9 @@ class Products:
         return blocks + self.time(sequences, self.head)
 
     def time(self, rows: int, shape: tuple[int, int]) -> float:
-        """The product of `rows` rows whole or in parts, whichever is fastest: a BLAS computes many
-        rows slower than the same rows in parts whose outputs stay in the caches (SmolLM2-135M's
-        fp32 products: 122 GFLOP/s at 16,384 rows, 160 in parts of 1,024)."""
+        """The product of `rows` rows whole or in parts, whichever is fastest: a system may split a
+        pass's rows, and a BLAS's rate moves with the row count (by up to half, either way, from
+        one count to the next on these virtual machines)."""
         parts = {rows, *(part for part in (256, 1024, 4096) if part < rows)}
         return min(self.timed(part, shape) * rows / part for part in parts)
 
