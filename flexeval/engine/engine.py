@@ -28,7 +28,7 @@ from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists,
 from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.gptq import Calibration, FittedWeights
 from flexeval.engine.hardware import cpu_has_bf16
-from flexeval.engine.heap import Heap, map_large_buffers, release_free_memory
+from flexeval.engine.heap import Heap, map_large_buffers, release_free_memory, reuse_compute_buffers
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, native, weight_bytes_per_tier
 from flexeval.engine.policy import Policy
@@ -270,6 +270,8 @@ class Engine:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
         release_free_memory()
+        if policy.bound_heap:
+            reuse_compute_buffers()
         return cls(model, store, tiers, tokenizer, device, dtype, policy, workdir, gemm_rows)
 
     def close(self) -> None:
