@@ -44,16 +44,14 @@ def map_large_buffers() -> None:
     activations outlive it: prefill of 4,096-token micro-batches through Qwen2.5-1.5B in bf16
     then peaked at 1.72 GiB where its tensors need 1.52; with the threshold fixed at 1 MiB the
     same run peaked at 1.42 GiB, at 8 MiB at 1.45 GiB (32 prompts x 128 + 16 under a 1.5 GiB
-    limit), as fast. The mappings cost page faults, though, and below 8 MiB they fall on
-    dequantization's 4 MiB fp32 temporaries: decoding with 4-bit weights ran 5x slower at a
-    1 MiB threshold (Qwen2.5-1.5B, 8 rows: 4.6 s a step; 0.9 s at 8 MiB, as with glibc's
-    default), and SmolLM2-135M's fp32 scoring, whose buffers are mostly 1-32 MiB, runs 8-13 %
-    slower at 8 MiB; so only a run planned under a budget pays for them, and only while loading
-    (see `reuse_compute_buffers`).
+    limit; measured while the threshold held for computing too), as fast. The mappings cost page
+    faults, though, and below 8 MiB they fall on dequantization's 4 MiB fp32 temporaries:
+    decoding with 4-bit weights ran 5x slower at a 1 MiB threshold (Qwen2.5-1.5B, 8 rows: 4.6 s
+    a step; 0.9 s at 8 MiB, as with glibc's default), and SmolLM2-135M's fp32 scoring, whose
+    buffers are mostly 1-32 MiB, runs 8-13 % slower at 8 MiB; so only a run planned under a
+    budget pays for them, and only while loading (see `reuse_compute_buffers`).
     """
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def reuse_compute_buffers() -> None:
@@ -67,10 +65,14 @@ def reuse_compute_buffers() -> None:
     31.0), at a peak RSS of 1.72 GiB (8 MiB throughout: 1.67; unbounded: 1.70). Qwen2.5-Coder-1.5B's
     bf16 generation under a 1.5 GiB limit (32 prompts x 128 + 16, weights mostly on disk) then
     peaked at 1.31-1.38 GiB, where 8 MiB throughout had peaked at 1.30-1.31."""
+    _mallopt(M_MMAP_THRESHOLD, COMPUTE_MMAP_THRESHOLD_BYTES)
+    _mallopt(M_TRIM_THRESHOLD, 2 * COMPUTE_MMAP_THRESHOLD_BYTES)
+
+
+def _mallopt(parameter: int, value: int) -> None:
     libc = ctypes.CDLL(None)
     if hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, COMPUTE_MMAP_THRESHOLD_BYTES)
-        libc.mallopt(M_TRIM_THRESHOLD, 2 * COMPUTE_MMAP_THRESHOLD_BYTES)
+        libc.mallopt(parameter, value)
 
 
 class Heap:
