@@ -13,9 +13,7 @@ from safetensors.torch import load_file, save_file
 from flexeval import Engine, FlexevalError, Policy
 from flexeval.engine import compression, int4mm
 from flexeval.engine.compression import (
-    BITS,
     PARTS,
-    CompressionConfig,
     Quantized,
     dequantize,
     pack,
@@ -27,6 +25,7 @@ from flexeval.engine.compression import (
 )
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import group_rows, table_rows, weight_bytes_per_tier
+from flexeval.engine.policy import BITS, INT4MM_GROUP_SIZES, CompressionConfig
 from flexeval.models import registry
 from tests.conftest import same_results
 
@@ -345,7 +344,7 @@ def test_tiles_are_the_int4_kernels_layout_and_hold_the_same_codes() -> None:
     assert torch.equal(compression.untile(tiles, 96), codes)
 
 
-@pytest.mark.parametrize("group_size", compression.INT4MM_GROUP_SIZES)
+@pytest.mark.parametrize("group_size", INT4MM_GROUP_SIZES)
 def test_tiled_codes_keep_the_bound_on_bf16_grids_and_slice_like_rows(group_size: int) -> None:
     """bf16 grids: a group's top may fall short of its maximum by 15 steps' rounding (2^-9 each)."""
     x = torch.randn(320, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)

@@ -10,8 +10,10 @@ import torch
 
 from flexeval import Engine, Policy
 from flexeval.engine import gptq as gptq_module
-from flexeval.engine.compression import CompressionConfig, dequantize, quantize, quantized_nbytes
-from flexeval.engine.gptq import Calibration, gptq
+from flexeval.engine.calibration import Calibration
+from flexeval.engine.compression import dequantize, quantize, quantized_nbytes
+from flexeval.engine.gptq import gptq
+from flexeval.engine.policy import CompressionConfig
 from flexeval.errors import FlexevalError
 from flexeval.lm import FlexGenLM
 

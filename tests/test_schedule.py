@@ -13,9 +13,9 @@ import torch
 
 from flexeval import Engine, FlexevalError, Policy
 from flexeval.engine import heap, schedule
-from flexeval.engine.compression import CompressionConfig
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, weight_bytes_per_tier
+from flexeval.engine.policy import CompressionConfig
 from flexeval.engine.schedule import Unit, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, distribute
 from flexeval.models import registry

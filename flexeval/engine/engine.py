@@ -25,8 +25,9 @@ from transformers import PreTrainedTokenizerBase
 
 from flexeval.engine import int4mm
 from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists, left_pad, pack, packed_mask
+from flexeval.engine.calibration import Calibration
 from flexeval.engine.generation import Decoding, Sampling
-from flexeval.engine.gptq import Calibration, FittedWeights
+from flexeval.engine.gptq import FittedWeights
 from flexeval.engine.hardware import cpu_has_bf16
 from flexeval.engine.heap import Heap, map_large_buffers, release_free_memory, reuse_compute_buffers
 from flexeval.engine.kv_cache import QuantizedKVCache

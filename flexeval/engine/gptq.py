@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -34,80 +34,15 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from flexeval.atomic import atomic_file
-from flexeval.data import data_dir
-from flexeval.engine.compression import PARTS, CompressionConfig, Quantized, dequantize, pack, quantize
-from flexeval.errors import FlexevalError
+from flexeval.engine.calibration import Calibration
+from flexeval.engine.compression import PARTS, Quantized, dequantize, pack, quantize
+from flexeval.engine.policy import CompressionConfig
 from flexeval.models.common import Layer, Model, Step
 
 VERSION = 1  # of the fitting procedure: part of the cache key
 DAMPING = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse well conditioned
 COLUMN_BLOCK = 128  # columns whose error updates are applied to the rest at once
 MICRO_BATCH = 8  # calibration sequences per forward pass
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The text GPTQ fits the rounding to: `sequences` windows of `length` tokens cut from the
-    documents of a JSONL file (its `field`), joined by blank lines. A relative path is under the
-    data directory. The default, XSum's news articles, shares no text with the documents of the
-    other tasks; to evaluate `helm_xsum` itself with fitted weights, calibrate on other text."""
-
-    path: str = "helm_xsum/xsum_test_1000.jsonl"
-    field: str = "document"
-    sequences: int = 128
-    length: int = 256
-
-    def __post_init__(self) -> None:
-        for name in ("sequences", "length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise FlexevalError(f"calibration: {name} must be a positive integer, got {value!r}")
-
-    @classmethod
-    def parse(cls, value: str | Calibration) -> Calibration:
-        """From 'path[:field[:sequences[:length]]]' (command lines)."""
-        if isinstance(value, Calibration):
-            return value
-        path, *rest = str(value).split(":")
-        if len(rest) > 3 or not all(part.isdigit() for part in rest[1:]):
-            raise FlexevalError(f"calibration takes path[:field[:sequences[:length]]], got {value!r}")
-        return cls(path, *rest[:1], *(int(part) for part in rest[1:]))
-
-    @property
-    def file(self) -> Path:
-        path = Path(self.path).expanduser()
-        return path if path.is_absolute() else data_dir() / path
-
-    def existing_file(self) -> Path:
-        if not self.file.is_file():
-            raise FlexevalError(f"calibration: {self.file} does not exist: pass another calibration path")
-        return self.file
-
-    def tokens(self, tokenizer: PreTrainedTokenizerBase) -> Tensor:
-        """(sequences, length) token ids."""
-        needed = self.sequences * self.length
-        docs, ids = [], []
-        with self.existing_file().open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if self.field not in record:
-                    raise FlexevalError(f"calibration: line {number} of {self.file} has no field {self.field!r}")
-                docs.append(str(record[self.field]))
-                if len(docs) == 64:  # tokenize as we go: stop reading once there is enough
-                    ids += tokenizer("\n\n".join(docs) + "\n\n", add_special_tokens=False).input_ids
-                    docs.clear()
-                    if len(ids) >= needed:
-                        break
-        if docs:
-            ids += tokenizer("\n\n".join(docs), add_special_tokens=False).input_ids
-        if len(ids) < needed:
-            raise FlexevalError(
-                f"calibration: {self.file} holds {len(ids)} tokens, fewer than {self.sequences} x {self.length}: "
-                "lower sequences or length, or pass a longer file"
-            )
-        return torch.tensor(ids[:needed]).view(self.sequences, self.length)
 
 
 def gptq(w: Tensor, hessian: Tensor, config: CompressionConfig) -> Quantized:
@@ -246,7 +181,7 @@ class FittedWeights:
         self.fitter = None
         self.fitted: dict[int, dict[str, Quantized]] = {}
         if not self.path.is_file():
-            self.fitter = Fitter(model, config, dtype, device, calibration.tokens(tokenizer))
+            self.fitter = Fitter(model, config, dtype, device, torch.tensor(calibration.tokens(tokenizer)))
             self.progress = tqdm(total=len(model.layers), desc="gptq fit", unit="layer")
 
     def layer(self, j: int, bundle: Mapping[str, Tensor]) -> dict[str, Quantized]:

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from flexeval.atomic import write_text
-from flexeval.engine.compression import CompressionConfig, dequantize, quantize
+from flexeval.engine.compression import dequantize, quantize
 from flexeval.engine.generation import Sampling
+from flexeval.engine.policy import CompressionConfig
 from flexeval.engine.readout import ScoreReadout, TokenReadout
 from flexeval.engine.schedule import Executors, forward
 from flexeval.engine.tiers import DiskTier

@@ -26,7 +26,6 @@ from flexeval.engine import blocks, int4mm
 from flexeval.engine.blocks import Blocks
 from flexeval.engine.compression import (
     PARTS,
-    CompressionConfig,
     Quantized,
     as_tiles,
     dequantize,
@@ -34,7 +33,7 @@ from flexeval.engine.compression import (
     quantized_nbytes,
     tileable,
 )
-from flexeval.engine.policy import Policy
+from flexeval.engine.policy import CompressionConfig, Policy
 from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute
 from flexeval.models.checkpoint import Lazy
 from flexeval.models.common import ROWS, KVCache, Layer, Param, StoredValues
