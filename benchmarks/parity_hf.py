@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import flexeval  # noqa: F401 - registers flexgen
+import flexeval.lm  # noqa: F401 - registers flexgen
 from flexeval.models import registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -45,7 +45,7 @@ def child(args) -> int:
     """One backend's evaluation in this process: its figures as a JSON line on stdout."""
     from lm_eval.api.registry import get_model
 
-    import flexeval  # noqa: F401 - registers flexgen
+    import flexeval.lm  # noqa: F401 - registers flexgen
 
     start = time.perf_counter()
     lm = get_model(args.backend).create_from_arg_string(args.model_args, {"batch_size": args.batch_size})

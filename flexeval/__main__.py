@@ -15,18 +15,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from flexeval import config
+from flexeval.data import CONF_DIR
 from flexeval.errors import FlexevalError
 
 config.register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config.CONFIG_NAME)
 def app(cfg: config.RunConfig) -> None:
-    from flexeval.evaluate import evaluate  # lm-eval and the engine load only once the configuration is good
+    # torch, lm-eval and the engine load only once Hydra has composed a configuration
+    from flexeval.evaluate import evaluate
     from flexeval.report import markdown, rows
+    from flexeval.resolve import resolve
 
     try:
-        run = config.check(cfg)
+        run = resolve(cfg)
         if run.choice is not None:
             print(f"policy=auto chose: {run.choice.summary()}", flush=True)
         hydra_config = HydraConfig.get()

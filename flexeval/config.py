@@ -1,42 +1,37 @@
-"""The run configuration of `python -m flexeval`: Hydra composes `conf/` into a `RunConfig`, and
-`check` turns that into a `Run` or a one-line error before any model is loaded.
+"""The run configuration of `python -m flexeval`: Hydra composes `conf/` (and a user's
+`--config-dir` or `hydra.searchpath`) into a `RunConfig`; `flexeval.resolve` turns that into a
+checked `Run` or a one-line error before any model is loaded.
 
 The schemas are registered with Hydra's ConfigStore, so Hydra itself refuses a misspelt key or
 a value of the wrong type; `check_choices` refuses an unknown group option (`policy=fast`) in
-one line, before Hydra composes anything; `check` covers what neither can know: whether the
-model spec exists, whether the policy is valid and fits the memory budgets, whether the data
-and the tasks are there.
+one line, before Hydra composes anything, asking Hydra's own config loader which options each
+group has. This module imports neither torch nor lm-eval: `--help` and these errors answer at
+once.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field, fields, make_dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.utils import create_config_search_path, get_args_parser
+from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import MISSING
 
-from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, local_tasks
-from flexeval.engine.compression import CompressionConfig as Quantization
-from flexeval.engine.cost_model import Workload
-from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
-from flexeval.engine.gptq import Calibration
-from flexeval.engine.hardware import HardwareProfile
-from flexeval.engine.placement import weight_bytes_per_tier
+from flexeval.data import CONF_DIR
+from flexeval.engine.calibration import Calibration
 from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
-from flexeval.engine.search import Budget, Choice, plan
+from flexeval.engine.policy import CompressionConfig as Quantization
 from flexeval.errors import FlexevalError
-from flexeval.models import dummy, registry
 
-log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "policy", "compression", "task", "hardware")
-GB = 2**30
+CONFIG_NAME = "config"
 
 
 @dataclass
@@ -133,32 +128,16 @@ def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-@dataclass(frozen=True)
-class Run:
-    """A checked configuration: everything a run needs, nothing left to fail on but the work."""
+def check_choices(argv: list[str]) -> None:
+    """Refuse `group=name` overrides naming no option of the group, listing the valid names.
 
-    config: Any  # the resolved RunConfig, as composed by Hydra
-    policy: Policy
-    tasks: tuple[str, ...]
-    data_dir: Path | None  # None: lm-eval's built-in tasks with their hub datasets
-    device: str
-    calibration: Calibration | None = None  # when the weights take a GPTQ fit
-    choice: Choice | None = None  # what policy=auto chose, with its prediction
-
-
-def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def check_choices(overrides: list[str]) -> None:
-    """Refuse `group=name` overrides naming no file of conf/<group>/, listing the valid names.
-
-    Hydra would refuse them too, but over a dozen lines of search paths; anything this parser
-    cannot read is left for Hydra to report."""
+    `argv` is the command line as Hydra reads it: the options are those of Hydra's own search
+    path (conf/, `--config-dir`, `hydra.searchpath`). Hydra would refuse them too, but over a
+    dozen lines of search paths; anything this cannot read is left for Hydra to report."""
+    args, _ = get_args_parser().parse_known_args(argv)
     parser = OverridesParser.create()
-    for text in overrides:
-        if text.startswith("-") or "=" not in text:  # Hydra's own flags (-m, --cfg job, ...)
-            continue
+    wanted: dict[str, list[str]] = {}
+    for text in args.overrides:
         try:
             (override,) = parser.parse_overrides([text])
         except OverrideParseException:  # Hydra reports its own syntax errors
@@ -167,151 +146,28 @@ def check_choices(overrides: list[str]) -> None:
         if group not in GROUPS or override.is_delete():
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-        valid = choices(group)
-        for value in values:
-            if isinstance(value, str) and value not in valid:
-                raise FlexevalError(f"unknown {group} {value!r}: choose one of {', '.join(valid)}")
-
-
-def check(config: Any) -> Run:
-    """Everything that can be checked without loading the model, in the order a user fixes it."""
-    if config.limit is not None and config.limit <= 0:
-        raise FlexevalError(f"limit must be a positive number of documents per task, got {config.limit}")
-    for name, value, least in (
-        ("model.max_length", config.model.max_length, 1),
-        ("task.num_fewshot", config.task.num_fewshot, 0),
-        ("bootstrap_iters", config.bootstrap_iters, 0),
-    ):
-        if value is not None and value < least:
-            raise FlexevalError(f"{name} must be at least {least}, got {value}")
-    if config.model.pretrained == "dummy":  # model=llama-2-7b model.pretrained=dummy: that model's shape
-        config.model.pretrained = f"{dummy.PREFIX}{config.model.name}"
-    registry.check(config.model.pretrained)
-    device = resolve_device(config.hardware.device)
-    directory = registry.resolve(config.model.pretrained) if config.model.dtype == AUTO else None
-    dtype = resolve_dtype(config.model.dtype, device, directory)
-    placement = {f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS}
-    policy = Policy.from_dict(placement | {name: config.compression[name] for name in COMPRESSION_FIELDS})
-    _check_budgets(config)
-    if config.policy.auto:
-        workload = _workload(config)
-    else:
-        _check_weights_fit(config, policy, dtype)
-    root = _data_dir(config.data_dir)
-    calibration = _calibration(config, policy, root)
-    tasks = tuple(config.task.tasks)
-    _check_tasks(tasks, root)
-    choice = None
-    if config.policy.auto:  # last: the first search on a machine measures it (seconds)
-        hardware = config.hardware
-        choice = plan(
-            config.model.pretrained,
-            workload,
-            Budget.from_gb(hardware.gpu_mem_gb, hardware.cpu_mem_gb, hardware.disk_gb),
-            base=policy,
-            dtype=dtype,
-            device=device,
-            offload_dir=hardware.offload_dir,
-            profile_overrides=dict(hardware.profile),
-        )
-        policy = choice.policy
-    return Run(
-        config=config,
-        policy=policy,
-        tasks=tasks,
-        data_dir=root,
-        device=str(device),
-        calibration=calibration,
-        choice=choice,
-    )
-
-
-def _workload(config: Any) -> Workload:
-    workload = config.workload
-    for name, least in (("sequences", 1), ("prompt_len", 1), ("gen_len", 0)):
-        if workload[name] < least:
-            raise FlexevalError(f"workload.{name} must be at least {least}, got {workload[name]}")
-    return Workload(workload.sequences, workload.prompt_len, workload.gen_len)
-
-
-def _calibration(config: Any, policy: Policy, root: Path | None) -> Calibration | None:
-    if not (policy.compress_weight and policy.comp_weight_config.fit == "gptq"):
-        return None
-    calibration = Calibration(**config.calibration)
-    path = Path(calibration.path).expanduser()
-    if not path.is_absolute():
-        if root is None:
-            raise FlexevalError(f"calibration.path {path} is relative but there is no data directory: give a full path")
-        calibration = replace(calibration, path=str(root / path))
-    if not calibration.file.is_file():
-        raise FlexevalError(f"calibration.path {calibration.file} does not exist: the gptq fit needs text to fit to")
-    return calibration
-
-
-def _data_dir(given: str | None) -> Path | None:
-    if given is not None:
-        root = Path(given).expanduser()
-        if not root.is_dir():
-            raise FlexevalError(f"data_dir {root} is not a directory: point data_dir at the benchmark JSONL folder")
-        return root.resolve()
-    root = data_dir()
-    if root.is_dir():
-        return root.resolve()
-    log.warning("no local benchmark data at %s ($%s): using lm-eval's built-in tasks and hub datasets", root, DATA_ENV)
-    return None
-
-
-def _check_tasks(tasks: tuple[str, ...], root: Path | None) -> None:
-    from lm_eval.tasks import TaskManager  # indexing the built-in tasks takes seconds: only here
-
-    manager = local_tasks() if root else TaskManager()
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
-    if unknown and root:
-        raise FlexevalError(
-            f"unknown task {', '.join(unknown)} in the task definitions in {TASKS_DIR}: "
-            f"choose from {', '.join(sorted(known))}"
-        )
-    if unknown:
-        raise FlexevalError(
-            f"unknown task {', '.join(unknown)} in lm-eval's built-in tasks (no local data): "
-            "python -m flexeval.lm_eval ls tasks lists them"
-        )
-
-
-def _check_budgets(config: Any) -> None:
-    """Budgets are positive, the offload directory exists, the profile overrides name figures."""
-    hardware = config.hardware
-    for key in ("gpu_mem_gb", "cpu_mem_gb", "disk_gb"):
-        if hardware[key] is not None and hardware[key] <= 0:
-            raise FlexevalError(f"hardware.{key} must be positive (GB), got {hardware[key]}")
-    if hardware.offload_dir is not None and not Path(hardware.offload_dir).expanduser().is_dir():
-        raise FlexevalError(f"hardware.offload_dir {hardware.offload_dir} does not exist: create it or choose another")
-    known = {f.name for f in fields(HardwareProfile)}
-    unknown = sorted(set(hardware.profile) - known)
-    if unknown:
-        raise FlexevalError(f"hardware.profile: unknown figures {unknown}; known: {', '.join(sorted(known))}")
-
-
-def _check_weights_fit(config: Any, policy: Policy, dtype: torch.dtype) -> None:
-    """A hand-written policy's weights fit each budget (policy=auto plans everything within them)."""
-    hardware = config.hardware
-    budgets = {"compute": hardware.gpu_mem_gb, "cpu": hardware.cpu_mem_gb, "disk": hardware.disk_gb}
-    keys = {"compute": "gpu_mem_gb", "cpu": "cpu_mem_gb", "disk": "disk_gb"}
-    if all(b is None for b in budgets.values()):
+        wanted.setdefault(group, []).extend(v for v in values if isinstance(v, str))
+    if not wanted or (args.config_dir is not None and not Path(args.config_dir).is_dir()):
+        return  # Hydra names the missing --config-dir
+    try:
+        options = group_options(list(wanted), args.overrides, args.config_dir, args.config_name)
+    except HydraException:  # a missing --config-dir, a malformed hydra.searchpath: Hydra says which
         return
-    directory = registry.resolve(config.model.pretrained)  # config.json only; no weights are read
-    placed = dict(zip(budgets, weight_bytes_per_tier(registry.build_model(directory).layers, policy, dtype)))
-    total = sum(placed.values())
-    for tier, budget in budgets.items():
-        if budget is not None and placed[tier] > budget * GB:
-            fits = int(100 * budget * GB / total)
-            fix = {
-                "compute": f"w_gpu_percent at most {fits}",
-                "cpu": f"w_cpu_percent at most {fits}",
-                "disk": f"w_gpu_percent + w_cpu_percent at least {100 - fits}",
-            }[tier]
-            raise FlexevalError(
-                f"policy {config.policy.name} puts {placed[tier] / GB:.3g} GB of weights on the {tier} tier but "
-                f"hardware.{keys[tier]}={budget}: choose a policy with {fix}"
-            )
+    for group, values in wanted.items():
+        for value in values:
+            if value not in options[group]:
+                raise FlexevalError(f"unknown {group} {value!r}: choose one of {', '.join(options[group])}")
+
+
+def group_options(
+    groups: Iterable[str], overrides: Iterable[str] = (), config_dir: str | None = None, config_name: str | None = None
+) -> dict[str, list[str]]:
+    """Each group's options on the search path Hydra composes from: conf/, then a `--config-dir`
+    (prepended, as Hydra does) and the `hydra.searchpath` of the primary config or `overrides`."""
+    register()
+    search_path = create_config_search_path(f"file://{CONF_DIR}")
+    if config_dir is not None:
+        search_path.prepend("command-line", f"file://{Path(config_dir).resolve()}", SearchPathQuery(provider="schema"))
+    loader = ConfigLoaderImpl(config_search_path=search_path)
+    name = config_name or CONFIG_NAME
+    return {group: loader.get_group_options(group, config_name=name, overrides=list(overrides)) for group in groups}

@@ -26,12 +26,12 @@ from omegaconf import OmegaConf
 
 from flexeval import report
 from flexeval.atomic import atomic_file, write_text
-from flexeval.config import Run
 from flexeval.data import local_tasks
 from flexeval.errors import FlexevalError, first_line
 from flexeval.lm import FlexGenLM, Usage
 from flexeval.models import dummy
 from flexeval.reproducible import cpu_model
+from flexeval.resolve import Run
 
 RESULTS = "results.json"
 # What lm-eval reports per task, merged over the run's tasks into one results.json.

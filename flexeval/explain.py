@@ -48,14 +48,16 @@ def explain_config(overrides: list[str]) -> str:
     from hydra import compose, initialize_config_dir
 
     from flexeval import config
+    from flexeval.data import CONF_DIR
     from flexeval.engine.cost_model import Workload
     from flexeval.engine.search import cost_model
+    from flexeval.resolve import resolve
 
     config.check_choices(overrides)
     config.register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(config.CONF_DIR)):
-        cfg = compose("config", overrides=overrides)
-    run = config.check(cfg)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config.CONFIG_NAME, overrides=overrides)
+    run = resolve(cfg)
     w = cfg.workload
     costs = cost_model(
         cfg.model.pretrained,

@@ -7,8 +7,8 @@ document) become one packed sequence that computes the context once, everything 
 length so that blocks carry little padding, and each block's results reach lm-eval's cache as
 soon as the block ends, so that `--use_cache` resumes a killed run.
 
-Register-on-import: `import flexeval` registers `flexgen` (lm-eval 0.4.13 has no plugin entry
-points); `python -m flexeval.lm_eval` is lm-eval's own command line with it registered.
+Importing this module registers `flexgen` (lm-eval 0.4.13 reads no plugin entry points);
+`flexeval-lm-eval` (`flexeval.lm_eval`) is lm-eval's own command line with it registered.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
+from flexeval.engine.calibration import Calibration
 from flexeval.engine.cost_model import Workload
 from flexeval.engine.engine import Engine, RunStats
-from flexeval.engine.gptq import Calibration
 from flexeval.engine.policy import Policy, compression_fields
 from flexeval.engine.search import Budget, Choice, plan
 from flexeval.errors import FlexevalError

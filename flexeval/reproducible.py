@@ -6,8 +6,8 @@ variable number of rows (every projection, the MLP, the unembedding's chunks):
 
 - Intel MKL, torch's CPU BLAS, splits work between threads by the number of rows. Its strict
   conditional numerical reproducibility mode (`MKL_CBWR=AUTO,STRICT`, about 3 % of GEMM speed)
-  stops that; MKL reads the mode once, at its first call, so flexeval sets it on import unless
-  the user chose a mode, which is why this module must be imported before torch computes anything.
+  stops that; MKL reads the mode once, at its first call, so `import flexeval` sets it unless
+  the user chose a mode, which is why flexeval must be imported before torch computes anything.
 - Even in strict mode, a BLAS may compute a product of very few rows with other kernels than
   the same rows among more: MKL on AMD EPYC (Zen 4) rounds products of 1, 2 or 3 fp32 rows
   differently from 4 or more, in every mode; on Intel Xeon every row count agrees. Padding such
@@ -33,12 +33,10 @@ from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402 - MKL's mode must be in the environment before torch's first GEMM
-import torch.nn.functional as F  # noqa: E402
-
-from flexeval.atomic import write_text  # noqa: E402
+from flexeval.atomic import write_text
 
 log = logging.getLogger(__name__)
 

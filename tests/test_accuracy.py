@@ -24,11 +24,13 @@ import lm_eval
 import pytest
 import torch
 
+import flexeval.lm  # noqa: F401 - registers the backend `flexgen`
 from flexeval import Policy
 from flexeval.data import local_tasks
 from flexeval.engine import placement
-from flexeval.engine.compression import CompressionConfig, Quantized, dequantize
+from flexeval.engine.compression import Quantized, dequantize
 from flexeval.engine.placement import compression
+from flexeval.engine.policy import CompressionConfig
 from flexeval.models.common import Param
 
 pytestmark = pytest.mark.accuracy

@@ -14,9 +14,10 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from flexeval import FlexevalError, Policy, config
-from flexeval.data import TASKS_DIR
+from flexeval.data import CONF_DIR, TASKS_DIR
 from flexeval.engine.policy import COMPRESSION_FIELDS, COMPRESSIONS, PRESETS, compression_fields
 from flexeval.report import Row, labels, pareto
+from flexeval.resolve import resolve
 
 RUN_FILES = ("results.json", "samples_piqa.jsonl", "table.md", "table.csv")
 TINY = ["model=tiny-llama", "task=piqa", "limit=8"]
@@ -93,7 +94,7 @@ def test_submitit_local_runs_each_configuration_as_its_own_job(tmp_path: Path) -
 
 def compose_run(*overrides: str):
     config.register()
-    with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 
@@ -114,6 +115,40 @@ def compose_run(*overrides: str):
 def test_unknown_group_options_are_named_with_the_choices(overrides: list[str], expected: str) -> None:
     with pytest.raises(FlexevalError, match="^" + expected.replace("(", r"\(")):
         config.check_choices(overrides)
+
+
+def test_help_and_unknown_options_answer_before_torch_or_lm_eval_load() -> None:
+    code = (
+        "import sys, flexeval.__main__ as m\n"
+        "try:\n    m.config.check_choices(['policy=fast'])\nexcept m.FlexevalError:\n    pass\n"
+        "print(sorted({'torch', 'lm_eval', 'transformers', 'scipy'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    result = subprocess.run([sys.executable, "-m", "flexeval", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "policy: all-resident, auto, cpu-offload, disk-offload" in result.stdout
+
+
+def users_policy(root: Path) -> Path:
+    """A user's own config folder holding policy/mine.yaml (cpu-offload under another name)."""
+    (root / "policy").mkdir(parents=True)
+    preset = (CONF_DIR / "policy" / "cpu-offload.yaml").read_text()
+    (root / "policy" / "mine.yaml").write_text(preset.replace("name: cpu-offload", "name: mine"))
+    return root
+
+
+def test_a_users_config_dir_or_searchpath_adds_options(tmp_path: Path) -> None:
+    mine = users_policy(tmp_path / "mine")
+    config.check_choices(["--config-dir", str(mine), "policy=mine"])
+    config.check_choices([f"hydra.searchpath=[file://{mine}]", "-m", "policy=mine,auto"])
+    with pytest.raises(FlexevalError, match="^unknown policy 'mine': choose one of all-resident, auto, cpu-offload"):
+        config.check_choices(["policy=mine"])
+    with pytest.raises(FlexevalError, match="^unknown policy 'theirs': choose one of all-resident, auto, cpu-offload"):
+        config.check_choices(["-cd", str(mine), "policy=theirs"])
+    result = flexeval(tmp_path, "--config-dir", "mine", "policy=mine", *TINY[:2], "limit=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert json.loads((run / "results.json").read_text())["config"]["policy"]["name"] == "mine"
 
 
 @pytest.mark.parametrize(
@@ -154,7 +189,7 @@ def test_bad_values_are_refused_in_one_line_before_any_model_loads(overrides, ex
 
     monkeypatch.setattr(Engine, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(FlexevalError) as info:
-        config.check(compose_run(*overrides))
+        resolve(compose_run(*overrides))
     assert str(info.value).startswith(expected) and "\n" not in str(info.value)
 
 
@@ -167,7 +202,7 @@ def test_the_command_line_reports_bad_input_in_one_line(tmp_path: Path) -> None:
 
 
 def test_a_good_configuration_is_checked_into_a_run() -> None:
-    run = config.check(compose_run("model=tiny-opt", "policy=disk-offload", "policy.gpu_batch_size=4", "limit=3"))
+    run = resolve(compose_run("model=tiny-opt", "policy=disk-offload", "policy.gpu_batch_size=4", "limit=3"))
     assert run.policy == Policy.from_dict({"gpu_batch_size": 4}, preset="disk-offload")
     assert run.tasks == ("hellaswag",) and run.data_dir is not None
     assert run.device == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,7 +210,7 @@ def test_a_good_configuration_is_checked_into_a_run() -> None:
 
 
 def test_a_gptq_fit_finds_its_calibration_text_under_the_data_directory() -> None:
-    run = config.check(compose_run("model=tiny-llama", "compression=4bit-weights-gptq", "calibration.sequences=8"))
+    run = resolve(compose_run("model=tiny-llama", "compression=4bit-weights-gptq", "calibration.sequences=8"))
     assert run.calibration.file == run.data_dir / "helm_xsum/xsum_test_1000.jsonl"
     assert run.calibration.file.is_file() and run.calibration.sequences == 8
 
@@ -195,36 +230,36 @@ def test_scoring_through_the_cache_reaches_the_backend(monkeypatch, tmp_path: Pa
     monkeypatch.setattr(app, "FlexGenLM", capture)
     for overrides, expected in (((), False), (("score_through_cache=true",), True)):
         with pytest.raises(Stop):
-            app.evaluate(config.check(compose_run("model=tiny-llama", "limit=2", *overrides)), tmp_path)
+            app.evaluate(resolve(compose_run("model=tiny-llama", "limit=2", *overrides)), tmp_path)
         assert given["score_through_cache"] is expected
 
 
 def test_without_local_data_the_builtin_tasks_are_used(monkeypatch, caplog) -> None:
     monkeypatch.setenv("FLEXEVAL_DATA_DIR", "/no/such/dir")
     with pytest.raises(FlexevalError, match=r"^unknown task helm_xsum in lm-eval's built-in tasks \(no local data\)"):
-        config.check(compose_run("task.tasks=[hellaswag,helm_xsum]"))
+        resolve(compose_run("task.tasks=[hellaswag,helm_xsum]"))
     assert "no local benchmark data at /no/such/dir" in caplog.text
 
 
 def test_policy_files_are_the_presets_of_the_backend() -> None:
     """conf/policy/<preset>.yaml and `policy=<preset>` in lm-eval's model_args mean the same."""
     for preset in PRESETS:
-        values = yaml.safe_load((config.CONF_DIR / "policy" / f"{preset}.yaml").read_text())
+        values = yaml.safe_load((CONF_DIR / "policy" / f"{preset}.yaml").read_text())
         assert values.pop("name") == preset
         assert Policy(**values) == Policy.from_dict({}, preset=preset)
 
 
 def test_compression_files_are_the_presets_of_the_backend() -> None:
     """conf/compression/<preset>.yaml and `compression=<preset>` in lm-eval's model_args mean the same."""
-    assert sorted(COMPRESSIONS) == config.choices("compression")
+    assert sorted(COMPRESSIONS) == config.group_options(["compression"])["compression"]
     for preset in COMPRESSIONS:
-        values = yaml.safe_load((config.CONF_DIR / "compression" / f"{preset}.yaml").read_text())
+        values = yaml.safe_load((CONF_DIR / "compression" / f"{preset}.yaml").read_text())
         assert values.pop("name") == preset and set(values) == set(COMPRESSION_FIELDS)
         assert Policy.from_dict(values) == Policy.from_dict(compression_fields(preset))
 
 
 def test_every_task_definition_has_a_task_option() -> None:
-    options = {t for name in config.choices("task") for t in compose_run(f"task={name}").task.tasks}
+    options = {t for name in config.group_options(["task"])["task"] for t in compose_run(f"task={name}").task.tasks}
     defined = {yaml.safe_load(p.read_text().replace("!function", ""))["task"] for p in TASKS_DIR.glob("*.yaml")}
     assert defined <= options
 

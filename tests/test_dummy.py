@@ -11,9 +11,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig
 
-from flexeval import Engine, FlexevalError, Policy, config
+from flexeval import Engine, FlexevalError, Policy
 from flexeval.models import dummy, registry
 from flexeval.report import rows
+from flexeval.resolve import resolve
 from tests.conftest import same_results
 from tests.test_app import compose_run
 
@@ -65,7 +66,7 @@ def test_dummy_weights_are_deterministic_and_placed_like_real_ones(small_shape: 
 
 
 def test_a_dummy_run_says_so() -> None:
-    run = config.check(compose_run("model=llama-2-7b", "model.pretrained=dummy", "policy=disk-offload"))
+    run = resolve(compose_run("model=llama-2-7b", "model.pretrained=dummy", "policy=disk-offload"))
     assert run.config.model.pretrained == "dummy:llama-2-7b"
     usage = {"requests": 1, "prompt_tokens": 1, "generated_tokens": 0, "peak_bytes": {}}
     usage |= {"wall_seconds": 1.0, "requests_per_second": 1.0, "tokens_per_second": 1.0}

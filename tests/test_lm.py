@@ -20,7 +20,7 @@ from lm_eval.api.registry import get_model
 
 from flexeval import Engine, FlexevalError, FlexGenLM
 from flexeval.data import TASKS_DIR, data_dir, local_tasks
-from flexeval.engine.compression import CompressionConfig
+from flexeval.engine.policy import CompressionConfig
 from flexeval.models import registry
 
 DATA = data_dir()
@@ -46,8 +46,8 @@ def backends(smollm2_dir: Path):
     return flexgen, hf
 
 
-def test_flexgen_registers_on_import_and_hf_still_resolves() -> None:
-    code = "import flexeval; from lm_eval.api.registry import get_model; print(get_model('hf').__name__)"
+def test_flexgen_registers_with_its_module_and_hf_still_resolves() -> None:
+    code = "import flexeval.lm; from lm_eval.api.registry import get_model; print(get_model('hf').__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "HFLM"
     assert get_model("flexgen") is FlexGenLM

@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
+from flexeval.data import CONF_DIR
 from flexeval.errors import FlexevalError
 
 PREFIX = "dummy:"
 MARKER = "dummy.json"  # in a prepared directory: the seed and the shape's name
-SHAPES_DIR = Path(__file__).resolve().parents[2] / "conf" / "shapes"
+SHAPES_DIR = CONF_DIR / "shapes"
 INIT_STD = 0.02  # transformers' initializer_range
 CHUNK_ROWS = 1024  # rows generated from one seed
 NOTE = "dummy weights (random, seeded): accuracy is meaningless; throughput and memory are real"

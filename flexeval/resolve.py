@@ -1,0 +1,186 @@
+"""A composed `RunConfig` (`flexeval.config`) made into a checked `Run`: everything that can be
+checked without loading the model, in the order a user fixes it, and `policy=auto`'s plan.
+
+This is where a run first needs torch, the model's config and the task index; `flexeval.config`
+stays light so that `--help` and unknown options answer before any of it is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, local_tasks
+from flexeval.engine.calibration import Calibration
+from flexeval.engine.cost_model import Workload
+from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
+from flexeval.engine.hardware import HardwareProfile
+from flexeval.engine.placement import weight_bytes_per_tier
+from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
+from flexeval.engine.search import Budget, Choice, plan
+from flexeval.errors import FlexevalError
+from flexeval.models import dummy, registry
+
+log = logging.getLogger(__name__)
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class Run:
+    """A checked configuration: everything a run needs, nothing left to fail on but the work."""
+
+    config: Any  # the resolved RunConfig, as composed by Hydra
+    policy: Policy
+    tasks: tuple[str, ...]
+    data_dir: Path | None  # None: lm-eval's built-in tasks with their hub datasets
+    device: str
+    calibration: Calibration | None = None  # when the weights take a GPTQ fit
+    choice: Choice | None = None  # what policy=auto chose, with its prediction
+
+
+def resolve(config: Any) -> Run:
+    """Everything that can be checked without loading the model, in the order a user fixes it."""
+    if config.limit is not None and config.limit <= 0:
+        raise FlexevalError(f"limit must be a positive number of documents per task, got {config.limit}")
+    for name, value, least in (
+        ("model.max_length", config.model.max_length, 1),
+        ("task.num_fewshot", config.task.num_fewshot, 0),
+        ("bootstrap_iters", config.bootstrap_iters, 0),
+    ):
+        if value is not None and value < least:
+            raise FlexevalError(f"{name} must be at least {least}, got {value}")
+    if config.model.pretrained == "dummy":  # model=llama-2-7b model.pretrained=dummy: that model's shape
+        config.model.pretrained = f"{dummy.PREFIX}{config.model.name}"
+    registry.check(config.model.pretrained)
+    device = resolve_device(config.hardware.device)
+    directory = registry.resolve(config.model.pretrained) if config.model.dtype == AUTO else None
+    dtype = resolve_dtype(config.model.dtype, device, directory)
+    placement = {f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS}
+    policy = Policy.from_dict(placement | {name: config.compression[name] for name in COMPRESSION_FIELDS})
+    _check_budgets(config)
+    if config.policy.auto:
+        workload = _workload(config)
+    else:
+        _check_weights_fit(config, policy, dtype)
+    root = _data_dir(config.data_dir)
+    calibration = _calibration(config, policy, root)
+    tasks = tuple(config.task.tasks)
+    _check_tasks(tasks, root)
+    choice = None
+    if config.policy.auto:  # last: the first search on a machine measures it (seconds)
+        hardware = config.hardware
+        choice = plan(
+            config.model.pretrained,
+            workload,
+            Budget.from_gb(hardware.gpu_mem_gb, hardware.cpu_mem_gb, hardware.disk_gb),
+            base=policy,
+            dtype=dtype,
+            device=device,
+            offload_dir=hardware.offload_dir,
+            profile_overrides=dict(hardware.profile),
+        )
+        policy = choice.policy
+    return Run(
+        config=config,
+        policy=policy,
+        tasks=tasks,
+        data_dir=root,
+        device=str(device),
+        calibration=calibration,
+        choice=choice,
+    )
+
+
+def _workload(config: Any) -> Workload:
+    workload = config.workload
+    for name, least in (("sequences", 1), ("prompt_len", 1), ("gen_len", 0)):
+        if workload[name] < least:
+            raise FlexevalError(f"workload.{name} must be at least {least}, got {workload[name]}")
+    return Workload(workload.sequences, workload.prompt_len, workload.gen_len)
+
+
+def _calibration(config: Any, policy: Policy, root: Path | None) -> Calibration | None:
+    if not (policy.compress_weight and policy.comp_weight_config.fit == "gptq"):
+        return None
+    calibration = Calibration(**config.calibration)
+    path = Path(calibration.path).expanduser()
+    if not path.is_absolute():
+        if root is None:
+            raise FlexevalError(f"calibration.path {path} is relative but there is no data directory: give a full path")
+        calibration = replace(calibration, path=str(root / path))
+    if not calibration.file.is_file():
+        raise FlexevalError(f"calibration.path {calibration.file} does not exist: the gptq fit needs text to fit to")
+    return calibration
+
+
+def _data_dir(given: str | None) -> Path | None:
+    if given is not None:
+        root = Path(given).expanduser()
+        if not root.is_dir():
+            raise FlexevalError(f"data_dir {root} is not a directory: point data_dir at the benchmark JSONL folder")
+        return root.resolve()
+    root = data_dir()
+    if root.is_dir():
+        return root.resolve()
+    log.warning("no local benchmark data at %s ($%s): using lm-eval's built-in tasks and hub datasets", root, DATA_ENV)
+    return None
+
+
+def _check_tasks(tasks: tuple[str, ...], root: Path | None) -> None:
+    from lm_eval.tasks import TaskManager  # indexing the built-in tasks takes seconds: only here
+
+    manager = local_tasks() if root else TaskManager()
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown and root:
+        raise FlexevalError(
+            f"unknown task {', '.join(unknown)} in the task definitions in {TASKS_DIR}: "
+            f"choose from {', '.join(sorted(known))}"
+        )
+    if unknown:
+        raise FlexevalError(
+            f"unknown task {', '.join(unknown)} in lm-eval's built-in tasks (no local data): "
+            "python -m flexeval.lm_eval ls tasks lists them"
+        )
+
+
+def _check_budgets(config: Any) -> None:
+    """Budgets are positive, the offload directory exists, the profile overrides name figures."""
+    hardware = config.hardware
+    for key in ("gpu_mem_gb", "cpu_mem_gb", "disk_gb"):
+        if hardware[key] is not None and hardware[key] <= 0:
+            raise FlexevalError(f"hardware.{key} must be positive (GB), got {hardware[key]}")
+    if hardware.offload_dir is not None and not Path(hardware.offload_dir).expanduser().is_dir():
+        raise FlexevalError(f"hardware.offload_dir {hardware.offload_dir} does not exist: create it or choose another")
+    known = {f.name for f in fields(HardwareProfile)}
+    unknown = sorted(set(hardware.profile) - known)
+    if unknown:
+        raise FlexevalError(f"hardware.profile: unknown figures {unknown}; known: {', '.join(sorted(known))}")
+
+
+def _check_weights_fit(config: Any, policy: Policy, dtype: torch.dtype) -> None:
+    """A hand-written policy's weights fit each budget (policy=auto plans everything within them)."""
+    hardware = config.hardware
+    budgets = {"compute": hardware.gpu_mem_gb, "cpu": hardware.cpu_mem_gb, "disk": hardware.disk_gb}
+    keys = {"compute": "gpu_mem_gb", "cpu": "cpu_mem_gb", "disk": "disk_gb"}
+    if all(b is None for b in budgets.values()):
+        return
+    directory = registry.resolve(config.model.pretrained)  # config.json only; no weights are read
+    placed = dict(zip(budgets, weight_bytes_per_tier(registry.build_model(directory).layers, policy, dtype)))
+    total = sum(placed.values())
+    for tier, budget in budgets.items():
+        if budget is not None and placed[tier] > budget * GB:
+            fits = int(100 * budget * GB / total)
+            fix = {
+                "compute": f"w_gpu_percent at most {fits}",
+                "cpu": f"w_cpu_percent at most {fits}",
+                "disk": f"w_gpu_percent + w_cpu_percent at least {100 - fits}",
+            }[tier]
+            raise FlexevalError(
+                f"policy {config.policy.name} puts {placed[tier] / GB:.3g} GB of weights on the {tier} tier but "
+                f"hardware.{keys[tier]}={budget}: choose a policy with {fix}"
+            )
