@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from flexeval import config
 from flexeval.data import CONF_DIR
@@ -27,15 +28,22 @@ def app(cfg: config.RunConfig) -> None:
     from flexeval.evaluate import evaluate
     from flexeval.report import markdown, rows
     from flexeval.resolve import resolve
+    from flexeval.sweep import record_failure
 
+    hydra_config = HydraConfig.get()
+    out = Path(hydra_config.runtime.output_dir)
+    overrides = list(hydra_config.overrides.task)
     try:
         run = resolve(cfg)
         if run.choice is not None:
             print(f"policy=auto chose: {run.choice.summary()}", flush=True)
-        hydra_config = HydraConfig.get()
-        out = Path(hydra_config.runtime.output_dir)
-        results = evaluate(run, out, overrides=list(hydra_config.overrides.task))
-    except FlexevalError as err:
+        results = evaluate(run, out, overrides=overrides)
+    except Exception as err:
+        if hydra_config.mode == RunMode.MULTIRUN:  # recorded; the sweep's other points run on
+            record_failure(out, overrides, err)
+            return
+        if not isinstance(err, FlexevalError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"\n{markdown(rows(results, out.name))}\nresults: {out}")

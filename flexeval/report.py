@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-
 from flexeval.atomic import atomic_file, write_text
 from flexeval.errors import FlexevalError
 from flexeval.models import dummy
@@ -260,19 +258,6 @@ def build(directories: list[Path], out: Path) -> list[Row]:
     write_tables(table, out)
     plot(table, out / "accuracy_vs_throughput.png")
     return table
-
-
-class SweepReport(Callback):
-    """Hydra callback: after a multirun (local or through a launcher), one combined report."""
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep = Path(config.hydra.sweep.dir)
-        try:
-            table = build([sweep], sweep)
-        except FlexevalError as err:
-            log.error("no sweep report: %s", err)
-            return
-        print(f"\n{markdown(table)}\ncombined table and plot: {sweep}/table.md, {sweep}/accuracy_vs_throughput.png")
 
 
 def main(argv: list[str] | None = None) -> int:

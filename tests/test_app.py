@@ -74,6 +74,27 @@ def test_a_sweep_writes_one_combined_table_and_plot(sweep: Path) -> None:
     assert (sweep / "accuracy_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_sweep_with_an_infeasible_point_fails_before_any_point_runs(tmp_path: Path) -> None:
+    budgets = "hardware.gpu_mem_gb=100,0.0000001"
+    result = flexeval(tmp_path, "-m", *TINY, budgets, "policy=all-resident,cpu-offload")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "error: 1 of 4 sweep points cannot run; none was started"
+    point = "model=tiny-llama task=piqa limit=8 hardware.gpu_mem_gb=1e-07 policy=all-resident"
+    assert lines[-2].startswith(f"error: {point}: policy all-resident puts")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_point_failing_while_it_runs_is_recorded_and_the_others_run(tmp_path: Path) -> None:
+    result = flexeval(tmp_path, "-m", *TINY, "model.max_length=256,100000")  # the window is checked once loaded
+    assert result.returncode == 1, result.stderr[-3000:]
+    (directory,) = (tmp_path / "outputs").glob("*/*-sweep")
+    (failed,) = directory.rglob("failed.json")
+    assert json.loads(failed.read_text())["error"].startswith("max_length=100000 exceeds the model's context window")
+    assert "failed: model=tiny-llama task=piqa limit=8 model.max_length=100000: max_length=100000" in result.stderr
+    assert len(run_dirs(directory)) == 1 and len(table_rows(directory / "table.csv")) == 1
+
+
 def test_report_rebuilds_tables_and_plot_from_runs(sweep: Path, tmp_path: Path) -> None:
     result = flexeval(tmp_path, *map(str, run_dirs(sweep)), "--out", str(tmp_path), module="flexeval.report")
     assert result.returncode == 0, result.stderr[-3000:]
