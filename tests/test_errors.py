@@ -43,6 +43,27 @@ def test_unreachable_hub_id_says_what_to_do(monkeypatch) -> None:
     assert "could not be fetched from the hub" in load_error("someone/some-model")
 
 
+def test_a_cached_hub_snapshot_loads_without_the_network(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: pytest.fail("the hub was asked"))
+    assert Engine.load("someone/tiny").logprobs([[1, 2, 3]])[0].shape == (2,)
+
+
+def test_hf_hub_offline_is_honoured_at_once(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: pytest.fail("the hub was asked"))
+    assert "HF_HUB_OFFLINE is set" in load_error("someone/some-model")
+
+
 def test_unsupported_architecture(tmp_path: Path) -> None:
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
     message = load_error(tmp_path)

@@ -173,8 +173,21 @@ def _cached(directory: Path, write: Callable[[Path], None]) -> Path:
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import list_repo_files, snapshot_download
+    """A hub checkpoint: its cached snapshot when one holds weights (no network, no retries);
+    else, unless HF_HUB_OFFLINE is set, fetched."""
+    from huggingface_hub import constants, list_repo_files, snapshot_download
 
+    try:
+        cached = Path(snapshot_download(repo_id, local_files_only=True))
+        if any(cached.glob("*.safetensors")) or any(cached.glob("*.bin")):
+            return cached
+    except Exception:  # nothing cached: the hub raises several types
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise FlexevalError(
+            f"{repo_id!r} is not a local directory, HF_HUB_OFFLINE is set and the hub cache holds no weights "
+            "for it: unset HF_HUB_OFFLINE to fetch it, or pass a checkpoint directory"
+        )
     try:
         files = list_repo_files(repo_id)
         weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
