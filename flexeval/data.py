@@ -9,8 +9,11 @@ place that decides where each is.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,4 +42,44 @@ def local_tasks(metadata: Mapping[str, Any] | None = None) -> TaskManager:
     (`data_dir`, a user's `mmlu_files`)."""
     from lm_eval.tasks import TaskManager  # indexing tasks is slow to import: only when asked
 
+    quiet_own_task_notices()
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=dict(metadata or {}) or None)
+
+
+def task_manager(names: Iterable[str], metadata: Mapping[str, Any] | None = None) -> TaskManager:
+    """The definitions in tasks/ when they define every name; else lm-eval's built-in tasks
+    beside them (indexing those takes seconds), where ours keep the names they share."""
+    from lm_eval.tasks import TaskManager
+
+    if set(names) <= own_task_names():
+        return local_tasks(metadata)
+    quiet_own_task_notices()
+    return TaskManager(include_path=str(TASKS_DIR), metadata=dict(metadata or {}) or None)
+
+
+@cache
+def own_task_names() -> frozenset[str]:
+    """The task names and tags the YAML files in tasks/ define (read as text: no lm-eval import)."""
+    pattern = re.compile(r"^(?:task|tag):\s*\[?([^\]\n#]+)", re.MULTILINE)
+    found = (m for path in TASKS_DIR.glob("*.yaml") for m in pattern.findall(path.read_text()))
+    return frozenset(name.strip() for names in found for name in names.split(","))
+
+
+class _OwnTaskNotices(logging.Filter):
+    """Drops lm-eval's notices about what flexeval's task files do by design: replace built-in
+    tasks of the same name, and read their data through a `custom_dataset` function (for which
+    lm-eval suggests `--metadata` once per task)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "overrides existing task" in message:
+            return str(TASKS_DIR) not in message
+        if ": Custom kwargs can be passed to `--metadata`" in message:
+            return message.split(":", 1)[0] not in own_task_names()
+        return True
+
+
+@cache
+def quiet_own_task_notices() -> None:
+    for name in ("lm_eval.tasks._index", "lm_eval.api.task"):
+        logging.getLogger(name).addFilter(_OwnTaskNotices())

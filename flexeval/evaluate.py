@@ -24,9 +24,8 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable
 from omegaconf import OmegaConf
 
-from flexeval import report
+from flexeval import data, report
 from flexeval.atomic import atomic_file, write_text
-from flexeval.data import local_tasks
 from flexeval.errors import FlexevalError, first_line
 from flexeval.lm import FlexGenLM, Usage
 from flexeval.models import dummy
@@ -100,7 +99,7 @@ def task_manager(run: Run) -> TaskManager:
     metadata = dict(run.config.task.metadata)
     if run.data_dir is None:
         return TaskManager(metadata=metadata or None)
-    return local_tasks(metadata | {"data_dir": str(run.data_dir)})
+    return data.task_manager(run.tasks, metadata | {"data_dir": str(run.data_dir)})
 
 
 def build_tasks(manager: TaskManager, names: tuple[str, ...]) -> dict[str, Any]:

@@ -17,10 +17,11 @@ import sys
 from lm_eval.__main__ import cli_evaluate
 
 import flexeval.lm  # noqa: F401 - registers the flexgen backend
-from flexeval.data import TASKS_DIR, data_dir
+from flexeval.data import TASKS_DIR, data_dir, quiet_own_task_notices
 
 
 def main() -> None:
+    quiet_own_task_notices()
     if "--include_path" not in sys.argv and data_dir().is_dir():
         sys.argv += ["--include_path", str(TASKS_DIR)]
         print(f"flexeval: tasks from {TASKS_DIR}, data from {data_dir()} (--include_path: others)", file=sys.stderr)

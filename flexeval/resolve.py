@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, local_tasks
+from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, task_manager
 from flexeval.engine.calibration import Calibration
 from flexeval.engine.cost_model import Workload
 from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
@@ -133,19 +133,11 @@ def _data_dir(given: str | None) -> Path | None:
 def _check_tasks(tasks: tuple[str, ...], root: Path | None) -> None:
     from lm_eval.tasks import TaskManager  # indexing the built-in tasks takes seconds: only here
 
-    manager = local_tasks() if root else TaskManager()
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
-    if unknown and root:
-        raise FlexevalError(
-            f"unknown task {', '.join(unknown)} in the task definitions in {TASKS_DIR}: "
-            f"choose from {', '.join(sorted(known))}"
-        )
+    manager = task_manager(tasks) if root else TaskManager()
+    unknown = [t for t in tasks if t not in set(manager.all_tasks)]
     if unknown:
-        raise FlexevalError(
-            f"unknown task {', '.join(unknown)} in lm-eval's built-in tasks (no local data): "
-            "python -m flexeval.lm_eval ls tasks lists them"
-        )
+        where = f"the task definitions in {TASKS_DIR} or lm-eval's tasks" if root else "lm-eval's tasks (no local data)"
+        raise FlexevalError(f"unknown task {', '.join(unknown)}: not in {where}; flexeval-lm-eval ls tasks lists them")
 
 
 def _check_budgets(config: Any) -> None:

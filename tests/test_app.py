@@ -183,7 +183,7 @@ def test_a_users_config_dir_or_searchpath_adds_options(tmp_path: Path) -> None:
         (["model.dtype=float64"], "unknown dtype 'float64'"),
         (["policy.w_gpu_percent=80", "policy.w_cpu_percent=50"], "policy: w_gpu_percent + w_cpu_percent = 130"),
         (["policy.gpu_batch_size=0"], "policy: gpu_batch_size must be a positive integer"),
-        (["task.tasks=[piqa,no_such_task]"], "unknown task no_such_task in the task definitions"),
+        (["task.tasks=[piqa,no_such_task]"], "unknown task no_such_task: not in the task definitions in"),
         (["hardware.gpu_mem_gb=-1"], "hardware.gpu_mem_gb must be positive"),
         (["hardware.offload_dir=/no/such/dir"], "hardware.offload_dir /no/such/dir does not exist"),
         (
@@ -255,9 +255,13 @@ def test_scoring_through_the_cache_reaches_the_backend(monkeypatch, tmp_path: Pa
         assert given["score_through_cache"] is expected
 
 
+def test_lm_evals_own_tasks_are_accepted_beside_the_local_ones() -> None:
+    assert resolve(compose_run("task.tasks=[piqa,arc_challenge]")).tasks == ("piqa", "arc_challenge")
+
+
 def test_without_local_data_the_builtin_tasks_are_used(monkeypatch, caplog) -> None:
     monkeypatch.setenv("FLEXEVAL_DATA_DIR", "/no/such/dir")
-    with pytest.raises(FlexevalError, match=r"^unknown task helm_xsum in lm-eval's built-in tasks \(no local data\)"):
+    with pytest.raises(FlexevalError, match=r"^unknown task helm_xsum: not in lm-eval's tasks \(no local data\)"):
         resolve(compose_run("task.tasks=[hellaswag,helm_xsum]"))
     assert "no local benchmark data at /no/such/dir" in caplog.text
 

@@ -14,7 +14,7 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from flexeval.data import TASKS_DIR, data_dir, local_tasks
+from flexeval.data import TASKS_DIR, data_dir, local_tasks, task_manager
 from flexeval.models import registry
 
 MMLU_SUBJECT = "astronomy"
@@ -110,7 +110,17 @@ def test_requests_equal_the_builtin_tasks(name: str, local: TaskManager, builtin
 
 def test_every_task_definition_is_compared() -> None:
     defined = {p.stem for p in TASKS_DIR.glob("*.yaml")}
-    assert defined == {"mmlu"} | set(BUILTINS) - {"mmlu_local"} | set(HELM)
+    assert defined == set(BUILTINS) | set(HELM)
+
+
+def test_lm_evals_own_tasks_are_chosen_beside_ours_without_notices_about_ours(caplog) -> None:
+    assert task_manager(["piqa", "helm_lite", "commonsense"]).all_tasks == local_tasks().all_tasks  # ours alone
+    with caplog.at_level("INFO"):
+        manager = task_manager(["piqa", "arc_challenge"], {"data_dir": str(data_dir())})
+        assert "arc_challenge" in manager.all_tasks
+        tasks = manager.load(["piqa"])["tasks"]
+    assert Path(tasks["piqa"].config.custom_dataset.__code__.co_filename).parent == TASKS_DIR  # ours took the name
+    assert "overrides existing task" not in caplog.text and "Custom kwargs" not in caplog.text
 
 
 def test_helm_scenarios_render_helm_prompts(local: TaskManager) -> None:
