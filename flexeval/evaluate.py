@@ -71,7 +71,7 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
         wall = time.perf_counter() - start
         for key in PER_TASK:
             combined[key].update(out.get(key, {}))
-        combined["throughput"][name] = throughput(lm.usage, wall)
+        combined["throughput"][name] = lm.usage.report(wall)
         write_samples(out_dir / f"samples_{name}.jsonl", out["samples"][name])
     combined |= {
         "config": OmegaConf.to_container(config, resolve=True),
@@ -86,13 +86,6 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
     write_text(out_dir / RESULTS, json.dumps(combined, indent=2, default=handle_non_serializable) + "\n")
     report.write_tables(report.rows(combined, out_dir.name), out_dir)
     return combined
-
-
-def throughput(usage: Usage, wall: float) -> dict[str, Any]:
-    """The backend's counts, and rates over the task's wall time (lm-eval's own work included)."""
-    tokens = usage.prompt_tokens + usage.generated_tokens
-    rates = {"requests_per_second": usage.requests / wall, "tokens_per_second": tokens / wall}
-    return asdict(usage) | {"wall_seconds": wall} | rates
 
 
 def task_manager(run: Run) -> TaskManager:

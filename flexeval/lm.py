@@ -18,7 +18,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 import lm_eval.models  # noqa: F401 - lm-eval's own backends first: a non-empty registry is never filled again
@@ -40,12 +40,14 @@ from flexeval.engine.engine import Engine, RunStats
 from flexeval.engine.policy import Policy, compression_fields
 from flexeval.engine.search import Budget, Choice, plan
 from flexeval.errors import FlexevalError
+from flexeval.models import registry
 from flexeval.models.registry import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_GEN_TOKS = 256
 LoglikelihoodRequest = tuple[tuple[str, str], list[int], list[int]]
 T = TypeVar("T")
+DEFAULT_POLICY = "all-resident"
 WORKLOAD = ("sequences", "prompt_len", "gen_len")  # what policy=auto plans for (model_args)
 
 
@@ -81,14 +83,25 @@ class Usage:
         for tier, nbytes in held.items():
             self.peak_bytes[tier] = max(self.peak_bytes.get(tier, 0), nbytes)
 
+    def report(self, wall: float) -> dict[str, Any]:
+        """The counts, and rates over `wall` seconds (a task's, lm-eval's own work included)."""
+        tokens = self.prompt_tokens + self.generated_tokens
+        rates = {"requests_per_second": self.requests / wall, "tokens_per_second": tokens / wall} if wall else {}
+        return asdict(self) | {"wall_seconds": wall} | rates
+
 
 @register_model("flexgen")
 class FlexGenLM(TemplateLM):
     """flexeval's engine behind lm-eval's model interface.
 
     `policy` names a preset (all-resident, cpu-offload, disk-offload), or is a `Policy`, and any
-    `Policy` field may be given by its own name. lm-eval's `batch_size` sets `gpu_batch_size`
-    unless that is given (the command line's default of 1 and "auto" leave the policy's own).
+    `Policy` field may be given by its own name. lm-eval's `--batch_size N` sets `gpu_batch_size`
+    unless that is given (the command line's default of 1 leaves the policy's own); `auto` (or
+    lm-eval's `auto:N`) is `policy=auto`, whose search sizes blocks within the memory budgets;
+    `--max_batch_size` caps `gpu_batch_size` whichever policy set it. What `hf` accepts is taken
+    where it means something here: `dtype=auto` is the checkpoint's own, `revision` chooses a hub
+    checkpoint's branch, tag or commit, `trust_remote_code=False` is what flexeval always does
+    (True is refused: no code from a model repository is ever run).
     `usage` counts requests, tokens, time and memory for throughput reports.
     `score_through_cache` scores log-likelihoods through decoding steps against the KV cache
     (`Engine.decode_score`), one token at a time as generation reads them, instead of one exact
@@ -101,7 +114,7 @@ class FlexGenLM(TemplateLM):
         self,
         pretrained: str = DEFAULT_MODEL,
         dtype: str = "auto",
-        policy: str | Policy = "all-resident",
+        policy: str | Policy = DEFAULT_POLICY,
         offload_dir: str | None = None,
         compression: str | None = "none",
         device: str | None = None,
@@ -112,6 +125,8 @@ class FlexGenLM(TemplateLM):
         seed: int = 0,
         score_through_cache: bool = False,
         calibration: str | Calibration | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool | str = False,
         gpu_mem_gb: float | None = None,
         cpu_mem_gb: float | None = None,
         disk_gb: float | None = None,
@@ -122,15 +137,14 @@ class FlexGenLM(TemplateLM):
     ) -> None:
         super().__init__()
         policy_fields = compression_fields(compression or "none") | policy_fields  # lm-eval reads "none" as None
-        if isinstance(batch_size, str) and batch_size.isdigit():
-            batch_size = int(batch_size)
-        if isinstance(batch_size, int) and batch_size > 1:
-            policy_fields.setdefault("gpu_batch_size", batch_size)
+        pretrained = _hub_revision(str(pretrained), revision, trust_remote_code)
+        policy = _batch_size(batch_size, policy, policy_fields)
         unknown = sorted(set(policy_fields) - {f.name for f in fields(Policy)})
         if unknown:
             raise FlexevalError(
                 f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
-                f"max_length, add_bos_token, seed, score_through_cache, calibration, gpu_mem_gb, cpu_mem_gb, disk_gb, "
+                f"max_length, add_bos_token, seed, score_through_cache, calibration, revision, gpu_mem_gb, cpu_mem_gb, "
+                "disk_gb, "
                 f"sequences, prompt_len, gen_len, "
                 f"and the Policy fields {', '.join(f.name for f in fields(Policy))}"
             )
@@ -163,6 +177,7 @@ class FlexGenLM(TemplateLM):
                     "flexgen: gpu_mem_gb, cpu_mem_gb and disk_gb are budgets for policy=auto's search; a fixed "
                     "policy places tensors by its *_percent fields"
                 )
+        self.policy = _capped(self.policy, max_batch_size)
         self.engine = Engine.load(
             pretrained,
             dtype=dtype,
@@ -184,6 +199,23 @@ class FlexGenLM(TemplateLM):
             )
 
     # --- what lm-eval asks of every backend -------------------------------------------------
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Recorded in lm-eval's results beside its own arguments (whose `device` and `batch_size`
+        echo the command line): the device, dtype and blocks that ran, and the throughput over
+        the time spent in this backend."""
+        policy = self.policy
+        blocks = {"gpu_batch_size": policy.gpu_batch_size, "num_gpu_batches": policy.num_gpu_batches}
+        return {
+            "model_dtype": str(self.engine.dtype),
+            "model_device": str(self.engine.device),
+            "flexgen": blocks | {"block_size": policy.block_size, "throughput": self.usage.report(self.usage.seconds)},
+        }
+
+    @property
+    def batch_sizes(self) -> dict[str, int]:
+        """lm-eval records these as the batch sizes that ran: ours are blocks of micro-batches."""
+        return {"gpu_batch_size": self.policy.gpu_batch_size}
 
     @property
     def eot_token_id(self) -> int:
@@ -398,6 +430,46 @@ class FlexGenLM(TemplateLM):
     def barrier(self) -> None:
         if self._world_size > 1:
             torch.distributed.barrier()
+
+
+def _hub_revision(pretrained: str, revision: str | None, trust_remote_code: bool | str) -> str:
+    """`hf`'s model_args that mean something here: a hub checkpoint at a revision."""
+    if str(trust_remote_code).lower() not in ("false", "0", "no"):
+        raise FlexevalError(
+            "flexgen: trust_remote_code=True is refused: flexeval runs no code from a model repository (its model "
+            "families are its own code); drop it"
+        )
+    if revision is None:
+        return pretrained
+    if registry.check(pretrained) != "hub":
+        raise FlexevalError(f"flexgen: revision={revision} chooses a version of a hub checkpoint; {pretrained} is none")
+    return str(registry.download(pretrained, revision))
+
+
+def _batch_size(batch_size: int | str | None, policy: str | Policy, policy_fields: dict[str, Any]) -> str | Policy:
+    """lm-eval's batch size: a number sets gpu_batch_size, `auto` (or `auto:N`) is policy=auto."""
+    text = str(batch_size) if batch_size is not None else ""
+    if text.isdigit():
+        if int(text) > 1:
+            policy_fields.setdefault("gpu_batch_size", int(text))
+        return policy
+    if not text.startswith("auto"):
+        if text:
+            raise FlexevalError(f"flexgen: batch_size must be a number or auto, got {batch_size!r}")
+        return policy
+    if policy not in ("auto", DEFAULT_POLICY):
+        raise FlexevalError(
+            f"flexgen: batch_size=auto is policy=auto (its search chooses blocks and placement together); with "
+            f"policy={policy} give batch_size as a number"
+        )
+    return "auto"
+
+
+def _capped(policy: Policy, max_batch_size: int | str | None) -> Policy:
+    if max_batch_size is None or policy.gpu_batch_size <= int(max_batch_size):
+        return policy
+    log.info("max_batch_size=%s caps gpu_batch_size %d", max_batch_size, policy.gpu_batch_size)
+    return replace(policy, gpu_batch_size=int(max_batch_size))
 
 
 def _device(device: str | None, world_size: int) -> str | None:

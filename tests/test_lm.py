@@ -168,16 +168,38 @@ def test_long_contexts_are_cut_and_empty_continuations_are_certain(caplog) -> No
 def test_simple_evaluate_runs_local_tasks() -> None:
     import lm_eval
 
-    results = lm_eval.simple_evaluate(
+    out = lm_eval.simple_evaluate(
         model="flexgen",
         model_args="pretrained=tiny-llama,policy=disk-offload",
         tasks=["piqa", "helm_synthetic_reasoning_pattern_match", "wikitext"],
         limit=4,
         task_manager=local_tasks(),
-    )["results"]
+    )
+    ran = out["config"]
+    assert ran["model_device"] == "cpu" and ran["batch_sizes"] == [32] and ran["flexgen"]["block_size"] == 8 * 32
+    assert ran["flexgen"]["throughput"]["requests"] > 0 and ran["flexgen"]["throughput"]["tokens_per_second"] > 0
+    results = out["results"]
     assert 0 <= results["piqa"]["acc,none"] <= 1
     assert results["helm_synthetic_reasoning_pattern_match"]["exact_match,strip"] == 0  # a random model
     assert results["wikitext"]["word_perplexity,none"] > 1
+
+
+def test_what_hf_model_args_mean_is_taken_and_the_rest_refused_with_a_reason() -> None:
+    def create(args: str, batch_size: str | int = 1, max_batch_size: int | None = None) -> FlexGenLM:
+        extra = {"batch_size": batch_size, "max_batch_size": max_batch_size, "device": None}
+        return get_model("flexgen").create_from_arg_string(f"pretrained=tiny-llama,{args}", extra)
+
+    lm = create("dtype=auto,trust_remote_code=False", batch_size="auto:4", max_batch_size=2)
+    assert lm.choice is not None and lm.policy.gpu_batch_size <= 2 and lm.engine.dtype == torch.float32
+    assert create("policy=cpu-offload", batch_size=4).policy.gpu_batch_size == 4
+    for args, batch_size, refusal in (
+        ("trust_remote_code=True", 1, "trust_remote_code=True is refused: flexeval runs no code"),
+        ("revision=main", 1, "revision=main chooses a version of a hub checkpoint; tiny-llama is none"),
+        ("policy=disk-offload", "auto", "batch_size=auto is policy=auto"),
+        ("dtype=auto", "large", "batch_size must be a number or auto"),
+    ):
+        with pytest.raises(FlexevalError, match=refusal):
+            create(args, batch_size)
 
 
 def lm_eval_command(*args: str) -> list[str]:

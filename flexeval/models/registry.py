@@ -86,7 +86,7 @@ def resolve(spec: str, cache_dir: str | Path | None = None) -> Path:
         key = hashlib.sha256(shape.read_bytes()).hexdigest()[:16]
         tokenizer = load_tokenizer(resolve(DEFAULT_MODEL, cache_dir))
         return _cached(root / "dummy" / f"{shape.stem}-{key}", lambda d: dummy.prepare(spec, tokenizer, d))
-    return Path(spec).expanduser() if kind == "directory" else _download(spec)
+    return Path(spec).expanduser() if kind == "directory" else download(spec)
 
 
 def _prepared(gguf_file: Path, root: Path, known: packaged.PackagedModel | None = None) -> Path:
@@ -172,13 +172,14 @@ def _cached(directory: Path, write: Callable[[Path], None]) -> Path:
     return directory
 
 
-def _download(repo_id: str) -> Path:
-    """A hub checkpoint: its cached snapshot when one holds weights (no network, no retries);
-    else, unless HF_HUB_OFFLINE is set, fetched."""
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """A hub checkpoint (at `revision`: a branch, tag or commit; default the main branch): its
+    cached snapshot when one holds weights (no network, no retries); else, unless HF_HUB_OFFLINE
+    is set, fetched."""
     from huggingface_hub import constants, list_repo_files, snapshot_download
 
     try:
-        cached = Path(snapshot_download(repo_id, local_files_only=True))
+        cached = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
         if any(cached.glob("*.safetensors")) or any(cached.glob("*.bin")):
             return cached
     except Exception:  # nothing cached: the hub raises several types
@@ -189,10 +190,10 @@ def _download(repo_id: str) -> Path:
             "for it: unset HF_HUB_OFFLINE to fetch it, or pass a checkpoint directory"
         )
     try:
-        files = list_repo_files(repo_id)
+        files = list_repo_files(repo_id, revision=revision)
         weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
         patterns = ["*.json", "*.txt", "*.model", "tokenizer*", weights]
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as err:  # offline, unknown or gated repository: the hub raises many types
         raise FlexevalError(
             f"{repo_id!r} is not a local directory and could not be fetched from the hub "
