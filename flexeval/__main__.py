@@ -26,7 +26,7 @@ config.register()
 def app(cfg: config.RunConfig) -> None:
     # torch, lm-eval and the engine load only once Hydra has composed a configuration
     from flexeval.evaluate import evaluate
-    from flexeval.report import markdown, rows
+    from flexeval.report import compact, rows
     from flexeval.resolve import resolve
     from flexeval.sweep import record_failure
 
@@ -46,7 +46,7 @@ def app(cfg: config.RunConfig) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"\n{markdown(rows(results, out.name))}\nresults: {out}")
+    print(f"\n{compact(rows(results, out.name))}\nresults: {out}")
 
 
 def main() -> None:

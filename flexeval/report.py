@@ -3,10 +3,14 @@
     python -m flexeval.report DIR...            # every run under the directories, one table and plot
     python -m flexeval.report DIR... --out OUT  # written into OUT (default: the first DIR)
 
-A row is one task of one run: its main metric (with stderr) and the others, then HELM-style
-efficiency: requests, tokens processed, wall time, requests/s, tokens/s, peak memory per tier.
-The plot puts accuracy against tokens/s, one labelled point per configuration, and marks the
-Pareto front (no other configuration is both faster and more accurate).
+A row is one task of one run: its headline metric (with stderr) and the others, then HELM-style
+efficiency: requests, tokens processed, wall time, requests/s, tokens/s, peak memory (RAM, the
+GPU's when there is one, disk). What is printed is compact (task, metric, tokens/s, wall time,
+peak memory); `table.md` holds every column and `table.csv` the same in long form, one line per
+metric, every number in a column of its own. The plot puts each task's headline metric against
+tokens/s, one labelled point per configuration with ±1 stderr bars, says what the points share,
+and calls a point dominated only when another is at least as fast and better beyond both
+points' error bars.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import io
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +35,37 @@ PRIMARY = ("acc_norm", "acc", "exact_match", "rouge2", "word_perplexity", "perpl
 MB = 2**20
 # Overrides that choose what is measured or name a group: the rest tell configurations apart.
 NOT_SETTINGS = ("task", "limit", "data_dir", "hydra", "model=", "policy=", "compression=", "hardware=")
+CONFIGURATION = ("model", "policy", "compression", "settings")
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    value: float
+    stderr: float | None
+    higher_is_better: bool
+
+    def estimate(self) -> str:
+        return f"{self.value:.4f}" if self.stderr is None else f"{self.value:.4f} ± {self.stderr:.4f}"
+
+    def beats(self, other: Metric) -> bool:
+        """Better than `other` beyond both error bars (a missing stderr counts as none)."""
+        gap = (self.value - other.value) * (1 if self.higher_is_better else -1)
+        return gap > (self.stderr or 0) + (other.stderr or 0)
 
 
 @dataclass(frozen=True)
 class Row:
     task: str
-    metric: str
-    value: float
-    stderr: float | None
-    higher_is_better: bool
-    other_metrics: str
+    metrics: tuple[Metric, ...]  # the headline first
     requests: int
     prompt_tokens: int
     generated_tokens: int
     wall_seconds: float
     requests_per_second: float
     tokens_per_second: float
-    peak_compute_mb: float
-    peak_cpu_mb: float
+    peak_ram_mb: float  # the engine's CPU RAM; on a machine without a GPU its compute tier too
+    peak_gpu_mb: float | None  # None: the run had no GPU
     peak_disk_mb: float
     model: str
     policy: str
@@ -57,39 +74,39 @@ class Row:
     run: str
 
     @property
+    def headline(self) -> Metric:
+        return self.metrics[0]
+
+    @property
     def configuration(self) -> dict[str, str]:
-        return {"model": self.model, "policy": self.policy, "compression": self.compression, "settings": self.settings}
+        return {key: getattr(self, key) for key in CONFIGURATION}
 
 
 def rows(results: dict[str, Any], run: str) -> list[Row]:
     """One row per task of one run's results.json."""
     config = results["config"]
     pretrained = str(config["model"]["pretrained"])
+    on_gpu = str(results.get("hardware", {}).get("device", "cpu")).startswith("cuda")
     out = []
     for task, usage in results["throughput"].items():
         metrics = _metrics(results["results"][task], results["higher_is_better"].get(task, {}))
         if not metrics:
             continue
-        name = next((m for m in PRIMARY if m in metrics), next(iter(metrics)))
-        value, stderr, higher = metrics.pop(name)
-        peak = usage["peak_bytes"]
+        headline = min(metrics, key=lambda m: PRIMARY.index(m.name) if m.name in PRIMARY else len(PRIMARY))
+        peak = {tier: usage["peak_bytes"].get(tier, 0) / MB for tier in ("compute", "cpu", "disk")}
         out.append(
             Row(
                 task=task,
-                metric=name,
-                value=value,
-                stderr=stderr,
-                higher_is_better=higher,
-                other_metrics="; ".join(f"{m} {_estimate(v, s)}" for m, (v, s, _) in metrics.items()),
+                metrics=(headline, *(m for m in metrics if m is not headline)),
                 requests=usage["requests"],
                 prompt_tokens=usage["prompt_tokens"],
                 generated_tokens=usage["generated_tokens"],
                 wall_seconds=usage["wall_seconds"],
                 requests_per_second=usage["requests_per_second"],
                 tokens_per_second=usage["tokens_per_second"],
-                peak_compute_mb=peak.get("compute", 0) / MB,
-                peak_cpu_mb=peak.get("cpu", 0) / MB,
-                peak_disk_mb=peak.get("disk", 0) / MB,
+                peak_ram_mb=peak["cpu"] + (0 if on_gpu else peak["compute"]),
+                peak_gpu_mb=peak["compute"] if on_gpu else None,
+                peak_disk_mb=peak["disk"],
                 model=config["model"]["name"] + (" (dummy weights)" if pretrained.startswith(dummy.PREFIX) else ""),
                 policy=config["policy"]["name"],
                 compression=config["compression"]["name"],
@@ -100,24 +117,17 @@ def rows(results: dict[str, Any], run: str) -> list[Row]:
     return out
 
 
-def _metrics(result: dict[str, Any], higher: dict[str, bool]) -> dict[str, tuple[float, float | None, bool]]:
-    """metric -> (value, stderr, higher is better), from lm-eval's "metric,filter" keys."""
-    metrics = {}
+def _metrics(result: dict[str, Any], higher: dict[str, bool]) -> list[Metric]:
+    """From lm-eval's "metric,filter" keys, in lm-eval's order."""
+    metrics = []
     for key, value in result.items():
         metric, _, filt = key.partition(",")
         if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
             continue
         stderr = result.get(f"{metric}_stderr,{filt}")
-        metrics[metric] = (
-            float(value),
-            float(stderr) if isinstance(stderr, (int, float)) else None,
-            higher.get(metric, True),
-        )
+        error = float(stderr) if isinstance(stderr, (int, float)) else None
+        metrics.append(Metric(metric, float(value), error, higher.get(metric, True)))
     return metrics
-
-
-def _estimate(value: float, stderr: float | None) -> str:
-    return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"
 
 
 def load(directories: list[Path]) -> list[Row]:
@@ -138,45 +148,71 @@ def load(directories: list[Path]) -> list[Row]:
     return out
 
 
-COLUMNS = (
-    ("task", "task"),
-    ("metric", "metric"),
-    ("value", "value ± stderr"),
-    ("other_metrics", "other metrics"),
-    ("requests", "requests"),
-    ("prompt_tokens", "prompt tok"),
-    ("generated_tokens", "generated tok"),
-    ("wall_seconds", "wall s"),
-    ("requests_per_second", "req/s"),
-    ("tokens_per_second", "tok/s"),
-    ("peak_compute_mb", "peak compute MB"),
-    ("peak_cpu_mb", "peak CPU MB"),
-    ("peak_disk_mb", "peak disk MB"),
-    ("model", "model"),
-    ("policy", "policy"),
-    ("compression", "compression"),
-)
-
-
-def markdown(table: list[Row]) -> str:
-    def cell(row: Row, name: str) -> str:
-        value = getattr(row, name)
-        if name == "value":
-            return _estimate(row.value, row.stderr)
-        if isinstance(value, float):
-            return f"{value:.1f}" if name != "requests_per_second" else f"{value:.2f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row, name) for name, _ in COLUMNS) + " |" for row in table]
+def _table(table: list[Row], columns: dict[str, Any]) -> str:
+    """A markdown table: one column per (title, cell function)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell(row)) for cell in columns.values()) + " |" for row in table]
     return "\n".join(lines) + "\n"
 
 
+def _memory(table: list[Row]) -> dict[str, Any]:
+    columns = {"peak RAM MB": lambda r: f"{r.peak_ram_mb:.1f}"}
+    if any(r.peak_gpu_mb is not None for r in table):
+        columns["peak GPU MB"] = lambda r: "" if r.peak_gpu_mb is None else f"{r.peak_gpu_mb:.1f}"
+    return columns
+
+
+def compact(table: list[Row]) -> str:
+    """What a terminal shows: task, headline metric, speed and memory (and, for several runs,
+    what tells them apart)."""
+    columns = {
+        "task": lambda r: r.task,
+        "metric": lambda r: r.headline.name,
+        "value ± stderr": lambda r: r.headline.estimate(),
+        "tok/s": lambda r: f"{r.tokens_per_second:.1f}",
+        "wall s": lambda r: f"{r.wall_seconds:.1f}",
+        **_memory(table),
+    }
+    if len({r.run for r in table}) > 1:
+        names = labels(table)
+        columns["configuration"] = lambda r: names[r.run]
+    return _table(table, columns)
+
+
+def markdown(table: list[Row]) -> str:
+    """Every column (table.md)."""
+    return _table(
+        table,
+        {
+            "task": lambda r: r.task,
+            "metric": lambda r: r.headline.name,
+            "value ± stderr": lambda r: r.headline.estimate(),
+            "other metrics": lambda r: "; ".join(f"{m.name} {m.estimate()}" for m in r.metrics[1:]),
+            "requests": lambda r: r.requests,
+            "prompt tok": lambda r: r.prompt_tokens,
+            "generated tok": lambda r: r.generated_tokens,
+            "wall s": lambda r: f"{r.wall_seconds:.1f}",
+            "req/s": lambda r: f"{r.requests_per_second:.2f}",
+            "tok/s": lambda r: f"{r.tokens_per_second:.1f}",
+            **_memory(table),
+            "peak disk MB": lambda r: f"{r.peak_disk_mb:.1f}",
+            **{key: (lambda r, key=key: r.configuration[key]) for key in CONFIGURATION},
+        },
+    )
+
+
 def csv_text(table: list[Row]) -> str:
+    """Long form: one line per metric of each row, every number in its own column."""
+    per_row = [f.name for f in fields(Row) if f.name != "metrics"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(Row)])
+    writer = csv.DictWriter(buffer, fieldnames=["task", "metric", "value", "stderr", "higher_is_better", "headline"])
+    writer.fieldnames += [name for name in per_row if name not in writer.fieldnames]
     writer.writeheader()
-    writer.writerows(asdict(row) for row in table)
+    for row in table:
+        shared = {name: getattr(row, name) for name in per_row}
+        for metric in row.metrics:
+            figures = {"value": metric.value, "stderr": metric.stderr, "higher_is_better": metric.higher_is_better}
+            writer.writerow(shared | figures | {"metric": metric.name, "headline": metric is row.headline})
     return buffer.getvalue()
 
 
@@ -186,26 +222,40 @@ def write_tables(table: list[Row], directory: Path) -> None:
 
 
 def pareto(points: list[Row]) -> list[Row]:
-    """The rows no other row beats on both throughput and the metric, fastest first."""
-    front, best = [], None
-    for row in sorted(points, key=lambda r: (-r.tokens_per_second, -r.value if r.higher_is_better else r.value)):
-        if best is None or (row.value > best if row.higher_is_better else row.value < best):
-            front.append(row)
-            best = row.value
-    return front
+    """The rows that no other row dominates, fastest first: a row is dominated when another is at
+    least as fast and its headline metric is better beyond both rows' error bars."""
+    return sorted(
+        (
+            row
+            for row in points
+            if not any(
+                other.tokens_per_second >= row.tokens_per_second and other.headline.beats(row.headline)
+                for other in points
+            )
+        ),
+        key=lambda r: -r.tokens_per_second,
+    )
 
 
 def labels(table: list[Row]) -> dict[str, str]:
     """Run -> what tells its configuration apart from the others (all of it if nothing does)."""
-    varying = [
-        k for k in ("model", "policy", "compression", "settings") if len({r.configuration[k] for r in table}) > 1
-    ]
-    keys = varying or ["model", "policy", "compression"]
+    keys = _varying(table) or ["model", "policy", "compression"]
     return {r.run: " · ".join(r.configuration[k] for k in keys if r.configuration[k]) for r in table}
 
 
+def held_constant(table: list[Row]) -> str:
+    """What every row shares, for the plot to say."""
+    shared = [k for k in CONFIGURATION if k not in _varying(table) and table[0].configuration[k]]
+    return ", ".join(f"{k} {table[0].configuration[k]}" for k in shared)
+
+
+def _varying(table: list[Row]) -> list[str]:
+    return [k for k in CONFIGURATION if len({r.configuration[k] for r in table}) > 1]
+
+
 def plot(table: list[Row], path: Path) -> None:
-    """Accuracy against tokens/s, one panel per task, one labelled point per configuration."""
+    """Each task's headline metric against tokens/s, one panel per task, one labelled point per
+    configuration with ±1 stderr bars; throughput from zero."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,31 +271,29 @@ def plot(table: list[Row], path: Path) -> None:
             on_front = r in front
             ax.errorbar(
                 r.tokens_per_second,
-                r.value,
-                yerr=r.stderr,
+                r.headline.value,
+                yerr=r.headline.stderr,
                 fmt="o" if on_front else "s",
                 color="tab:red" if on_front else "tab:gray",
                 capsize=3,
-                label="Pareto front" if r is front[0] else ("dominated" if not on_front else None),
+                label="not dominated" if on_front else "dominated: another is as fast and better beyond the bars",
             )
             stagger = (6, 6 + 12 * (k % 3))  # neighbours' labels on different lines
-            ax.annotate(names[r.run], (r.tokens_per_second, r.value), textcoords="offset points", xytext=stagger)
-        ax.step(
-            [r.tokens_per_second for r in front],
-            [r.value for r in front],
-            where="post",
-            color="tab:red",
-            linestyle="--",
-        )
-        ax.margins(x=0.25, y=0.15)
+            ax.annotate(
+                names[r.run], (r.tokens_per_second, r.headline.value), textcoords="offset points", xytext=stagger
+            )
+        ax.set_xlim(0, max(r.tokens_per_second for r in points) * 1.3)
+        ax.margins(y=0.15)
         ax.set_xlabel("throughput (tokens/s: prompt + generated, wall clock)")
-        direction = "higher" if points[0].higher_is_better else "lower"
-        ax.set_ylabel(f"{points[0].metric} ({direction} is better)")
+        direction = "higher" if points[0].headline.higher_is_better else "lower"
+        ax.set_ylabel(f"{points[0].headline.name} ({direction} is better; bars: ±1 standard error)")
         ax.set_title(f"{task}: accuracy vs throughput")
         ax.grid(alpha=0.3)
         handles, names_ = ax.get_legend_handles_labels()
         unique = dict(zip(names_, handles))
         ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if constant := held_constant(table):
+        fig.suptitle(f"held constant: {constant}", fontsize="medium")
     fig.tight_layout()
     with atomic_file(path) as scratch:
         fig.savefig(scratch, dpi=120, format="png", bbox_inches="tight")
@@ -271,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except FlexevalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(markdown(table))
+    print(compact(table))
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'accuracy_vs_throughput.png'}")
     return 0
 

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 
 from flexeval.atomic import write_text
 from flexeval.errors import FlexevalError, first_line
-from flexeval.report import build, markdown
+from flexeval.report import build, compact
 
 log = logging.getLogger(__name__)
 FAILED = "failed.json"  # in a point's directory: the error that stopped it
@@ -45,7 +45,7 @@ class Sweep(Callback):
         failed = sorted(sweep.rglob(FAILED))
         try:
             table = build([sweep], sweep)
-            print(f"\n{markdown(table)}\ncombined table and plot: {sweep}/table.md, {sweep}/accuracy_vs_throughput.png")
+            print(f"\n{compact(table)}\ncombined table and plot: {sweep}/table.md, {sweep}/accuracy_vs_throughput.png")
         except FlexevalError as err:
             log.error("no sweep report: %s", err)
         if failed:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from flexeval import FlexevalError, Policy, config
 from flexeval.data import CONF_DIR, TASKS_DIR
 from flexeval.engine.policy import COMPRESSION_FIELDS, COMPRESSIONS, PRESETS, compression_fields
-from flexeval.report import Row, labels, pareto
+from flexeval.report import Metric, Row, compact, csv_text, held_constant, labels, markdown, pareto
 from flexeval.resolve import resolve
 
 RUN_FILES = ("results.json", "samples_piqa.jsonl", "table.md", "table.csv")
@@ -35,6 +37,11 @@ def table_rows(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(path.open()))
 
 
+def headline_rows(path: Path) -> list[dict[str, str]]:
+    """table.csv is in long form: one line per metric; these are each task's headline metric."""
+    return [row for row in table_rows(path) if row["headline"] == "True"]
+
+
 def test_a_run_writes_results_samples_and_tables(tmp_path: Path) -> None:
     result = flexeval(tmp_path, *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,8 +58,11 @@ def test_a_run_writes_results_samples_and_tables(tmp_path: Path) -> None:
     assert usage["peak_bytes"]["compute"] > 0
     samples = [json.loads(line) for line in (run / "samples_piqa.jsonl").read_text().splitlines()]
     assert [s["doc_id"] for s in samples] == list(range(8))
-    (row,) = table_rows(run / "table.csv")
+    (row,) = headline_rows(run / "table.csv")
     assert row["task"] == "piqa" and row["metric"] == "acc_norm" and float(row["tokens_per_second"]) > 0
+    lines = table_rows(run / "table.csv")
+    assert sorted(r["metric"] for r in lines) == ["acc", "acc_norm"] and all(float(r["stderr"]) > 0 for r in lines)
+    assert "peak RAM MB" in result.stdout and "GPU" not in result.stdout  # this machine has none
     assert not list(run.glob(".tmp-*"))  # atomic writes leave nothing behind
 
 
@@ -67,7 +77,7 @@ def sweep(tmp_path_factory) -> Path:
 
 def test_a_sweep_writes_one_combined_table_and_plot(sweep: Path) -> None:
     assert len(run_dirs(sweep)) == 3
-    rows = table_rows(sweep / "table.csv")
+    rows = headline_rows(sweep / "table.csv")
     assert sorted(r["policy"] for r in rows) == ["all-resident", "cpu-offload", "disk-offload"]
     assert len({r["value"] for r in rows}) == 1  # placement changes speed, never results
     assert (sweep / "table.md").read_text().count("| piqa |") == 3
@@ -92,7 +102,7 @@ def test_a_point_failing_while_it_runs_is_recorded_and_the_others_run(tmp_path: 
     (failed,) = directory.rglob("failed.json")
     assert json.loads(failed.read_text())["error"].startswith("max_length=100000 exceeds the model's context window")
     assert "failed: model=tiny-llama task=piqa limit=8 model.max_length=100000: max_length=100000" in result.stderr
-    assert len(run_dirs(directory)) == 1 and len(table_rows(directory / "table.csv")) == 1
+    assert len(run_dirs(directory)) == 1 and len(headline_rows(directory / "table.csv")) == 1
 
 
 def test_report_rebuilds_tables_and_plot_from_runs(sweep: Path, tmp_path: Path) -> None:
@@ -110,7 +120,7 @@ def test_submitit_local_runs_each_configuration_as_its_own_job(tmp_path: Path) -
     (directory,) = (tmp_path / "outputs").glob("*/*-sweep")
     jobs = [p for p in (directory / ".submitit").iterdir() if list(p.glob("*_result.pkl"))]
     assert len(jobs) == 2 and len(run_dirs(directory)) == 2
-    assert len(table_rows(directory / "table.csv")) == 2
+    assert len(headline_rows(directory / "table.csv")) == 2
 
 
 def compose_run(*overrides: str):
@@ -289,31 +299,38 @@ def test_every_task_definition_has_a_task_option() -> None:
     assert defined <= options
 
 
-def row(run: str, value: float, speed: float, higher: bool = True) -> Row:
-    figures = dict.fromkeys(
-        ("wall_seconds", "requests_per_second", "peak_compute_mb", "peak_cpu_mb", "peak_disk_mb"), 1.0
-    )
+def row(run: str, value: float, speed: float, higher: bool = True, model: str = "m") -> Row:
+    figures = dict.fromkeys(("wall_seconds", "requests_per_second", "peak_ram_mb", "peak_disk_mb"), 1.0)
     counts = dict(requests=1, prompt_tokens=1, generated_tokens=0)
-    names = dict(task="piqa", metric="acc", other_metrics="", model="m", compression="none", settings="")
-    return Row(
-        value=value,
-        stderr=0.01,
-        higher_is_better=higher,
-        tokens_per_second=speed,
-        policy=run,
-        run=run,
-        **figures,
-        **counts,
-        **names,
-    )
+    names = dict(task="piqa", model=model, compression="none", settings="")
+    metric = Metric("acc" if higher else "perplexity", value, 0.01, higher)
+    fixed = dict(peak_gpu_mb=None, policy=run, run=run)
+    return Row(metrics=(metric,), tokens_per_second=speed, **fixed, **figures, **counts, **names)
 
 
-def test_the_pareto_front_keeps_what_nothing_beats() -> None:
-    rows = [row("a", 0.5, 100), row("b", 0.6, 50), row("c", 0.4, 80), row("d", 0.6, 40)]
-    assert [r.run for r in pareto(rows)] == ["a", "b"]
+def test_a_point_is_dominated_only_beyond_the_error_bars() -> None:
+    rows = [row("a", 0.5, 100), row("b", 0.6, 50), row("c", 0.4, 80), row("d", 0.6, 40), row("e", 0.585, 60)]
+    assert [r.run for r in pareto(rows)] == ["a", "e", "b", "d"]  # c: a is faster and better beyond both bars
     perplexity = [row("a", 30, 100, higher=False), row("b", 20, 50, higher=False), row("c", 40, 60, higher=False)]
     assert [r.run for r in pareto(perplexity)] == ["a", "b"]
-    assert labels(rows) == {"a": "a", "b": "b", "c": "c", "d": "d"}  # only the policy differs
+    assert labels(rows) == {"a": "a", "b": "b", "c": "c", "d": "d", "e": "e"}  # only the policy differs
+    assert held_constant(rows) == "model m, compression none"
+    assert held_constant([row("a", 0.5, 1), row("b", 0.5, 2, model="n")]) == "compression none"
+
+
+def test_the_tables_are_compact_on_screen_complete_in_files_and_long_in_csv() -> None:
+    rows = [row("a", 0.5, 100), row("b", 0.6, 50)]
+    assert compact(rows).splitlines()[0] == (
+        "| task | metric | value ± stderr | tok/s | wall s | peak RAM MB | configuration |"
+    )
+    assert markdown(rows).splitlines()[0].count("|") == 17  # every column: 16
+    gpu = replace(rows[0], peak_gpu_mb=5.0)
+    assert "peak GPU MB" in compact([gpu]) and "peak GPU MB" not in compact(rows)
+    lines = list(csv.DictReader(io.StringIO(csv_text(rows))))
+    assert [(r["run"], r["metric"], r["value"], r["stderr"], r["headline"]) for r in lines] == [
+        ("a", "acc", "0.5", "0.01", "True"),
+        ("b", "acc", "0.6", "0.01", "True"),
+    ]
 
 
 def test_policy_auto_runs_the_searched_policy_records_it_and_explains_it(tmp_path: Path) -> None:
