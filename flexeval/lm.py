@@ -48,6 +48,7 @@ DEFAULT_MAX_GEN_TOKS = 256
 LoglikelihoodRequest = tuple[tuple[str, str], list[int], list[int]]
 T = TypeVar("T")
 DEFAULT_POLICY = "all-resident"
+BAR_FORMAT = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 WORKLOAD = ("sequences", "prompt_len", "gen_len")  # what policy=auto plans for (model_args)
 
 
@@ -352,7 +353,8 @@ class FlexGenLM(TemplateLM):
             results[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
             self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
 
-        self._in_blocks(prompts, [len(p) for p in prompts], generate, record, "generate_until", None, disable_tqdm)
+        sizes = [len(p) for p in prompts]
+        self._in_blocks(prompts, sizes, generate, record, "generate_until", None, disable_tqdm, passes=max_gen_toks)
 
     # --- batching, progress, caching ------------------------------------------------------------
 
@@ -365,26 +367,42 @@ class FlexGenLM(TemplateLM):
         what: str,
         counts: Sequence[int] | None,
         disable_tqdm: bool,
+        passes: int = 1,
     ) -> None:
         """Longest first, one engine block at a time (the engine would cut the same blocks), so
         that each block's results are recorded and shown as soon as they exist. `counts`: the
-        lm-eval requests each item completes (default one)."""
+        lm-eval requests each item completes (default one). The bar moves within a block too, as
+        the engine finishes each unit of its `passes` passes (generation: at most one a token)."""
         order = sorted(range(len(items)), key=lambda i: -sizes[i])
         size = self.policy.block_size
         total = sum(counts) if counts else len(items)
-        bar = tqdm(total=total, desc=f"flexgen {what}", unit="req", disable=disable_tqdm or self._rank != 0)
+        bar = tqdm(
+            total=total,
+            desc=f"flexgen {what}",
+            unit="req",
+            disable=disable_tqdm or self._rank != 0,
+            bar_format=BAR_FORMAT,  # whole requests, though a block's share of them moves in fractions
+        )
         start, tokens = time.perf_counter(), 0
         for b in range(0, len(order), size):
             chunk = order[b : b + size]
-            began = time.perf_counter()
-            outputs = run([items[i] for i in chunk])
             done = sum(counts[i] for i in chunk) if counts else len(chunk)
+            floor = bar.n
+            self.engine.on_unit = _BlockProgress(bar, done, passes, tokens, sum(sizes[i] for i in chunk), start)
+            began = time.perf_counter()
+            try:
+                outputs = run([items[i] for i in chunk])
+            finally:
+                self.engine.on_unit = None
             self.usage.add(self.engine.stats, done, time.perf_counter() - began)
             for i, result in zip(chunk, outputs):
                 record(i, result)
             tokens += self.engine.stats.prefill_tokens + self.engine.stats.decode_tokens
-            bar.update(done)
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
+            if b + size < len(order):
+                bar.update(floor + done - bar.n)
+            else:  # the last block: shown once, by close (a final update would print the line twice)
+                bar.n = total
         bar.close()
 
     def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
@@ -430,6 +448,27 @@ class FlexGenLM(TemplateLM):
     def barrier(self) -> None:
         if self._world_size > 1:
             torch.distributed.barrier()
+
+
+class _BlockProgress:
+    """Moves a bar over requests within one engine block: the block's `passes` passes of the
+    engine's units make up its `done` requests, shown one short of them until its results are
+    recorded (generation may stop before its last pass). Tokens/s counts the block's prompt
+    `tokens` in the same shares, after the `counted` of earlier blocks since `start`."""
+
+    def __init__(self, bar: tqdm, done: int, passes: int, counted: int, tokens: int, start: float) -> None:
+        self.bar, self.done, self.passes = bar, done, passes
+        self.floor, self.finished = bar.n, 0
+        self.counted, self.tokens, self.start = counted, tokens, start
+
+    def __call__(self, share: float) -> None:
+        if share >= 1:
+            self.finished, share = self.finished + 1, 0.0
+        fraction = min((self.finished + share) / self.passes, 1.0)
+        seen = self.counted + self.tokens * min(fraction * self.passes, 1.0)
+        self.bar.set_postfix(tok_s=f"{seen / (time.perf_counter() - self.start):.0f}", refresh=False)
+        shown = min(self.done * fraction, self.done - 0.51)  # shown rounded
+        self.bar.update(self.floor + max(shown, 0) - self.bar.n)
 
 
 def _hub_revision(pretrained: str, revision: str | None, trust_remote_code: bool | str) -> str:

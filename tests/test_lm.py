@@ -18,6 +18,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
+import flexeval.lm
 from flexeval import Engine, FlexevalError, FlexGenLM
 from flexeval.data import TASKS_DIR, data_dir, local_tasks
 from flexeval.engine.policy import CompressionConfig
@@ -102,6 +103,28 @@ def test_shared_contexts_score_as_if_alone() -> None:
         assert ours.logprob == pytest.approx(expected.logprob, abs=1e-5) and ours.greedy == expected.greedy
     whole = engine.logprobs([torch.cat((context, endings[2]))])[0][len(context) - 1 :]
     assert together[0][2].logprob == pytest.approx(float(whole.sum()), abs=1e-5)
+
+
+def test_the_progress_bar_moves_within_a_block_once_per_unit(monkeypatch) -> None:
+    shown: list[float] = []
+
+    class Recording(flexeval.lm.tqdm):
+        def update(self, n: float = 1) -> bool | None:
+            done = super().update(n)
+            shown.append(self.n)
+            return done
+
+    monkeypatch.setattr(flexeval.lm, "tqdm", Recording)
+    lm = FlexGenLM(pretrained="tiny-llama", gpu_batch_size=8)  # one block
+    requests = [Instance("loglikelihood", {}, (f"context {i}", " ending"), i) for i in range(6)]
+    lm.loglikelihood(requests)
+    units = len(lm.engine.plan)
+    assert units >= len([layer for layer in lm.engine.model.layers if layer.block is not None])
+    assert shown == pytest.approx([min(6 * (u + 1) / units, 6 - 0.51) for u in range(units)])  # one move a unit
+    generated: list[float] = []
+    lm.engine.on_unit = generated.append
+    lm.engine.generate([[1, 2, 3]], 3)
+    assert generated == [(u + 1) / units for u in range(units)] * 3  # the prefill and two decoding steps
 
 
 def test_scoring_through_the_cache_gives_what_one_pass_gives() -> None:

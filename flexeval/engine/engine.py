@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from flexeval.engine import int4mm
@@ -196,6 +197,9 @@ class Engine:
         self.io = Executors.make(policy.overlap)
         self.heap = Heap() if policy.bound_heap else None  # trimmed as it grows, under a RAM budget
         self.stats = RunStats()
+        # told after each unit (layer, or attention and MLP) of every pass, with the pass's share
+        # done: what a progress bar needs to move within a block
+        self.on_unit: Callable[[float], None] | None = None
         self._finalizer = weakref.finalize(self, _cleanup, self.io, workdir)
 
     @classmethod
@@ -262,7 +266,8 @@ class Engine:
                 name: _make_tiers(name, device, policy, workdir, durable=name == "weights") for name in TENSOR_CLASSES
             }
             store = WeightStore(model.layers, tiers["weights"], policy, dtype)
-            for j, bundle in enumerate(layers):
+            progress = tqdm(layers, total=len(model.layers), desc=_loading(spec, policy), unit="layer")
+            for j, bundle in enumerate(progress):
                 store.put(j, bundle, fitted.layer(j, bundle) if fitted else None)
             if fitted:
                 fitted.save()
@@ -501,8 +506,11 @@ class Engine:
         cache_mode: CacheMode = "none",
         new_cache: Callable[[int], KVCache] | None = None,
     ) -> list[Tensor]:
-        layers, plan = self.model.layers, self.plan
-        return run_pass(layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache, self.heap)
+        plan, told = self.plan, self.on_unit
+        done = None if told is None else lambda u: told((u + 1) / len(plan))
+        return run_pass(
+            self.model.layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache, self.heap, done
+        )
 
     def _step(
         self,
@@ -603,6 +611,16 @@ class Engine:
             return list(stop_token_ids)
         eos = self.tokenizer.eos_token_id
         return [] if eos is None else [eos]
+
+
+def _loading(spec: str | Path, policy: Policy) -> str:
+    """What the progress bar of `Engine.load` says it is doing."""
+    doing = f"loading {Path(str(spec)).name}"
+    if policy.compress_weight:
+        doing += f", quantizing to {policy.comp_weight_config.num_bits} bits"
+    if policy.split("w")[2] > 0:
+        doing += ", writing the disk share"
+    return doing
 
 
 def _cleanup(io: Executors, workdir: Path | None) -> None:

@@ -127,6 +127,7 @@ def profile(
         except (ValueError, TypeError, FlexevalError):
             found = None  # written by another version: measured anew below
     if found is None:
+        log.warning("measuring this machine's compute, memory and disk once (about twenty seconds; cached in %s)", path)
         found = (measure or measure_profile)(device, offload_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, found.to_json())

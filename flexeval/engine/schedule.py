@@ -144,11 +144,13 @@ def run_pass(
     cache_mode: CacheMode = "none",
     new_cache: Callable[[int], KVCache] | None = None,
     heap: Heap | None = None,
+    on_unit: Callable[[int], None] | None = None,
 ) -> list[Tensor]:
     """One pass over all layers for a block of micro-batches; returns each step's readout result.
 
     `new_cache(k)` allocates micro-batch k's cache for one transformer block (prefill only);
-    `heap`, under a RAM budget (`Policy.bound_heap`), is settled after every unit.
+    `heap`, under a RAM budget (`Policy.bound_heap`), is settled after every unit; `on_unit(u)`
+    is told when unit u is done (progress within a pass).
     """
     n, last = len(steps), len(plan) - 1
     token_ids = torch.unique(torch.cat([step.ids.flatten() for step in steps]).cpu())  # sorted
@@ -204,6 +206,8 @@ def run_pass(
         loaded.release()
         if heap is not None:
             heap.settle()
+        if on_unit is not None:
+            on_unit(u)
     timing.wait(state_io.submit(lambda: None))  # every store of this pass has landed
     return [step.readout.result() for step in steps]
 

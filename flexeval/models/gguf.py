@@ -13,6 +13,7 @@ once (`prepare`); nothing is dequantized ahead of use.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from flexeval.errors import FlexevalError, first_line
 
+log = logging.getLogger(__name__)
 GGUF_NAME = "model.gguf"  # in a prepared directory: a link to the source file
 HEADER_NAME = "gguf_header.json"  # beside it: its `Header`
 MAGIC = b"GGUF"
@@ -241,6 +243,7 @@ def prepare(gguf_file: Path, directory: Path) -> None:
     """Write the config and tokenizer that `gguf_file`'s header implies into `directory`, with a
     link to the file itself, so that the directory reads like any checkpoint directory."""
     header = Header.read(gguf_file)  # refuse a bad file before transformers reads it
+    log.warning("reading %s's config and tokenizer (once: cached in %s)", gguf_file.name, directory.parent)
     try:
         config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
