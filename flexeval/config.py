@@ -97,13 +97,10 @@ class HardwareConfig:
 
 
 # What policy=auto plans for: sequences of prompt_len tokens each generating gen_len (0: scoring,
-# as log-likelihood tasks); micro-batches then hold no more tokens than planned.
+# as log-likelihood tasks); micro-batches then hold no more tokens than planned. Unset (null):
+# counted from the tasks' own requests (`flexeval.workload`).
 WorkloadConfig = make_dataclass(
-    "WorkloadConfig",
-    [
-        (name, int, field(default=default))
-        for name, default in (("sequences", 1000), ("prompt_len", 512), ("gen_len", 0))
-    ],
+    "WorkloadConfig", [(name, int | None, field(default=None)) for name in ("sequences", "prompt_len", "gen_len")]
 )
 
 

@@ -24,13 +24,13 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable
 from omegaconf import OmegaConf
 
-from flexeval import data, report
+from flexeval import report
 from flexeval.atomic import atomic_file, write_text
 from flexeval.errors import FlexevalError, first_line
 from flexeval.lm import FlexGenLM, Usage
 from flexeval.models import dummy
 from flexeval.reproducible import cpu_model
-from flexeval.resolve import Run
+from flexeval.resolve import Run, task_manager
 
 RESULTS = "results.json"
 # What lm-eval reports per task, merged over the run's tasks into one results.json.
@@ -41,7 +41,7 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
     """Evaluate every task of `run`, write results.json, samples_<task>.jsonl, table.md and
     table.csv into `out_dir`, and return what results.json holds."""
     config = run.config
-    manager = task_manager(run)
+    manager = task_manager(config, run.data_dir)
     tasks = build_tasks(manager, run.tasks)  # the data are read and checked before the model loads
     lm = FlexGenLM(
         pretrained=config.model.pretrained,
@@ -86,13 +86,6 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
     write_text(out_dir / RESULTS, json.dumps(combined, indent=2, default=handle_non_serializable) + "\n")
     report.write_tables(report.rows(combined, out_dir.name), out_dir)
     return combined
-
-
-def task_manager(run: Run) -> TaskManager:
-    metadata = dict(run.config.task.metadata)
-    if run.data_dir is None:
-        return TaskManager(metadata=metadata or None)
-    return data.task_manager(run.tasks, metadata | {"data_dir": str(run.data_dir)})
 
 
 def build_tasks(manager: TaskManager, names: tuple[str, ...]) -> dict[str, Any]:

@@ -5,7 +5,8 @@
     python -m flexeval.explain outputs/2026-11-26/12-00-00-hellaswag-...      # a run: predicted and measured
 
 With Hydra overrides it composes the run configuration as `python -m flexeval` would and explains
-its policy on its `workload` section. With a run directory it explains the policy that ran on the
+its policy on the workload its tasks will run (counted from their requests; the `workload`
+section's values over the count). With a run directory it explains the policy that ran on the
 workload each task really was (sequences, tokens computed, tokens generated, from results.json)
 and prints the measurements beside: seconds, compute, time waiting for I/O, throughput, and
 the bytes each tier held at most. Predicted peaks add the compute tier's working memory, which
@@ -49,19 +50,17 @@ def explain_config(overrides: list[str]) -> str:
 
     from flexeval import config
     from flexeval.data import CONF_DIR
-    from flexeval.engine.cost_model import Workload
     from flexeval.engine.search import cost_model
-    from flexeval.resolve import resolve
+    from flexeval.resolve import planned_workload, resolve, task_manager
 
     config.check_choices(overrides)
     config.register()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config.CONFIG_NAME, overrides=overrides)
     run = resolve(cfg)
-    w = cfg.workload
     costs = cost_model(
         cfg.model.pretrained,
-        Workload(w.sequences, w.prompt_len, w.gen_len),
+        planned_workload(cfg, task_manager(cfg, run.data_dir)),
         cfg.model.dtype,
         run.device,
         cfg.hardware.offload_dir,

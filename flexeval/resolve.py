@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lm_eval.tasks import TaskManager
 
-from flexeval.data import DATA_ENV, TASKS_DIR, data_dir, task_manager
+from flexeval import data
+from flexeval.data import DATA_ENV, TASKS_DIR, data_dir
 from flexeval.engine.calibration import Calibration
 from flexeval.engine.cost_model import Workload
 from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
@@ -24,6 +26,7 @@ from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
 from flexeval.engine.search import Budget, Choice, plan
 from flexeval.errors import FlexevalError
 from flexeval.models import dummy, registry
+from flexeval.workload import task_workload
 
 log = logging.getLogger(__name__)
 GB = 2**30
@@ -63,19 +66,20 @@ def resolve(config: Any) -> Run:
     policy = Policy.from_dict(placement | {name: config.compression[name] for name in COMPRESSION_FIELDS})
     _check_budgets(config)
     if config.policy.auto:
-        workload = _workload(config)
+        _given_workload(config)  # checked before anything is counted
     else:
         _check_weights_fit(config, policy, dtype)
     root = _data_dir(config.data_dir)
     calibration = _calibration(config, policy, root)
     tasks = tuple(config.task.tasks)
-    _check_tasks(tasks, root)
+    manager = task_manager(config, root)
+    _check_tasks(tasks, root, manager)
     choice = None
     if config.policy.auto:  # last: the first search on a machine measures it (seconds)
         hardware = config.hardware
         choice = plan(
             config.model.pretrained,
-            workload,
+            planned_workload(config, manager),
             Budget.from_gb(hardware.gpu_mem_gb, hardware.cpu_mem_gb, hardware.disk_gb),
             base=policy,
             dtype=dtype,
@@ -95,12 +99,35 @@ def resolve(config: Any) -> Run:
     )
 
 
-def _workload(config: Any) -> Workload:
-    workload = config.workload
+def _given_workload(config: Any) -> dict[str, int]:
+    """The `workload` section's values that were set (the rest are counted from the tasks)."""
+    given = {name: value for name, value in config.workload.items() if value is not None}
     for name, least in (("sequences", 1), ("prompt_len", 1), ("gen_len", 0)):
-        if workload[name] < least:
-            raise FlexevalError(f"workload.{name} must be at least {least}, got {workload[name]}")
-    return Workload(workload.sequences, workload.prompt_len, workload.gen_len)
+        if name in given and given[name] < least:
+            raise FlexevalError(f"workload.{name} must be at least {least}, got {given[name]}")
+    return given
+
+
+def planned_workload(config: Any, manager: TaskManager) -> Workload:
+    """What policy=auto plans for: the tasks' own requests, counted, with the given values over them."""
+    given = _given_workload(config)
+    if len(given) == 3:
+        return Workload(**given)
+    directory = registry.resolve(config.model.pretrained)
+    window = config.model.max_length or registry.build_model(directory).context_length
+    tokenizer = registry.load_tokenizer(directory)
+    counted = task_workload(manager, config.task.tasks, config.limit, config.task.num_fewshot, tokenizer, window)
+    log.info("policy=auto plans for the tasks' requests: %s", counted)
+    return replace(counted, **given)
+
+
+def task_manager(config: Any, root: Path | None) -> TaskManager:
+    """lm-eval's task index for a run: the local definitions reading `root` (lm-eval's own
+    tasks beside them when asked for), or without local data lm-eval's alone."""
+    metadata = dict(config.task.metadata)
+    if root is None:
+        return TaskManager(metadata=metadata or None)
+    return data.task_manager(config.task.tasks, metadata | {"data_dir": str(root)})
 
 
 def _calibration(config: Any, policy: Policy, root: Path | None) -> Calibration | None:
@@ -130,10 +157,7 @@ def _data_dir(given: str | None) -> Path | None:
     return None
 
 
-def _check_tasks(tasks: tuple[str, ...], root: Path | None) -> None:
-    from lm_eval.tasks import TaskManager  # indexing the built-in tasks takes seconds: only here
-
-    manager = task_manager(tasks) if root else TaskManager()
+def _check_tasks(tasks: tuple[str, ...], root: Path | None, manager: TaskManager) -> None:
     unknown = [t for t in tasks if t not in set(manager.all_tasks)]
     if unknown:
         where = f"the task definitions in {TASKS_DIR} or lm-eval's tasks" if root else "lm-eval's tasks (no local data)"

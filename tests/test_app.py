@@ -16,13 +16,14 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from flexeval import FlexevalError, Policy, config
-from flexeval.data import CONF_DIR, TASKS_DIR
+from flexeval.data import CONF_DIR, TASKS_DIR, data_dir, local_tasks
 from flexeval.engine.policy import COMPRESSION_FIELDS, COMPRESSIONS, PRESETS, compression_fields
 from flexeval.report import Metric, Row, compact, csv_text, held_constant, labels, markdown, pareto
-from flexeval.resolve import resolve
+from flexeval.resolve import planned_workload, resolve
 
 RUN_FILES = ("results.json", "samples_piqa.jsonl", "table.md", "table.csv")
 TINY = ["model=tiny-llama", "task=piqa", "limit=8"]
+WORKLOAD = ["workload.sequences=1000", "workload.prompt_len=512", "workload.gen_len=0"]  # not counted from a task
 
 
 def flexeval(cwd: Path, *args: str, module: str = "flexeval") -> subprocess.CompletedProcess:
@@ -204,7 +205,7 @@ def test_a_users_config_dir_or_searchpath_adds_options(tmp_path: Path) -> None:
         (["policy=auto", "workload.prompt_len=0"], "workload.prompt_len must be at least 1, got 0"),
         (["+hardware.profile.disk_speed=1"], "hardware.profile: unknown figures ['disk_speed']"),
         (
-            ["model=tiny-llama", "policy=auto", "hardware.gpu_mem_gb=0.001", "hardware.cpu_mem_gb=0.001"],
+            ["model=tiny-llama", "policy=auto", "hardware.gpu_mem_gb=0.001", "hardware.cpu_mem_gb=0.001", *WORKLOAD],
             "no policy fits gpu_mem_gb=0.001, cpu_mem_gb=0.001 for the llama model, 512-token prompts: the smallest "
             "feasible budget is gpu_mem_gb=",
         ),
@@ -349,11 +350,19 @@ def test_policy_auto_runs_the_searched_policy_records_it_and_explains_it(tmp_pat
     assert "waiting for I/O seconds" in explained.stdout  # the run's measurements beside the prediction
 
 
+def test_policy_auto_plans_for_the_requests_the_tasks_will_make() -> None:
+    counted = planned_workload(compose_run(*TINY, "policy=auto"), local_tasks({"data_dir": str(data_dir())}))
+    assert counted.sequences == 8 and counted.continuations == 2 and counted.gen_len == 0  # PIQA: 2 endings a goal
+    assert 0 < counted.scored < counted.prompt_len <= 256  # tiny-llama's window
+    generating = compose_run("model=tiny-llama", "task=helm_xsum", "limit=3", "policy=auto", "workload.sequences=7")
+    workload = planned_workload(generating, local_tasks({"data_dir": str(data_dir())}))
+    assert workload.sequences == 7 and workload.gen_len > 0 and workload.scored is None
+
+
 def test_explain_predicts_a_policy_from_the_run_configuration(tmp_path: Path) -> None:
-    result = flexeval(
-        tmp_path, "model=tiny-llama", "policy=disk-offload", "workload.gen_len=16", module="flexeval.explain"
-    )
+    result = flexeval(tmp_path, *TINY, "policy=disk-offload", "workload.gen_len=16", module="flexeval.explain")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "workload: 8 sequences of" in result.stdout and "16 generated each" in result.stdout  # counted, then given
     assert "gpu_batch_size=32 num_gpu_batches=8" in result.stdout and "disk busy seconds" in result.stdout
     assert "decode seconds" in result.stdout and "peak disk GB" in result.stdout
     bad = flexeval(tmp_path, "policy=fast", module="flexeval.explain")

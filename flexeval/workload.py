@@ -1,0 +1,72 @@
+"""The workload a run's tasks will ask of the engine, counted from their requests before the model
+loads: what `policy=auto` plans for in the Hydra app (the `workload` section's values, when
+given, override what is counted).
+
+lm-eval builds every request before the model runs; building them here with the same documents,
+limit and few-shot setting, and tokenizing them with the model's tokenizer, gives the sequences
+the backend will run: one per distinct context (a multiple-choice document's endings pack into
+its context's sequence), their mean length and the tokens they score, and for generation the
+longest `max_gen_toks` asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from lm_eval.models.utils import normalize_gen_kwargs
+
+from flexeval.engine.cost_model import Workload
+from flexeval.errors import FlexevalError
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedTokenizerBase
+
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's, when a task names none
+FEWSHOT_SEED = 1234  # lm-eval's default: the same few-shot examples as the run
+
+
+def task_workload(
+    manager: TaskManager,
+    names: Iterable[str],
+    limit: int | None,
+    num_fewshot: int | None,
+    tokenizer: PreTrainedTokenizerBase,
+    window: int,
+) -> Workload:
+    """The tasks' requests as the backend will run them: contexts longer than the model's `window`
+    are cut to it, as the backend cuts them."""
+    contexts: dict[str, list[str]] = {}
+    gen_len = 0
+    for task in manager.load(list(names))["tasks"].values():
+        if num_fewshot is not None:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        for instance in task.instances:
+            context, *rest = instance.arguments
+            endings = contexts.setdefault(context, [])
+            if instance.request_type == "loglikelihood":
+                endings.append(rest[0])
+            elif instance.request_type == "generate_until":
+                asked = normalize_gen_kwargs(dict(rest[0]), DEFAULT_MAX_GEN_TOKS)["max_gen_toks"]
+                gen_len = max(gen_len, int(asked))
+    if not contexts:
+        raise FlexevalError(f"the tasks {', '.join(names)} build no requests: nothing to plan for")
+    endings = [ending for group in contexts.values() for ending in group]
+    scored = sum(_lengths(tokenizer, endings)) if endings else 0
+    packed = sum(min(n, window) for n in _lengths(tokenizer, list(contexts)))
+    packed += scored - len(endings)  # each ending's last token is read, not computed
+    sequences = len(contexts)
+    return Workload(
+        sequences=sequences,
+        prompt_len=max(1, round(packed / sequences)),
+        gen_len=gen_len,
+        scored=None if not endings else max(1, round(scored / sequences)),
+        continuations=max(1, round(len(endings) / sequences)),
+    )
+
+
+def _lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
