@@ -148,7 +148,7 @@ def check_choices(argv: list[str]) -> None:
         return  # Hydra names the missing --config-dir
     try:
         options = group_options(list(wanted), args.overrides, args.config_dir, args.config_name)
-    except HydraException:  # a missing --config-dir, a malformed hydra.searchpath: Hydra says which
+    except HydraException:  # a malformed hydra.searchpath, say: Hydra's own error says what
         return
     for group, values in wanted.items():
         for value in values:

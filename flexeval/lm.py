@@ -144,10 +144,9 @@ class FlexGenLM(TemplateLM):
         if unknown:
             raise FlexevalError(
                 f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
-                f"max_length, add_bos_token, seed, score_through_cache, calibration, revision, gpu_mem_gb, cpu_mem_gb, "
-                "disk_gb, "
-                f"sequences, prompt_len, gen_len, "
-                f"and the Policy fields {', '.join(f.name for f in fields(Policy))}"
+                "max_length, add_bos_token, seed, score_through_cache, calibration, revision, gpu_mem_gb, cpu_mem_gb, "
+                "disk_gb, sequences, prompt_len, gen_len, and the Policy fields "
+                f"{', '.join(f.name for f in fields(Policy))}"
             )
         if not isinstance(score_through_cache, bool):
             raise FlexevalError(f"flexgen: score_through_cache must be true or false, got {score_through_cache!r}")

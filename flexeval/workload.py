@@ -37,9 +37,10 @@ def task_workload(
 ) -> Workload:
     """The tasks' requests as the backend will run them: contexts longer than the model's `window`
     are cut to it, as the backend cuts them."""
+    names = list(names)
     contexts: dict[str, list[str]] = {}
     gen_len = 0
-    for task in manager.load(list(names))["tasks"].values():
+    for task in manager.load(names)["tasks"].values():
         if num_fewshot is not None:
             task.set_config(key="num_fewshot", value=num_fewshot)
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
