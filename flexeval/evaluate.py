@@ -30,7 +30,7 @@ from flexeval.errors import FlexevalError, first_line
 from flexeval.lm import FlexGenLM, Usage
 from flexeval.models import dummy
 from flexeval.reproducible import cpu_model
-from flexeval.resolve import Run, task_manager
+from flexeval.resolve import Run
 
 RESULTS = "results.json"
 # What lm-eval reports per task, merged over the run's tasks into one results.json.
@@ -41,7 +41,7 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
     """Evaluate every task of `run`, write results.json, samples_<task>.jsonl, table.md and
     table.csv into `out_dir`, and return what results.json holds."""
     config = run.config
-    manager = task_manager(config, run.data_dir)
+    manager = run.manager
     tasks = build_tasks(manager, run.tasks)  # the data are read and checked before the model loads
     lm = FlexGenLM(
         pretrained=config.model.pretrained,

@@ -51,7 +51,7 @@ def explain_config(overrides: list[str]) -> str:
     from flexeval import config
     from flexeval.data import CONF_DIR
     from flexeval.engine.search import cost_model
-    from flexeval.resolve import planned_workload, resolve, task_manager
+    from flexeval.resolve import planned_workload, resolve
 
     config.check_choices(overrides)
     config.register()
@@ -60,7 +60,7 @@ def explain_config(overrides: list[str]) -> str:
     run = resolve(cfg)
     costs = cost_model(
         cfg.model.pretrained,
-        planned_workload(cfg, task_manager(cfg, run.data_dir)),
+        planned_workload(cfg, run.manager),
         cfg.model.dtype,
         run.device,
         cfg.hardware.offload_dir,

@@ -41,6 +41,7 @@ class Run:
     tasks: tuple[str, ...]
     data_dir: Path | None  # None: lm-eval's built-in tasks with their hub datasets
     device: str
+    manager: TaskManager  # the task index the checks used (indexing lm-eval's own tasks takes seconds)
     calibration: Calibration | None = None  # when the weights take a GPTQ fit
     choice: Choice | None = None  # what policy=auto chose, with its prediction
 
@@ -72,7 +73,7 @@ def resolve(config: Any) -> Run:
     root = _data_dir(config.data_dir)
     calibration = _calibration(config, policy, root)
     tasks = tuple(config.task.tasks)
-    manager = task_manager(config, root)
+    manager = _task_manager(config, root)
     _check_tasks(tasks, root, manager)
     choice = None
     if config.policy.auto:  # last: the first search on a machine measures it (seconds)
@@ -94,6 +95,7 @@ def resolve(config: Any) -> Run:
         tasks=tasks,
         data_dir=root,
         device=str(device),
+        manager=manager,
         calibration=calibration,
         choice=choice,
     )
@@ -121,7 +123,7 @@ def planned_workload(config: Any, manager: TaskManager) -> Workload:
     return replace(counted, **given)
 
 
-def task_manager(config: Any, root: Path | None) -> TaskManager:
+def _task_manager(config: Any, root: Path | None) -> TaskManager:
     """lm-eval's task index for a run: the local definitions reading `root` (lm-eval's own
     tasks beside them when asked for), or without local data lm-eval's alone."""
     metadata = dict(config.task.metadata)
