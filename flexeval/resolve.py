@@ -120,6 +120,8 @@ def planned_workload(config: Any, manager: TaskManager) -> Workload:
     tokenizer = registry.load_tokenizer(directory)
     counted = task_workload(manager, config.task.tasks, config.limit, config.task.num_fewshot, tokenizer, window)
     log.info("policy=auto plans for the tasks' requests: %s", counted)
+    if given.keys() & {"sequences", "prompt_len"}:  # the counted lengths no longer describe them
+        given["lengths"] = ()
     return replace(counted, **given)
 
 

@@ -5,7 +5,7 @@ given, override what is counted).
 lm-eval builds every request before the model runs; building them here with the same documents,
 limit and few-shot setting, and tokenizing them with the model's tokenizer, gives the sequences
 the backend will run: one per distinct context (a multiple-choice document's endings pack into
-its context's sequence), their mean length and the tokens they score, and for generation the
+its context's sequence), their lengths and the tokens they score, and for generation the
 longest `max_gen_toks` asked.
 """
 
@@ -56,17 +56,14 @@ def task_workload(
     if not contexts:
         raise FlexevalError(f"the tasks {', '.join(names)} build no requests: nothing to plan for")
     endings = [ending for group in contexts.values() for ending in group]
-    scored = sum(_lengths(tokenizer, endings)) if endings else 0
-    packed = sum(min(n, window) for n in _lengths(tokenizer, list(contexts)))
-    packed += scored - len(endings)  # each ending's last token is read, not computed
-    sequences = len(contexts)
-    return Workload(
-        sequences=sequences,
-        prompt_len=max(1, round(packed / sequences)),
-        gen_len=gen_len,
-        scored=None if not endings else max(1, round(scored / sequences)),
-        continuations=max(1, round(len(endings) / sequences)),
-    )
+    ending_lengths = iter(_lengths(tokenizer, endings) if endings else [])
+    # a context and its endings are one packed sequence; an ending's last token is read, not computed
+    scored = [sum(next(ending_lengths) for _ in group) for group in contexts.values()]
+    lengths = [
+        min(n, window) + s - len(group)
+        for n, s, group in zip(_lengths(tokenizer, list(contexts)), scored, contexts.values())
+    ]
+    return Workload.counted(lengths, gen_len, scored, len(endings))
 
 
 def _lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -233,6 +234,34 @@ def test_the_search_solves_each_shape_once_and_predicts_few_policies_exactly(mon
     exact = search_module.ATTEMPTS + len(search_module.LEANEST)
     assert shapes <= calls["programs"] <= shapes + (search_module.RETRIES - 1) * exact
     assert 0 < calls["predictions"] <= search_module.RETRIES * exact
+
+
+def test_the_cost_model_costs_the_micro_batches_the_backend_and_engine_run():
+    """A task's sequences vary: the engine pads each micro-batch to its longest and caps its
+    tokens, so a mean length mispredicted PIQA by up to 47 %. The cost model's blocks are the
+    ones a run makes, and the largest of them sizes its memory."""
+    from flexeval.lm import FlexGenLM
+
+    lengths = [40, 33, 31, 30, 21, 20, 12, 9, 8, 5, 4]  # distinct: equal contexts would share a sequence
+    lm = FlexGenLM("tiny-llama", gpu_batch_size=2, num_gpu_batches=2, gpu_batch_tokens=64)
+    ran: Counter = Counter()
+    cut = lm.engine._blocks
+
+    def recorded(sizes):
+        blocks = list(cut(sizes))
+        ran.update(tuple((len(mb), max(sizes[i] for i in mb)) for mb in block) for block in blocks)
+        return iter(blocks)
+
+    lm.engine._blocks = recorded
+    # a one-token continuation: the packed sequence is the context alone
+    lm._loglikelihood_tokens([(("", ""), list(range(1, n + 1)), [7]) for n in lengths], disable_tqdm=True)
+    costs = costs_for("tiny-llama", Workload(len(lengths), 20, lengths=tuple(lengths)))
+    assert costs.shapes(lm.policy) == ran and costs.blocks(lm.policy) == sum(ran.values())
+    widest = max(sum(rows * width for rows, width in block) for block in ran)
+    assert costs.act_bytes(lm.policy) == widest * costs.width * 4  # fp32 hidden states
+    lm.engine.close()
+    mean = costs_for("tiny-llama", Workload(len(lengths), sum(lengths) // len(lengths)))
+    assert mean.blocks(lm.policy) < costs.blocks(lm.policy)
 
 
 def test_micro_batches_hold_at_most_gpu_batch_tokens_and_results_do_not_change():

@@ -62,6 +62,18 @@ def left_pad(sequences: Sequence[Tensor], device: torch.device, pad_id: int = 0)
     return PaddedBatch(ids.to(device), valid.to(device), lengths.to(device))
 
 
+def micro_batches(lengths: Sequence[int], size: int, tokens: int = 0) -> list[int]:
+    """How many sequences each micro-batch takes, of `lengths` sorted longest first: at most
+    `size`, and with `tokens` no more than fit that many once padded to the first one's length
+    (one at least). The engine cuts its micro-batches so, and the cost model predicts them so."""
+    counts, start = [], 0
+    while start < len(lengths):
+        count = size if not tokens else max(1, min(size, tokens // lengths[start]))
+        counts.append(min(count, len(lengths) - start))
+        start += count
+    return counts
+
+
 def positions(valid: Tensor) -> Tensor:
     """(b, s) bool -> (b, s) position of each real token in its sequence; 0 on padding."""
     return (valid.long().cumsum(-1) - 1).clamp(min=0)

@@ -19,13 +19,15 @@ Everything that depends on where tensors live is linear in the policy's placemen
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from flexeval.engine.batch import micro_batches
 from flexeval.engine.compression import quantized_nbytes
 from flexeval.engine.hardware import HardwareProfile, LayerTimes
 from flexeval.engine.placement import WeightKey, compression, owners, stored_nbytes, weight_tiers
@@ -58,6 +60,7 @@ READOUT_PASSES = 4  # passes over fp32 logits: log_softmax, gather, argmax
 # 10-20 % of compute speed in page faults.
 WORKING_MARGIN = 1.5
 RUNTIME_BYTES = 32 * 2**20
+Block = tuple[tuple[int, int], ...]  # a block's micro-batches: (sequences, padded length) each
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,11 @@ class Workload:
     (0: score-only, as lm-eval's log-likelihoods). `scored` tokens of each sequence need logits
     (score-only; None: every token). `continuations` packed per context (a multiple-choice
     document's endings) make attention masked; `uniform` sequences all have `prompt_len` tokens,
-    while a task's vary, and CPU attention then runs once per sequence."""
+    while a task's vary, and CPU attention then runs once per sequence. `lengths`, when known (a
+    task's requests, counted), are each sequence's own: the engine pads a micro-batch to its
+    longest and caps its tokens (`Policy.gpu_batch_tokens`), which a mean length cannot show
+    (PIQA's first 200 documents, 57 tokens a sequence on average, in blocks of 8: 39 micro-batches
+    under the cap, not the 25 a mean length gives; the prediction was 47 % fast)."""
 
     sequences: int
     prompt_len: int
@@ -74,11 +81,37 @@ class Workload:
     scored: int | None = None
     continuations: int = 1
     uniform: bool = False
+    lengths: tuple[int, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def counted(
+        cls, lengths: Sequence[int], gen_len: int = 0, scored: Sequence[int] = (), endings: int = 0
+    ) -> Workload:
+        """A task's requests as the backend runs them: each sequence's length, and (score-only)
+        the tokens each scores and the endings packed into them all."""
+        n = len(lengths)
+        return cls(
+            sequences=n,
+            prompt_len=max(1, round(sum(lengths) / n)),
+            gen_len=gen_len,
+            scored=max(1, round(sum(scored) / n)) if endings else None,
+            continuations=max(1, round(endings / n)),
+            lengths=tuple(lengths),
+        )
+
+    def __post_init__(self) -> None:
+        if self.lengths and len(self.lengths) != self.sequences:
+            raise ValueError(f"{len(self.lengths)} lengths given for {self.sequences} sequences")
 
     @property
     def tokens(self) -> int:
         """What throughput counts: new tokens when generating (FlexGen's figure), else tokens scored."""
-        return self.sequences * (self.gen_len or self.prompt_len)
+        if self.gen_len:
+            return self.sequences * self.gen_len
+        return sum(self.lengths) if self.lengths else self.sequences * self.prompt_len
+
+    def longest_first(self) -> list[int]:
+        return sorted(self.lengths, reverse=True) if self.lengths else [self.prompt_len] * self.sequences
 
 
 @dataclass
@@ -190,6 +223,8 @@ class CostModel:
         self.intermediate = min(inner)
         self.mlp_inner = sum(inner)  # what is alive at the MLP's peak: 3I while SwiGLU multiplies, 2I for OPT
         self.fits = {tuple(key.split("/")): self._fit(key, measured) for key, measured in layers.items()}
+        self._blocks: dict[tuple[int, int, int], Counter[Block]] = {}
+        self._seconds: dict[tuple[str, bool, int, int], float] = {}
 
     def _fit(self, key: str, measured: list[tuple[int, int, float]]) -> tuple[float, float]:
         """(scale, seconds per call) that turn `arithmetic` into a layer's measured seconds:
@@ -214,7 +249,33 @@ class CostModel:
         return [prefill, decode]
 
     def blocks(self, policy: Policy) -> int:
-        return math.ceil(self.workload.sequences / policy.block_size)
+        return sum(self.shapes(policy).values())
+
+    def shapes(self, policy: Policy) -> Counter[Block]:
+        """The run's blocks, counted, each as its micro-batches' (sequences, padded length): the
+        backend hands the engine `block_size` sequences at a time, longest first; the engine cuts
+        them into micro-batches (`batch.micro_batches`), and those into blocks."""
+        key = (policy.gpu_batch_size, policy.gpu_batch_tokens, policy.num_gpu_batches)
+        if key not in self._blocks:
+            lengths, gen = self.workload.longest_first(), self.workload.gen_len
+            found: Counter[Block] = Counter()
+            for start in range(0, len(lengths), policy.block_size):
+                chunk = lengths[start : start + policy.block_size]
+                batches, first = [], 0
+                for count in micro_batches([n + gen for n in chunk], policy.gpu_batch_size, policy.gpu_batch_tokens):
+                    batches.append((count, chunk[first]))
+                    first += count
+                for b in range(0, len(batches), policy.num_gpu_batches):
+                    found[tuple(batches[b : b + policy.num_gpu_batches])] += 1
+            self._blocks[key] = found
+        return self._blocks[key]
+
+    def per_block(self, policy: Policy, of: Callable[[int, int], float]) -> tuple[float, float]:
+        """(mean, largest) over the run's blocks of `of(sequences, padded length)` summed over a
+        block's micro-batches: time follows the mean block, memory the largest."""
+        shapes = self.shapes(policy)
+        sums = {block: sum(of(rows, width) for rows, width in block) for block in shapes}
+        return sum(sums[b] * count for b, count in shapes.items()) / self.blocks(policy), max(sums.values())
 
     def bounds(self, cost: UnitCost, policy: Policy) -> list[Term]:
         """Lower bounds of a unit's seconds, each linear in the placement fractions; its time is
@@ -292,27 +353,39 @@ class CostModel:
         return state
 
     def cache_bytes(self, policy: Policy) -> float:
-        """A block's KV cache, every layer and micro-batch (0 for score-only workloads)."""
+        """The largest block's KV cache, every layer and micro-batch (0 for score-only workloads)."""
+        return (
+            self.per_block(policy, lambda rows, width: self._layer_cache(policy, rows, width))[1]
+            * self.model.num_blocks
+        )
+
+    def _layer_cache(self, policy: Policy, rows: int, width: int) -> float:
+        """One layer's keys and values for a micro-batch of `rows` prompts padded to `width`."""
         w = self.workload
         if w.gen_len == 0:
             return 0.0
-        shape = (policy.block_size, self.model.kv_heads, w.prompt_len + w.gen_len, self.model.head_dim)
+        shape = (rows, self.model.kv_heads, width + w.gen_len, self.model.head_dim)
         per_part = (
             quantized_nbytes(shape, self.dtype, policy.comp_cache_config)
             if policy.compress_cache
             else math.prod(shape) * self.dtype.itemsize
         )
-        return 2.0 * per_part * self.model.num_blocks
+        return 2.0 * per_part
 
     def act_bytes(self, policy: Policy) -> float:
-        """The hidden states a block keeps between units: one per micro-batch."""
-        return float(policy.block_size * self.workload.prompt_len * self.width * self.dtype.itemsize)
+        """The hidden states the largest block keeps between units: one per micro-batch."""
+        return self.per_block(policy, lambda rows, width: rows * width * self.width * self.dtype.itemsize)[1]
 
     def _working(self, policy: Policy) -> Term:
-        """Compute-tier bytes beyond what the tiers store and stage (`_staging`): one micro-batch's
-        layer at work, its hidden states, the logits it reads out, a decoding step's cache on CUDA."""
-        w, b, item = self.workload, policy.gpu_batch_size, self.dtype.itemsize
-        s = w.prompt_len
+        """Compute-tier bytes beyond what the tiers store and stage (`_staging`): the largest
+        micro-batch's layer at work, its hidden states, the logits it reads out, a decoding step's
+        cache on CUDA."""
+        shapes = {batch for block in self.shapes(policy) for batch in block}
+        return Term(max(self._batch_working(policy, b, s) for b, s in shapes) + RUNTIME_BYTES)
+
+    def _batch_working(self, policy: Policy, b: int, s: int) -> float:
+        """`_working` of one micro-batch of b sequences padded to s tokens."""
+        w, item = self.workload, self.dtype.itemsize
         rows = min(b, max(1, CPU_CHUNK_TOKENS // s)) * s if not self.cuda else b * s
         # attention or the MLP at its peak, whichever is wider
         per_row = max(3 * self.width + 2 * self.heads * self.model.head_dim, 2 * self.width + self.mlp_inner)
@@ -320,13 +393,18 @@ class CostModel:
         if w.continuations > 1 or self.cuda:  # a mask: attention materialises its scores
             layer += (rows // s) * self.heads * s * s * 4 + b * s * s
         hidden = 3 * b * s * self.width * item
-        head_rows = b * (w.scored or s) if w.gen_len == 0 else b
+        head_rows = b * self._scored(s) if w.gen_len == 0 else b
         chunk = min(head_rows, max(LOGITS_CHUNK_ROWS, LOGITS_CHUNK_BYTES // (self.model.vocab_size * 4)))
         logits = READOUT_PASSES * chunk * self._vocab_slice(policy) * 4
         decode_cache = 0.0
         if w.gen_len > 1 and self.cuda:  # a micro-batch's cache of one block fetched, and the next
-            decode_cache = 2 * self.cache_bytes(policy) / self.model.num_blocks / policy.num_gpu_batches
-        return Term(WORKING_MARGIN * (layer + hidden + logits) + decode_cache + RUNTIME_BYTES)
+            decode_cache = 2 * self._layer_cache(policy, b, s)
+        return WORKING_MARGIN * (layer + hidden + logits) + decode_cache
+
+    def _scored(self, width: int) -> int:
+        """Tokens read out of a sequence padded to `width` (score-only): the workload's share."""
+        w = self.workload
+        return width if w.scored is None else min(width, max(1, round(w.scored * width / w.prompt_len)))
 
     def _staging(self, policy: Policy, placed: dict[WeightKey, int] | None) -> dict[str, Term]:
         """Buffers that weights pass through: read from disk into a tier's pool (on the CPU only
@@ -396,27 +474,36 @@ class CostModel:
             compute = sum(self._compute(kind, policy, decoding, unit) for kind in kinds)
             compute += (
                 self._dequantize_seconds(unit, policy, decoding)
-                + UNIT_OPS * self.profile.op_seconds * policy.num_gpu_batches
+                + UNIT_OPS * self.profile.op_seconds * self.per_block(policy, lambda rows, width: 1)[0]
             )
             state = self._state_io(unit, list(kinds), policy, decoding)
             grouped[key] = UnitCost(unit, "+".join(kinds), 1, compute, weights[u], prefetch, state, first=u == 0)
         return list(grouped.values())
 
     def _compute(self, kind: str, policy: Policy, decoding: bool, unit: Unit) -> float:
-        """Seconds of one layer's arithmetic over every micro-batch of a block: its analytic
-        arithmetic and calls, scaled by the fit to this layer's measured times."""
-        w, b = self.workload, policy.gpu_batch_size
-        phase = "decode" if decoding else "prefill"
-        n = int(w.prompt_len + w.gen_len / 2) if decoding else w.prompt_len
-        head_rows = b if decoding or w.gen_len else b * (w.scored or w.prompt_len)
-        arithmetic, calls = self.arithmetic(kind, b, n, decoding, head_rows)
-        scale, overhead = self.fits[kind, phase]
-        seconds = scale * arithmetic + overhead * calls
+        """Seconds of one layer's arithmetic over every micro-batch of the mean block."""
+        seconds = self.per_block(policy, lambda rows, width: self._batch_seconds(kind, decoding, rows, width))[0]
         if unit.vocab is not None:  # a streamed slice: its share of the whole unembedding's time
             seconds *= (unit.vocab[1] - unit.vocab[0]) / self.model.vocab_size
         if kind == "attention":
-            seconds += self._attention_extra(policy, decoding, n)
-        return seconds * policy.num_gpu_batches
+            seconds += self.per_block(policy, lambda rows, width: self._attention_extra(policy, decoding, rows, width))[
+                0
+            ]
+        return seconds
+
+    def _batch_seconds(self, kind: str, decoding: bool, b: int, width: int) -> float:
+        """One layer over a micro-batch of b sequences padded to `width`: its analytic arithmetic
+        and calls, scaled by the fit to this layer's measured times (remembered: a search asks
+        for the same micro-batches under many policies)."""
+        key = (kind, decoding, b, width)
+        if key not in self._seconds:
+            w = self.workload
+            n = int(width + w.gen_len / 2) if decoding else width
+            head_rows = b if decoding or w.gen_len else b * self._scored(width)
+            arithmetic, calls = self.arithmetic(kind, b, n, decoding, head_rows)
+            scale, overhead = self.fits[kind, "decode" if decoding else "prefill"]
+            self._seconds[key] = scale * arithmetic + overhead * calls
+        return self._seconds[key]
 
     def arithmetic(self, kind: str, b: int, n: int, decoding: bool, head_rows: int | None = None) -> tuple[float, int]:
         """(seconds by the profile's rates, calls) of one layer over b sequences of n new tokens,
@@ -451,14 +538,16 @@ class CostModel:
             seconds += p.attention_seconds(s, 2 * b * self.heads * s * s * self.model.head_dim, self.dtype)
         return seconds, math.ceil(tokens / rows)
 
-    def _attention_extra(self, policy: Policy, decoding: bool, n: int) -> float:
-        """What attention costs beyond the fitted layer: an SDPA call per run of equally padded
-        sequences on the CPU (a task's lengths vary), dequantizing a compressed cache, and
-        attention delegated to a CPU-resident cache (CUDA)."""
-        p, b = self.profile, policy.gpu_batch_size
+    def _attention_extra(self, policy: Policy, decoding: bool, b: int, width: int) -> float:
+        """What attention costs beyond the fitted layer, for a micro-batch of b sequences padded to
+        `width`: an SDPA call per run of equally padded sequences on the CPU (a task's lengths
+        vary), dequantizing a compressed cache, and attention delegated to a CPU-resident cache
+        (CUDA)."""
+        p = self.profile
         seconds = 0.0 if self.workload.uniform or self.cuda else p.op_seconds * RUN_OPS * (b - 1)
         if not decoding:
             return seconds
+        n = int(width + self.workload.gen_len / 2)
         cache = 2 * b * self.model.kv_heads * n * self.model.head_dim * self.dtype.itemsize
         if policy.compress_cache:
             seconds += cache / p.dequantize
@@ -527,11 +616,12 @@ class CostModel:
         return {key: tiers[owner] for key, owner in owners(self.model.layers).items()}
 
     def _state_io(self, unit: Unit, kinds: list[str], policy: Policy, decoding: bool) -> dict[str, Term]:
-        """Seconds the hidden states and KV cache of every micro-batch take to move through a unit."""
+        """Seconds the hidden states and KV cache of every micro-batch of the mean block take to
+        move through a unit."""
         p, w, item = self.profile, self.workload, self.dtype.itemsize
-        b, k = policy.gpu_batch_size, policy.num_gpu_batches
-        s = 1 if decoding else w.prompt_len
-        hidden = b * s * self.width * item * k  # one store and one fetch per micro-batch
+        mean = lambda of: self.per_block(policy, of)[0]  # noqa: E731
+        tokens = mean(lambda rows, width: rows * (1 if decoding else width))
+        hidden = tokens * self.width * item  # one store and one fetch per micro-batch
         io = {ch: Term() for ch in CHANNELS}
         if kinds[0] != "embed" and kinds[-1] != "unembed":
             io["disk"] = term(act_disk=hidden / p.disk_write + hidden / p.disk_read)
@@ -540,8 +630,8 @@ class CostModel:
                 io["d2h"] = term(act_cpu=hidden / p.d2h, act_disk=hidden / p.d2h)
         if "attention" not in kinds or w.gen_len == 0:
             return io
-        whole = self.cache_bytes(policy) / self.model.num_blocks  # this block's cache, every micro-batch
-        column = whole / (w.prompt_len + w.gen_len)
+        whole = mean(lambda rows, width: self._layer_cache(policy, rows, width))  # a block's, every micro-batch
+        column = mean(lambda rows, width: self._layer_cache(policy, rows, width) / (width + w.gen_len))
         if not decoding:  # prefill writes the cache out
             io["disk"] = io["disk"] + term(cache_disk=whole / p.disk_write)
             if self.cuda:
@@ -549,7 +639,7 @@ class CostModel:
             return io
         # a write per (sequence, head) run of rows, keys and values, each dirtying a page that the
         # next direct read writes back
-        calls = 2 * b * self.model.kv_heads * k
+        calls = 2 * self.model.kv_heads * mean(lambda rows, width: rows)
         io["disk"] = io["disk"] + term(cache_disk=whole / p.disk_read + calls * (PAGE / p.disk_write + p.op_seconds))
         if self.cuda and policy.cpu_cache_compute:  # the new column goes down, the answer comes up
             io["d2h"] = io["d2h"] + term(cache_cpu=column / p.d2h, cache_disk=whole / p.d2h)

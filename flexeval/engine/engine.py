@@ -25,7 +25,16 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from flexeval.engine import int4mm
-from flexeval.engine.batch import Packed, PaddedBatch, TokenSeq, as_token_lists, left_pad, pack, packed_mask
+from flexeval.engine.batch import (
+    Packed,
+    PaddedBatch,
+    TokenSeq,
+    as_token_lists,
+    left_pad,
+    micro_batches,
+    pack,
+    packed_mask,
+)
 from flexeval.engine.calibration import Calibration
 from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.gptq import FittedWeights
@@ -479,10 +488,7 @@ class Engine:
         of at most `gpu_batch_size` sequences and `gpu_batch_tokens` tokens, and those into blocks."""
         order = sorted(lengths, key=lambda i: -lengths[i])
         policy, batches, start = self.policy, [], 0
-        while start < len(order):
-            count = policy.gpu_batch_size
-            if policy.gpu_batch_tokens:  # the first is the longest: every one is padded to it
-                count = max(1, min(count, policy.gpu_batch_tokens // lengths[order[start]]))
+        for count in micro_batches([lengths[i] for i in order], policy.gpu_batch_size, policy.gpu_batch_tokens):
             batches.append(order[start : start + count])
             start += count
         for b in range(0, len(batches), policy.num_gpu_batches):
