@@ -35,10 +35,13 @@ def task_workload(
     tokenizer: PreTrainedTokenizerBase,
     window: int,
 ) -> Workload:
-    """The tasks' requests as the backend will run them: contexts longer than the model's `window`
-    are cut to it, as the backend cuts them."""
+    """The tasks' requests as the backend will run them: a context and its endings packed into one
+    sequence, each ending's last token read, not computed; contexts cut on the left where they
+    would not fit the model's `window`, as the backend cuts them (beside each ending, which can
+    part a context's endings into sequences of their own, or before the tokens to generate)."""
     names = list(names)
     contexts: dict[str, list[str]] = {}
+    room: dict[str, int] = {}  # a generation prompt's tokens at most
     gen_len = 0
     for task in manager.load(names)["tasks"].values():
         if num_fewshot is not None:
@@ -51,18 +54,25 @@ def task_workload(
             if instance.request_type == "loglikelihood":
                 endings.append(rest[0])
             elif instance.request_type == "generate_until":
-                asked = normalize_gen_kwargs(dict(rest[0]), DEFAULT_MAX_GEN_TOKS)["max_gen_toks"]
-                gen_len = max(gen_len, int(asked))
+                asked = int(normalize_gen_kwargs(dict(rest[0]), DEFAULT_MAX_GEN_TOKS)["max_gen_toks"])
+                gen_len = max(gen_len, asked)
+                room[context] = min(room.get(context, window), window - asked)
     if not contexts:
         raise FlexevalError(f"the tasks {', '.join(names)} build no requests: nothing to plan for")
     endings = [ending for group in contexts.values() for ending in group]
     ending_lengths = iter(_lengths(tokenizer, endings) if endings else [])
-    # a context and its endings are one packed sequence; an ending's last token is read, not computed
-    scored = [sum(next(ending_lengths) for _ in group) for group in contexts.values()]
-    lengths = [
-        min(n, window) + s - len(group)
-        for n, s, group in zip(_lengths(tokenizer, list(contexts)), scored, contexts.values())
-    ]
+    lengths, scored = [], []
+    for (context, group), n in zip(contexts.items(), _lengths(tokenizer, list(contexts))):
+        if not group:
+            lengths.append(min(n, room.get(context, window)))
+            scored.append(0)
+            continue
+        kept: dict[int, list[int]] = {}  # the context's tokens the backend keeps beside an ending -> those endings
+        for ending in (next(ending_lengths) for _ in group):
+            kept.setdefault(max(0, min(n, window + 1 - ending)), []).append(ending)
+        for tokens, ends in kept.items():
+            lengths.append(tokens + sum(e - 1 for e in ends))
+            scored.append(sum(ends))
     return Workload.counted(lengths, gen_len, scored, len(endings))
 
 

@@ -351,9 +351,19 @@ def test_policy_auto_runs_the_searched_policy_records_it_and_explains_it(tmp_pat
 
 
 def test_policy_auto_plans_for_the_requests_the_tasks_will_make() -> None:
-    counted = planned_workload(compose_run(*TINY, "policy=auto"), local_tasks({"data_dir": str(data_dir())}))
-    assert counted.sequences == 8 and counted.continuations == 2 and counted.gen_len == 0  # PIQA: 2 endings a goal
+    import lm_eval
+
+    from flexeval.lm import FlexGenLM
+
+    tasks = local_tasks({"data_dir": str(data_dir())})
+    counted = planned_workload(compose_run(*TINY, "policy=auto"), tasks)
+    assert counted.continuations == 2 and counted.gen_len == 0  # PIQA: 2 endings a goal
     assert 0 < counted.scored < counted.prompt_len <= 256  # tiny-llama's window
+    # 8 goals; one's endings cut its context differently to fit the window, so they are two sequences
+    assert counted.sequences == 9
+    lm = FlexGenLM("tiny-llama")
+    lm_eval.simple_evaluate(model=lm, tasks=["piqa"], limit=8, task_manager=tasks, bootstrap_iters=0)
+    assert (lm.usage.sequences, lm.usage.prompt_tokens) == (counted.sequences, sum(counted.lengths))  # what ran
     generating = compose_run("model=tiny-llama", "task=helm_xsum", "limit=3", "policy=auto", "workload.sequences=7")
     workload = planned_workload(generating, local_tasks({"data_dir": str(data_dir())}))
     assert workload.sequences == 7 and workload.gen_len > 0 and workload.scored is None
@@ -362,7 +372,7 @@ def test_policy_auto_plans_for_the_requests_the_tasks_will_make() -> None:
 def test_explain_predicts_a_policy_from_the_run_configuration(tmp_path: Path) -> None:
     result = flexeval(tmp_path, *TINY, "policy=disk-offload", "workload.gen_len=16", module="flexeval.explain")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "workload: 8 sequences of" in result.stdout and "16 generated each" in result.stdout  # counted, then given
+    assert "workload: 9 sequences of" in result.stdout and "16 generated each" in result.stdout  # counted, then given
     assert "gpu_batch_size=32 num_gpu_batches=8" in result.stdout and "disk busy seconds" in result.stdout
     assert "decode seconds" in result.stdout and "peak disk GB" in result.stdout
     bad = flexeval(tmp_path, "policy=fast", module="flexeval.explain")
