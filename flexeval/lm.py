@@ -36,12 +36,13 @@ from tqdm import tqdm
 
 from flexeval.engine.calibration import Calibration
 from flexeval.engine.cost_model import Workload
-from flexeval.engine.engine import Engine, RunStats
+from flexeval.engine.engine import Engine, RunStats, resolve_device, resolve_dtype
 from flexeval.engine.policy import Policy, compression_fields
-from flexeval.engine.search import Budget, Choice, plan
+from flexeval.engine.search import Choice
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
 from flexeval.models.registry import DEFAULT_MODEL
+from flexeval.planning import AUTO, PolicyRequest
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_GEN_TOKS = 256
@@ -49,7 +50,6 @@ LoglikelihoodRequest = tuple[tuple[str, str], list[int], list[int]]
 T = TypeVar("T")
 DEFAULT_POLICY = "all-resident"
 BAR_FORMAT = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-WORKLOAD = ("sequences", "prompt_len", "gen_len")  # what policy=auto plans for (model_args)
 
 
 @dataclass
@@ -91,6 +91,16 @@ class Usage:
         return asdict(self) | {"wall_seconds": wall} | rates
 
 
+@dataclass(frozen=True)
+class _Generation:
+    """One group of generation requests (the same settings), ready to run."""
+
+    prompts: list[list[int]]
+    max_gen_toks: int
+    until: list[str]
+    sampling: dict[str, Any]
+
+
 @register_model("flexgen")
 class FlexGenLM(TemplateLM):
     """flexeval's engine behind lm-eval's model interface.
@@ -103,6 +113,12 @@ class FlexGenLM(TemplateLM):
     where it means something here: `dtype=auto` is the checkpoint's own, `revision` chooses a hub
     checkpoint's branch, tag or commit, `trust_remote_code=False` is what flexeval always does
     (True is refused: no code from a model repository is ever run).
+    `policy=auto` plans for the requests lm-eval hands over, counted (each request type's in turn,
+    as they come: a plan for scoring need not hold the KV cache that generation needs), and loads
+    the model then; `sequences`, `prompt_len` and `gen_len` replace what is counted, and with all
+    three given the plan and the model are made at once. Budgets (`gpu_mem_gb`, `cpu_mem_gb`,
+    `disk_gb`) bound the search, and a fixed policy's weights must fit them. The model_args are
+    parsed and checked as the Hydra app's options are (`flexeval.planning`).
     `usage` counts requests, tokens, time and memory for throughput reports.
     `score_through_cache` scores log-likelihoods through decoding steps against the KV cache
     (`Engine.decode_score`), one token at a time as generation reads them, instead of one exact
@@ -131,9 +147,9 @@ class FlexGenLM(TemplateLM):
         gpu_mem_gb: float | None = None,
         cpu_mem_gb: float | None = None,
         disk_gb: float | None = None,
-        sequences: int = 1000,
-        prompt_len: int = 512,
-        gen_len: int = 0,
+        sequences: int | str | None = None,
+        prompt_len: int | str | None = None,
+        gen_len: int | str | None = None,
         **policy_fields: Any,
     ) -> None:
         super().__init__()
@@ -144,59 +160,87 @@ class FlexGenLM(TemplateLM):
         if unknown:
             raise FlexevalError(
                 f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
-                "max_length, add_bos_token, seed, score_through_cache, calibration, revision, gpu_mem_gb, cpu_mem_gb, "
-                "disk_gb, sequences, prompt_len, gen_len, and the Policy fields "
+                "max_length, add_bos_token, seed, score_through_cache, calibration, revision, gpu_mem_gb, "
+                "cpu_mem_gb, disk_gb, sequences, prompt_len, gen_len, and the Policy fields "
                 f"{', '.join(f.name for f in fields(Policy))}"
             )
         if not isinstance(score_through_cache, bool):
             raise FlexevalError(f"flexgen: score_through_cache must be true or false, got {score_through_cache!r}")
-        budgets = (gpu_mem_gb, cpu_mem_gb, disk_gb)
-        self.choice: Choice | None = None
-        self._init_distributed()
-        device = _device(device, self._world_size)
-        if isinstance(policy, Policy):
-            self.policy = replace(policy, **policy_fields) if policy_fields else policy
-        elif policy == "auto":
-            workload = Workload(*(_integer(n, v) for n, v in zip(WORKLOAD, (sequences, prompt_len, gen_len))))
-            self.choice = plan(
-                pretrained,
-                workload,
-                Budget.from_gb(*(_gigabytes(n, b) for n, b in zip(("gpu_mem_gb", "cpu_mem_gb", "disk_gb"), budgets))),
-                base=Policy.from_dict(policy_fields),
-                dtype=dtype,
-                device=device,
-                offload_dir=offload_dir,
-            )
-            self.policy = self.choice.policy
-            log.info("policy=auto chose: %s", self.choice.summary())
-        else:
-            self.policy = Policy.from_dict(policy_fields, preset=policy)
-        if not isinstance(policy, str) or policy != "auto":
-            if any(b is not None for b in budgets):
-                raise FlexevalError(
-                    "flexgen: gpu_mem_gb, cpu_mem_gb and disk_gb are budgets for policy=auto's search; a fixed "
-                    "policy places tensors by its *_percent fields"
-                )
-        self.policy = _capped(self.policy, max_batch_size)
-        self.engine = Engine.load(
-            pretrained,
-            dtype=dtype,
-            device=device,
-            policy=self.policy,
-            offload_dir=offload_dir,
-            calibration=None if calibration is None else Calibration.parse(calibration),
+        if isinstance(policy, Policy):  # a policy made already (the Hydra app's): its fields, and any given over them
+            policy_fields = {f.name: getattr(policy, f.name) for f in fields(Policy)} | policy_fields
+        self.request = PolicyRequest.parse(
+            None if isinstance(policy, Policy) else str(policy),
+            policy_fields,
+            {"gpu_mem_gb": gpu_mem_gb, "cpu_mem_gb": cpu_mem_gb, "disk_gb": disk_gb},
+            {"sequences": sequences, "prompt_len": prompt_len, "gen_len": gen_len},
+            name="given" if isinstance(policy, Policy) else str(policy),
         )
-        self.tokenizer = self.engine.tokenizer
+        self._init_distributed()
+        directory = registry.resolve(pretrained)
+        self._device = resolve_device(_device(device, self._world_size))
+        self.dtype = resolve_dtype(dtype, self._device, directory)
         self.pretrained = str(pretrained)
+        self.offload_dir = offload_dir
+        self.calibration = None if calibration is None else Calibration.parse(calibration)
+        self.max_batch_size = max_batch_size
+        self.tokenizer = registry.load_tokenizer(directory)
+        context_length = registry.build_model(directory).context_length
+        self._max_length = max_length or context_length
+        if self._max_length > context_length:
+            raise FlexevalError(
+                f"max_length={max_length} exceeds the model's context window of {context_length} tokens"
+            )
         self.add_bos_token = add_bos_token
         self.seed = seed
-        self.score = self.engine.decode_score if score_through_cache else self.engine.score
+        self.score_through_cache = score_through_cache
         self.usage = Usage()
-        self._max_length = max_length or self.engine.context_length
-        if self._max_length > self.engine.context_length:
-            raise FlexevalError(
-                f"max_length={max_length} exceeds the model's context window of {self.engine.context_length} tokens"
-            )
+        self.choice: Choice | None = None  # what policy=auto chose last, with its prediction
+        self.predictions: dict[str, dict[str, Any]] = {}  # request type -> what policy=auto predicted for it
+        self._engine: Engine | None = None
+        if not self.request.auto:
+            self._load(self.request.fixed(pretrained, self.dtype))
+        elif self.request.workload_given:
+            self._plan(None, "given workload")
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise FlexevalError("flexgen: policy=auto loads the model once it has the requests to plan for")
+        return self._engine
+
+    @property
+    def policy(self) -> Policy:
+        return self.engine.policy
+
+    @property
+    def score(self) -> Callable[[list], list]:
+        """Log-likelihoods in one exact pass, or through the KV cache (`score_through_cache`)."""
+        return self.engine.decode_score if self.score_through_cache else self.engine.score
+
+    def _load(self, policy: Policy) -> None:
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = Engine.load(
+            self.pretrained,
+            dtype=self.dtype,
+            device=self._device,
+            policy=_capped(policy, self.max_batch_size),
+            offload_dir=self.offload_dir,
+            calibration=self.calibration,
+        )
+
+    def _plan(self, counted: Workload | None, what: str) -> None:
+        """policy=auto: the search's plan for these requests (a model planned for another plan is
+        loaded again); nothing when the workload was given whole and planned for at the start."""
+        if not self.request.auto or (self.request.workload_given and self._engine is not None):
+            return
+        self.choice = self.request.plan(
+            self.pretrained, counted, dtype=self.dtype, device=self._device, offload_dir=self.offload_dir
+        )
+        self.predictions[what] = self.choice.prediction.as_dict()
+        log.info("policy=auto chose for the %s: %s", what, self.choice.summary())
+        if self._engine is None or _capped(self.choice.policy, self.max_batch_size) != self._engine.policy:
+            self._load(self.choice.policy)
 
     # --- what lm-eval asks of every backend -------------------------------------------------
 
@@ -204,18 +248,19 @@ class FlexGenLM(TemplateLM):
         """Recorded in lm-eval's results beside its own arguments (whose `device` and `batch_size`
         echo the command line): the device, dtype and blocks that ran, and the throughput over
         the time spent in this backend."""
-        policy = self.policy
-        blocks = {"gpu_batch_size": policy.gpu_batch_size, "num_gpu_batches": policy.num_gpu_batches}
-        return {
-            "model_dtype": str(self.engine.dtype),
-            "model_device": str(self.engine.device),
-            "flexgen": blocks | {"block_size": policy.block_size, "throughput": self.usage.report(self.usage.seconds)},
-        }
+        info: dict[str, Any] = {"throughput": self.usage.report(self.usage.seconds)}
+        if self._engine is not None:
+            policy = self.policy
+            info |= {"gpu_batch_size": policy.gpu_batch_size, "num_gpu_batches": policy.num_gpu_batches}
+            info |= {"block_size": policy.block_size}
+        if self.predictions:
+            info["prediction"] = self.predictions
+        return {"model_dtype": str(self.dtype), "model_device": str(self._device), "flexgen": info}
 
     @property
     def batch_sizes(self) -> dict[str, int]:
         """lm-eval records these as the batch sizes that ran: ours are blocks of micro-batches."""
-        return {"gpu_batch_size": self.policy.gpu_batch_size}
+        return {} if self._engine is None else {"gpu_batch_size": self.policy.gpu_batch_size}
 
     @property
     def eot_token_id(self) -> int:
@@ -228,7 +273,7 @@ class FlexGenLM(TemplateLM):
 
     @property
     def device(self) -> torch.device:
-        return self.engine.device
+        return self._device
 
     @property
     def max_length(self) -> int:
@@ -280,6 +325,8 @@ class FlexGenLM(TemplateLM):
         if empty:
             log.warning("%d requests have an empty continuation: log-likelihood 0 (certain), greedy", empty)
         packed = [(list(ctx), [continuations[i] for i in members]) for ctx, members in groups.items()]
+        if not packed:
+            return results
         owners = list(groups.values())
 
         def record(g: int, scored: list) -> None:
@@ -288,11 +335,15 @@ class FlexGenLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
 
         sizes = [len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in packed]
+        scored = [sum(len(c) for c in conts) for _, conts in packed]
+        self._plan(Workload.counted(sizes, scored=scored, endings=len(continuations)), "loglikelihood requests")
         self._in_blocks(packed, sizes, self.score, record, "loglikelihood", [len(m) for m in owners], disable_tqdm)
         return results
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """lm-eval's disjoint windows of every document, batched together across documents."""
+        if not requests:
+            return []
         windows, owner = [], []
         for i, (text,) in enumerate(req.args for req in requests):
             tokens = self.tok_encode(text)
@@ -314,20 +365,29 @@ class FlexGenLM(TemplateLM):
 
         sizes = [len(ctx) + len(conts[0]) - 1 for ctx, conts in windows]
         last = [int(w == len(owner) - 1 or owner[w + 1] != owner[w]) for w in range(len(owner))]  # a document done
+        scored = [len(conts[0]) for _, conts in windows]
+        self._plan(Workload.counted(sizes, scored=scored, endings=len(windows)), "loglikelihood_rolling requests")
         self._in_blocks(windows, sizes, self.score, record, "loglikelihood_rolling", last, disable_tqdm)
         return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Grouped by generation settings; each group generated longest prompt first."""
+        if not requests:
+            return []
         results: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
-        for members in groups.values():
-            self._generate_group(requests, members, results, disable_tqdm)
+        prepared = [self._generation(requests, members) for members in groups.values()]
+        lengths = [len(p) for group in prepared for p in group.prompts]
+        gen_len = max(group.max_gen_toks for group in prepared)
+        self._plan(Workload.counted(lengths, gen_len=gen_len), "generate_until requests")
+        for members, group in zip(groups.values(), prepared):
+            self._generate_group(requests, members, group, results, disable_tqdm)
         return results
 
-    def _generate_group(self, requests: list, members: list[int], results: list[str], disable_tqdm: bool) -> None:
+    def _generation(self, requests: list, members: list[int]) -> _Generation:
+        """A group's prompts, cut to leave room for its tokens, and its settings."""
         kwargs = normalize_gen_kwargs(requests[members[0]].args[1], DEFAULT_MAX_GEN_TOKS)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tokenizer.decode(self.eot_token_id))
         max_gen_toks = kwargs.pop("max_gen_toks")
@@ -341,19 +401,25 @@ class FlexGenLM(TemplateLM):
         cut = sum(len(p) > room for p in prompts)
         if cut:
             log.warning("%d prompts exceed %d tokens (window minus max_gen_toks): cut on the left", cut, room)
-        prompts = [p[-room:] for p in prompts]
+        return _Generation([p[-room:] for p in prompts], max_gen_toks, until, sampling)
 
+    def _generate_group(
+        self, requests: list, members: list[int], group: _Generation, results: list[str], disable_tqdm: bool
+    ) -> None:
         def generate(chunk: list[list[int]]) -> list[list[int]]:
             stops = [self.eot_token_id]
-            return self.engine.generate(chunk, max_gen_toks, stop_token_ids=stops, stop_strings=until, **sampling)
+            return self.engine.generate(
+                chunk, group.max_gen_toks, stop_token_ids=stops, stop_strings=group.until, **group.sampling
+            )
 
         def record(k: int, tokens: list[int]) -> None:
             i = members[k]
-            results[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
+            results[i] = postprocess_generated_text(self.tok_decode(tokens), group.until, None)
             self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
 
-        sizes = [len(p) for p in prompts]
-        self._in_blocks(prompts, sizes, generate, record, "generate_until", None, disable_tqdm, passes=max_gen_toks)
+        sizes = [len(p) for p in group.prompts]
+        passes = group.max_gen_toks
+        self._in_blocks(group.prompts, sizes, generate, record, "generate_until", None, disable_tqdm, passes=passes)
 
     # --- batching, progress, caching ------------------------------------------------------------
 
@@ -495,12 +561,12 @@ def _batch_size(batch_size: int | str | None, policy: str | Policy, policy_field
         if text:
             raise FlexevalError(f"flexgen: batch_size must be a number or auto, got {batch_size!r}")
         return policy
-    if policy not in ("auto", DEFAULT_POLICY):
+    if policy not in (AUTO, DEFAULT_POLICY):
         raise FlexevalError(
             f"flexgen: batch_size=auto is policy=auto (its search chooses blocks and placement together); with "
             f"policy={policy} give batch_size as a number"
         )
-    return "auto"
+    return AUTO
 
 
 def _capped(policy: Policy, max_batch_size: int | str | None) -> Policy:
@@ -542,24 +608,3 @@ def _sampling(kwargs: dict[str, Any], seed: int) -> dict[str, Any]:
     if not do_sample:
         return {"seed": seed}
     return {"temperature": temperature or 1.0, "top_k": top_k, "top_p": top_p, "seed": seed}
-
-
-def _integer(name: str, value: Any) -> int:
-    """A model_args count: lm-eval passes command-line values as strings or numbers."""
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise FlexevalError(f"flexgen: {name} must be a whole number, got {value!r}") from None
-    if number < (0 if name == "gen_len" else 1):
-        raise FlexevalError(f"flexgen: {name} must be at least {0 if name == 'gen_len' else 1}, got {number}")
-    return number
-
-
-def _gigabytes(name: str, value: Any) -> float | None:
-    """A model_args budget in GB (a string from the command line), or None when not given."""
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise FlexevalError(f"flexgen: {name} must be a number of GB, got {value!r}") from None

@@ -12,24 +12,22 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from lm_eval.tasks import TaskManager
 
-from flexeval import data
+from flexeval import data, planning
 from flexeval.data import DATA_ENV, TASKS_DIR, data_dir
 from flexeval.engine.calibration import Calibration
 from flexeval.engine.cost_model import Workload
 from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
 from flexeval.engine.hardware import HardwareProfile
-from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
-from flexeval.engine.search import Budget, Choice, plan
+from flexeval.engine.search import BUDGET_KEYS, Choice
 from flexeval.errors import FlexevalError
 from flexeval.models import dummy, registry
+from flexeval.planning import PolicyRequest
 from flexeval.workload import task_workload
 
 log = logging.getLogger(__name__)
-GB = 2**30
 
 
 @dataclass(frozen=True)
@@ -63,30 +61,23 @@ def resolve(config: Any) -> Run:
     device = resolve_device(config.hardware.device)
     directory = registry.resolve(config.model.pretrained) if config.model.dtype == AUTO else None
     dtype = resolve_dtype(config.model.dtype, device, directory)
-    placement = {f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS}
-    policy = Policy.from_dict(placement | {name: config.compression[name] for name in COMPRESSION_FIELDS})
-    _check_budgets(config)
-    if config.policy.auto:
-        _given_workload(config)  # checked before anything is counted
-    else:
-        _check_weights_fit(config, policy, dtype)
+    request = policy_request(config)
+    _check_hardware(config)
+    policy = request.base() if request.auto else request.fixed(config.model.pretrained, dtype)
     root = _data_dir(config.data_dir)
     calibration = _calibration(config, policy, root)
     tasks = tuple(config.task.tasks)
     manager = _task_manager(config, root)
     _check_tasks(tasks, root, manager)
     choice = None
-    if config.policy.auto:  # last: the first search on a machine measures it (seconds)
-        hardware = config.hardware
-        choice = plan(
+    if request.auto:  # last: the first search on a machine measures it (seconds)
+        choice = request.plan(
             config.model.pretrained,
-            planned_workload(config, manager),
-            Budget.from_gb(hardware.gpu_mem_gb, hardware.cpu_mem_gb, hardware.disk_gb),
-            base=policy,
+            counted_workload(config, manager, request),
             dtype=dtype,
             device=device,
-            offload_dir=hardware.offload_dir,
-            profile_overrides=dict(hardware.profile),
+            offload_dir=config.hardware.offload_dir,
+            profile_overrides=dict(config.hardware.profile),
         )
         policy = choice.policy
     return Run(
@@ -101,28 +92,37 @@ def resolve(config: Any) -> Run:
     )
 
 
-def _given_workload(config: Any) -> dict[str, int]:
-    """The `workload` section's values that were set (the rest are counted from the tasks)."""
-    given = {name: value for name, value in config.workload.items() if value is not None}
-    for name, least in (("sequences", 1), ("prompt_len", 1), ("gen_len", 0)):
-        if name in given and given[name] < least:
-            raise FlexevalError(f"workload.{name} must be at least {least}, got {given[name]}")
-    return given
+def policy_request(config: Any) -> PolicyRequest:
+    """The `policy`, `compression`, `hardware` budgets and `workload` sections, parsed as the
+    backend parses its model_args."""
+    placement = {f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS}
+    return PolicyRequest.parse(
+        planning.AUTO if config.policy.auto else None,
+        placement | {name: config.compression[name] for name in COMPRESSION_FIELDS},
+        {key: config.hardware[key] for key in BUDGET_KEYS.values()},
+        dict(config.workload),
+        name=config.policy.name,
+        named=lambda name: f"{'workload' if name in planning.WORKLOAD_LEAST else 'hardware'}.{name}",
+    )
 
 
 def planned_workload(config: Any, manager: TaskManager) -> Workload:
-    """What policy=auto plans for: the tasks' own requests, counted, with the given values over them."""
-    given = _given_workload(config)
-    if len(given) == 3:
-        return Workload(**given)
+    """What policy=auto plans for (and `explain` predicts): the tasks' requests, counted, with the
+    `workload` section's values over them."""
+    request = policy_request(config)
+    return request.planned_for(counted_workload(config, manager, request))
+
+
+def counted_workload(config: Any, manager: TaskManager, request: PolicyRequest) -> Workload | None:
+    """The tasks' requests, counted (None when the `workload` section gives every value)."""
+    if request.workload_given:
+        return None
     directory = registry.resolve(config.model.pretrained)
     window = config.model.max_length or registry.build_model(directory).context_length
     tokenizer = registry.load_tokenizer(directory)
     counted = task_workload(manager, config.task.tasks, config.limit, config.task.num_fewshot, tokenizer, window)
     log.info("policy=auto plans for the tasks' requests: %s", counted)
-    if given.keys() & {"sequences", "prompt_len"}:  # the counted lengths no longer describe them
-        given["lengths"] = ()
-    return replace(counted, **given)
+    return counted
 
 
 def _task_manager(config: Any, root: Path | None) -> TaskManager:
@@ -168,39 +168,12 @@ def _check_tasks(tasks: tuple[str, ...], root: Path | None, manager: TaskManager
         raise FlexevalError(f"unknown task {', '.join(unknown)}: not in {where}; flexeval-lm-eval ls tasks lists them")
 
 
-def _check_budgets(config: Any) -> None:
-    """Budgets are positive, the offload directory exists, the profile overrides name figures."""
+def _check_hardware(config: Any) -> None:
+    """The offload directory exists, the profile overrides name figures."""
     hardware = config.hardware
-    for key in ("gpu_mem_gb", "cpu_mem_gb", "disk_gb"):
-        if hardware[key] is not None and hardware[key] <= 0:
-            raise FlexevalError(f"hardware.{key} must be positive (GB), got {hardware[key]}")
     if hardware.offload_dir is not None and not Path(hardware.offload_dir).expanduser().is_dir():
         raise FlexevalError(f"hardware.offload_dir {hardware.offload_dir} does not exist: create it or choose another")
     known = {f.name for f in fields(HardwareProfile)}
     unknown = sorted(set(hardware.profile) - known)
     if unknown:
         raise FlexevalError(f"hardware.profile: unknown figures {unknown}; known: {', '.join(sorted(known))}")
-
-
-def _check_weights_fit(config: Any, policy: Policy, dtype: torch.dtype) -> None:
-    """A hand-written policy's weights fit each budget (policy=auto plans everything within them)."""
-    hardware = config.hardware
-    budgets = {"compute": hardware.gpu_mem_gb, "cpu": hardware.cpu_mem_gb, "disk": hardware.disk_gb}
-    keys = {"compute": "gpu_mem_gb", "cpu": "cpu_mem_gb", "disk": "disk_gb"}
-    if all(b is None for b in budgets.values()):
-        return
-    directory = registry.resolve(config.model.pretrained)  # config.json only; no weights are read
-    placed = dict(zip(budgets, weight_bytes_per_tier(registry.build_model(directory).layers, policy, dtype)))
-    total = sum(placed.values())
-    for tier, budget in budgets.items():
-        if budget is not None and placed[tier] > budget * GB:
-            fits = int(100 * budget * GB / total)
-            fix = {
-                "compute": f"w_gpu_percent at most {fits}",
-                "cpu": f"w_cpu_percent at most {fits}",
-                "disk": f"w_gpu_percent + w_cpu_percent at least {100 - fits}",
-            }[tier]
-            raise FlexevalError(
-                f"policy {config.policy.name} puts {placed[tier] / GB:.3g} GB of weights on the {tier} tier but "
-                f"hardware.{keys[tier]}={budget}: choose a policy with {fix}"
-            )

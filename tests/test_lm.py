@@ -213,6 +213,8 @@ def test_what_hf_model_args_mean_is_taken_and_the_rest_refused_with_a_reason() -
         return get_model("flexgen").create_from_arg_string(f"pretrained=tiny-llama,{args}", extra)
 
     lm = create("dtype=auto,trust_remote_code=False", batch_size="auto:4", max_batch_size=2)
+    assert lm.choice is None and lm.dtype == torch.float32  # policy=auto plans when the requests arrive
+    lm._loglikelihood_tokens([(("", ""), list(range(1, n)), [5, 6]) for n in (40, 20, 9)], disable_tqdm=True)
     assert lm.choice is not None and lm.policy.gpu_batch_size <= 2 and lm.engine.dtype == torch.float32
     assert create("policy=cpu-offload", batch_size=4).policy.gpu_batch_size == 4
     for args, batch_size, refusal in (

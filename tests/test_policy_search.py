@@ -313,15 +313,34 @@ def test_auto_policies_run_within_their_budget(share: float, wide_llama: Path, t
     assert outcome["peak"] <= 1.1 * share * weights, outcome
 
 
-def test_the_backend_takes_policy_auto_with_budgets_and_workload_in_model_args():
+def test_the_backend_plans_policy_auto_for_the_requests_lm_eval_hands_it():
+    """As the Hydra app does, from the same parsed request (`flexeval.planning`): the backend
+    cannot see the tasks when lm-eval makes it, so it plans when their requests arrive."""
+    from lm_eval.api.instance import Instance
+
     from flexeval.lm import FlexGenLM
 
-    lm = FlexGenLM(pretrained="tiny-llama", policy="auto", gpu_mem_gb="0.05", cpu_mem_gb="0.05", prompt_len="64")
+    lm = FlexGenLM(pretrained="tiny-llama", policy="auto", gpu_mem_gb="0.05", cpu_mem_gb="0.05")
+    with pytest.raises(FlexevalError, match="loads the model once it has the requests to plan for"):
+        lm.engine.close()
+    # packed lengths 61, 31, 21 and 10 (a two-token ending's last token is only read): 31 on average
+    lm._loglikelihood_tokens([(("", ""), list(range(1, n + 1)), [5, 6]) for n in (60, 30, 20, 9)], disable_tqdm=True)
     assert lm.policy == lm.choice.policy == lm.engine.policy
-    assert lm.choice.prediction.peak_bytes["compute"] <= 0.05 * GB and lm.policy.gpu_batch_tokens > 0
+    assert lm.policy.gpu_batch_tokens == 31 * lm.policy.gpu_batch_size  # planned for these, not 512-token prompts
+    assert lm.choice.prediction.peak_bytes["compute"] <= 0.05 * GB
     assert lm.policy.bound_heap  # a RAM budget on the CPU: glibc's heaps are trimmed after every unit
-    with pytest.raises(FlexevalError, match="budgets for policy=auto's search"):
-        FlexGenLM(pretrained="tiny-llama", policy="disk-offload", gpu_mem_gb=0.05)
+    assert lm.get_model_info()["flexgen"]["prediction"]["loglikelihood requests"]["seconds"] > 0
+    # generation is planned anew (its KV cache must fit too), the model loaded again if the plan differs
+    asked = [Instance("generate_until", {}, (f"prompt {i}", {"max_gen_toks": 5, "until": ["\n"]}), i) for i in range(3)]
+    assert len(lm.generate_until(asked)) == 3
+    assert set(lm.predictions) == {"loglikelihood requests", "generate_until requests"}
+    assert lm.policy == lm.choice.policy and lm.choice.prediction.peak_bytes["compute"] <= 0.05 * GB
+    lm.engine.close()
+    given = FlexGenLM(pretrained="tiny-llama", policy="auto", sequences=8, prompt_len="64", gen_len=0)
+    assert given.policy.gpu_batch_tokens == 64 * given.policy.gpu_batch_size  # planned, and loaded, at once
+    given.engine.close()
+    with pytest.raises(FlexevalError, match=r"policy all-resident puts .* GB of weights on the compute tier but"):
+        FlexGenLM(pretrained="tiny-llama", policy="all-resident", gpu_mem_gb=0.0001)  # checked as the app checks
     with pytest.raises(FlexevalError, match="gpu_mem_gb must be a number of GB, got 'lots'"):
         FlexGenLM(pretrained="tiny-llama", policy="auto", gpu_mem_gb="lots")
     with pytest.raises(FlexevalError, match="prompt_len must be a whole number"):
