@@ -224,6 +224,7 @@ class CostModel:
         self.mlp_inner = sum(inner)  # what is alive at the MLP's peak: 3I while SwiGLU multiplies, 2I for OPT
         self.fits = {tuple(key.split("/")): self._fit(key, measured) for key, measured in layers.items()}
         self._blocks: dict[tuple[int, int, int], Counter[Block]] = {}
+        self._batches: dict[tuple[int, int, int], Counter[tuple[int, int]]] = {}
         self._seconds: dict[tuple[str, bool, int, int], float] = {}
 
     def _fit(self, key: str, measured: list[tuple[int, int, float]]) -> tuple[float, float]:
@@ -270,12 +271,26 @@ class CostModel:
             self._blocks[key] = found
         return self._blocks[key]
 
-    def per_block(self, policy: Policy, of: Callable[[int, int], float]) -> tuple[float, float]:
-        """(mean, largest) over the run's blocks of `of(sequences, padded length)` summed over a
-        block's micro-batches: time follows the mean block, memory the largest."""
-        shapes = self.shapes(policy)
-        sums = {block: sum(of(rows, width) for rows, width in block) for block in shapes}
-        return sum(sums[b] * count for b, count in shapes.items()) / self.blocks(policy), max(sums.values())
+    def batches(self, policy: Policy) -> Counter[tuple[int, int]]:
+        """The run's micro-batches, counted, each as (sequences, padded length)."""
+        key = (policy.gpu_batch_size, policy.gpu_batch_tokens, policy.num_gpu_batches)
+        if key not in self._batches:
+            found: Counter[tuple[int, int]] = Counter()
+            for block, count in self.shapes(policy).items():
+                for batch in block:
+                    found[batch] += count
+            self._batches[key] = found
+        return self._batches[key]
+
+    def mean_block(self, policy: Policy, of: Callable[[int, int], float]) -> float:
+        """The mean over the run's blocks of `of(sequences, padded length)` summed over a block's
+        micro-batches: what time follows."""
+        return sum(of(*batch) * count for batch, count in self.batches(policy).items()) / self.blocks(policy)
+
+    def largest_block(self, policy: Policy, of: Callable[[int, int], float]) -> float:
+        """The largest block's `of(sequences, padded length)` summed over its micro-batches: what
+        memory follows."""
+        return max(sum(of(*batch) for batch in block) for block in self.shapes(policy))
 
     def bounds(self, cost: UnitCost, policy: Policy) -> list[Term]:
         """Lower bounds of a unit's seconds, each linear in the placement fractions; its time is
@@ -355,7 +370,7 @@ class CostModel:
     def cache_bytes(self, policy: Policy) -> float:
         """The largest block's KV cache, every layer and micro-batch (0 for score-only workloads)."""
         return (
-            self.per_block(policy, lambda rows, width: self._layer_cache(policy, rows, width))[1]
+            self.largest_block(policy, lambda rows, width: self._layer_cache(policy, rows, width))
             * self.model.num_blocks
         )
 
@@ -374,17 +389,17 @@ class CostModel:
 
     def act_bytes(self, policy: Policy) -> float:
         """The hidden states the largest block keeps between units: one per micro-batch."""
-        return self.per_block(policy, lambda rows, width: rows * width * self.width * self.dtype.itemsize)[1]
+        return self.largest_block(policy, lambda rows, width: rows * width * self.width * self.dtype.itemsize)
 
     def _working(self, policy: Policy) -> Term:
         """Compute-tier bytes beyond what the tiers store and stage (`_staging`): the largest
         micro-batch's layer at work, its hidden states, the logits it reads out, a decoding step's
         cache on CUDA."""
-        shapes = {batch for block in self.shapes(policy) for batch in block}
-        return Term(max(self._batch_working(policy, b, s) for b, s in shapes) + RUNTIME_BYTES)
+        vocab = self._vocab_slice(policy)
+        return Term(max(self._batch_working(policy, b, s, vocab) for b, s in self.batches(policy)) + RUNTIME_BYTES)
 
-    def _batch_working(self, policy: Policy, b: int, s: int) -> float:
-        """`_working` of one micro-batch of b sequences padded to s tokens."""
+    def _batch_working(self, policy: Policy, b: int, s: int, vocab: int) -> float:
+        """`_working` of one micro-batch of b sequences padded to s tokens, `vocab` logits a row at once."""
         w, item = self.workload, self.dtype.itemsize
         rows = min(b, max(1, CPU_CHUNK_TOKENS // s)) * s if not self.cuda else b * s
         # attention or the MLP at its peak, whichever is wider
@@ -395,7 +410,7 @@ class CostModel:
         hidden = 3 * b * s * self.width * item
         head_rows = b * self._scored(s) if w.gen_len == 0 else b
         chunk = min(head_rows, max(LOGITS_CHUNK_ROWS, LOGITS_CHUNK_BYTES // (self.model.vocab_size * 4)))
-        logits = READOUT_PASSES * chunk * self._vocab_slice(policy) * 4
+        logits = READOUT_PASSES * chunk * vocab * 4
         decode_cache = 0.0
         if w.gen_len > 1 and self.cuda:  # a micro-batch's cache of one block fetched, and the next
             decode_cache = 2 * self._layer_cache(policy, b, s)
@@ -472,23 +487,20 @@ class CostModel:
                 grouped[key] = replace(grouped[key], count=grouped[key].count + 1)
                 continue
             compute = sum(self._compute(kind, policy, decoding, unit) for kind in kinds)
-            compute += (
-                self._dequantize_seconds(unit, policy, decoding)
-                + UNIT_OPS * self.profile.op_seconds * self.per_block(policy, lambda rows, width: 1)[0]
-            )
+            compute += self._dequantize_seconds(
+                unit, policy, decoding
+            ) + UNIT_OPS * self.profile.op_seconds * self.mean_block(policy, lambda rows, width: 1)
             state = self._state_io(unit, list(kinds), policy, decoding)
             grouped[key] = UnitCost(unit, "+".join(kinds), 1, compute, weights[u], prefetch, state, first=u == 0)
         return list(grouped.values())
 
     def _compute(self, kind: str, policy: Policy, decoding: bool, unit: Unit) -> float:
         """Seconds of one layer's arithmetic over every micro-batch of the mean block."""
-        seconds = self.per_block(policy, lambda rows, width: self._batch_seconds(kind, decoding, rows, width))[0]
+        seconds = self.mean_block(policy, lambda rows, width: self._batch_seconds(kind, decoding, rows, width))
         if unit.vocab is not None:  # a streamed slice: its share of the whole unembedding's time
             seconds *= (unit.vocab[1] - unit.vocab[0]) / self.model.vocab_size
         if kind == "attention":
-            seconds += self.per_block(policy, lambda rows, width: self._attention_extra(policy, decoding, rows, width))[
-                0
-            ]
+            seconds += self.mean_block(policy, lambda rows, width: self._attention_extra(policy, decoding, rows, width))
         return seconds
 
     def _batch_seconds(self, kind: str, decoding: bool, b: int, width: int) -> float:
@@ -619,7 +631,7 @@ class CostModel:
         """Seconds the hidden states and KV cache of every micro-batch of the mean block take to
         move through a unit."""
         p, w, item = self.profile, self.workload, self.dtype.itemsize
-        mean = lambda of: self.per_block(policy, of)[0]  # noqa: E731
+        mean = lambda of: self.mean_block(policy, of)  # noqa: E731
         tokens = mean(lambda rows, width: rows * (1 if decoding else width))
         hidden = tokens * self.width * item  # one store and one fetch per micro-batch
         io = {ch: Term() for ch in CHANNELS}
