@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from lm_eval.models.utils import normalize_gen_kwargs
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from flexeval.engine.cost_model import Workload
 from flexeval.errors import FlexevalError
@@ -38,10 +39,12 @@ def task_workload(
     """The tasks' requests as the backend will run them: a context and its endings packed into one
     sequence, each ending's last token read, not computed; contexts cut on the left where they
     would not fit the model's `window`, as the backend cuts them (beside each ending, which can
-    part a context's endings into sequences of their own, or before the tokens to generate)."""
+    part a context's endings into sequences of their own, or before the tokens to generate); a
+    document scored whole (perplexity) in lm-eval's rolling windows of the window's size."""
     names = list(names)
     contexts: dict[str, list[str]] = {}
     room: dict[str, int] = {}  # a generation prompt's tokens at most
+    rolling: set[str] = set()  # documents scored whole, in windows (perplexity)
     gen_len = 0
     for task in manager.load(names)["tasks"].values():
         if num_fewshot is not None:
@@ -57,12 +60,20 @@ def task_workload(
                 asked = int(normalize_gen_kwargs(dict(rest[0]), DEFAULT_MAX_GEN_TOKS)["max_gen_toks"])
                 gen_len = max(gen_len, asked)
                 room[context] = min(room.get(context, window), window - asked)
+            elif instance.request_type == "loglikelihood_rolling":
+                rolling.add(context)
     if not contexts:
         raise FlexevalError(f"the tasks {', '.join(names)} build no requests: nothing to plan for")
     endings = [ending for group in contexts.values() for ending in group]
     ending_lengths = iter(_lengths(tokenizer, endings) if endings else [])
-    lengths, scored = [], []
+    lengths, scored, windows = [], [], 0
     for (context, group), n in zip(contexts.items(), _lengths(tokenizer, list(contexts))):
+        if context in rolling:  # lm-eval's own windows over the document's tokens, one sequence each
+            for kept, target in map(make_disjoint_window, get_rolling_token_windows(list(range(n)), 0, window, 1)):
+                lengths.append(len(kept) + len(target) - 1)
+                scored.append(len(target))
+                windows += 1
+            continue
         if not group:
             lengths.append(min(n, room.get(context, window)))
             scored.append(0)
@@ -73,7 +84,7 @@ def task_workload(
         for tokens, ends in kept.items():
             lengths.append(tokens + sum(e - 1 for e in ends))
             scored.append(sum(ends))
-    return Workload.counted(lengths, gen_len, scored, len(endings))
+    return Workload.counted(lengths, gen_len, scored, len(endings) + windows)
 
 
 def _lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:

@@ -364,6 +364,10 @@ def test_policy_auto_plans_for_the_requests_the_tasks_will_make() -> None:
     lm = FlexGenLM("tiny-llama")
     lm_eval.simple_evaluate(model=lm, tasks=["piqa"], limit=8, task_manager=tasks, bootstrap_iters=0)
     assert (lm.usage.sequences, lm.usage.prompt_tokens) == (counted.sequences, sum(counted.lengths))  # what ran
+    perplexity = planned_workload(compose_run("model=tiny-llama", "task=wikitext", "limit=2", "policy=auto"), tasks)
+    lm = FlexGenLM("tiny-llama")
+    lm_eval.simple_evaluate(model=lm, tasks=["wikitext"], limit=2, task_manager=tasks, bootstrap_iters=0)
+    assert perplexity.sequences == lm.usage.sequences > 2  # lm-eval's rolling windows of each document, counted
     generating = compose_run("model=tiny-llama", "task=helm_xsum", "limit=3", "policy=auto", "workload.sequences=7")
     workload = planned_workload(generating, local_tasks({"data_dir": str(data_dir())}))
     assert workload.sequences == 7 and workload.gen_len > 0 and workload.scored is None
