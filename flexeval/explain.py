@@ -7,7 +7,7 @@
 With Hydra overrides it composes the run configuration as `python -m flexeval` would and explains
 its policy on the workload its tasks will run (counted from their requests; the `workload`
 section's values over the count). With a run directory it explains the policy that ran on the
-workload each task really was (sequences, tokens computed, tokens generated, from results.json)
+workload each task really was (each sequence's length, tokens scored and generated, from results.json)
 and prints the measurements beside: seconds, compute, time waiting for I/O, throughput, and
 the bytes each tier held at most. Predicted peaks add the compute tier's working memory, which
 the tiers do not count.
@@ -85,11 +85,13 @@ def explain_run(directory: Path) -> str:
     parts = []
     for task, usage in results["throughput"].items():
         sequences = max(1, usage.get("sequences", 0))
-        workload = Workload(
-            sequences,
-            max(1, round(usage["prompt_tokens"] / sequences)),
-            round(usage["generated_tokens"] / sequences),
-        )
+        gen_len = round(usage["generated_tokens"] / sequences)
+        if usage.get("lengths"):  # the sequences as they ran: their lengths decide the micro-batches
+            scored = usage.get("scored_tokens", 0)
+            endings = 0 if gen_len else usage["requests"]
+            workload = Workload.counted(usage["lengths"], gen_len, [scored] if scored else [], endings)
+        else:  # written before flexeval recorded them: their mean
+            workload = Workload(sequences, max(1, round(usage["prompt_tokens"] / sequences)), gen_len)
         costs = cost_model(
             cfg["model"]["pretrained"],
             workload,

@@ -58,6 +58,8 @@ class Usage:
 
     Prompt tokens are the tokens the engine computed (a shared context once); peak bytes are,
     per tier, the most that weights, cache and activations held together during one engine call.
+    `lengths` are the sequences the engine ran (a packed context and its endings, a window, a
+    prompt), `scored_tokens` those whose logits were read: the workload `explain` costs again.
     """
 
     requests: int = 0
@@ -68,6 +70,8 @@ class Usage:
     compute_seconds: float = 0.0
     io_wait_seconds: float = 0.0
     peak_bytes: dict[str, int] = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list)
+    scored_tokens: int = 0
 
     def add(self, stats: RunStats, requests: int, seconds: float) -> None:
         self.requests += requests
@@ -337,6 +341,8 @@ class FlexGenLM(TemplateLM):
         sizes = [len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in packed]
         scored = [sum(len(c) for c in conts) for _, conts in packed]
         self._plan(Workload.counted(sizes, scored=scored, endings=len(continuations)), "loglikelihood requests")
+        self.usage.lengths += sizes
+        self.usage.scored_tokens += sum(scored)
         self._in_blocks(packed, sizes, self.score, record, "loglikelihood", [len(m) for m in owners], disable_tqdm)
         return results
 
@@ -367,6 +373,8 @@ class FlexGenLM(TemplateLM):
         last = [int(w == len(owner) - 1 or owner[w + 1] != owner[w]) for w in range(len(owner))]  # a document done
         scored = [len(conts[0]) for _, conts in windows]
         self._plan(Workload.counted(sizes, scored=scored, endings=len(windows)), "loglikelihood_rolling requests")
+        self.usage.lengths += sizes
+        self.usage.scored_tokens += sum(scored)
         self._in_blocks(windows, sizes, self.score, record, "loglikelihood_rolling", last, disable_tqdm)
         return totals
 
@@ -382,6 +390,7 @@ class FlexGenLM(TemplateLM):
         lengths = [len(p) for group in prepared for p in group.prompts]
         gen_len = max(group.max_gen_toks for group in prepared)
         self._plan(Workload.counted(lengths, gen_len=gen_len), "generate_until requests")
+        self.usage.lengths += lengths
         for members, group in zip(groups.values(), prepared):
             self._generate_group(requests, members, group, results, disable_tqdm)
         return results

@@ -344,9 +344,12 @@ def test_policy_auto_runs_the_searched_policy_records_it_and_explains_it(tmp_pat
     chosen, prediction = results["policy"], results["prediction"]
     assert chosen["gpu_batch_tokens"] == chosen["gpu_batch_size"] * 128  # micro-batches hold what was planned
     assert prediction["peak_bytes"]["compute"] <= 0.05 * 2**30 and prediction["tokens_per_second"] > 0
+    usage = results["throughput"]["piqa"]  # the sequences that ran, which explain costs again
+    assert len(usage["lengths"]) == usage["sequences"] and sum(usage["lengths"]) == usage["prompt_tokens"]
     explained = flexeval(tmp_path, str(run), module="flexeval.explain")
     assert explained.returncode == 0, explained.stderr[-3000:]
     assert "## piqa" in explained.stdout and "tokens/s" in explained.stdout
+    assert f"workload: {usage['sequences']} sequences of" in explained.stdout
     assert "waiting for I/O seconds" in explained.stdout  # the run's measurements beside the prediction
 
 
