@@ -3,9 +3,9 @@
 The Hydra app (its `policy`, `compression`, `hardware` and `workload` sections) and the lm-eval
 backend (`model_args`) both name a preset or `auto`, `Policy` fields over it, memory budgets and,
 for `auto`, workload values. `PolicyRequest.parse` takes them in the engine's terms and refuses
-what is wrong before any model loads; `policy` then gives what runs: the preset's policy, its
-weights checked against the budgets, or (`auto`) the search's plan within them for the workload
-the tasks will run, counted from their requests, with any given workload values over it.
+what is wrong before any model loads; then `fixed` gives a preset's policy, its weights checked
+against the budgets, and `plan` (`auto`) the search's plan within them for the workload the tasks
+will run, counted from their requests, with any given workload values over it.
 """
 
 from __future__ import annotations
