@@ -60,7 +60,7 @@ def explain_config(overrides: list[str]) -> str:
     run = resolve(cfg)
     costs = cost_model(
         cfg.model.pretrained,
-        planned_workload(cfg, run.manager),
+        run.workload or planned_workload(cfg, run.manager),  # what policy=auto planned for, counted once
         cfg.model.dtype,
         run.device,
         cfg.hardware.offload_dir,

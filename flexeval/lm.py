@@ -238,8 +238,9 @@ class FlexGenLM(TemplateLM):
         loaded again); nothing when the workload was given whole and planned for at the start."""
         if not self.request.auto or (self.request.workload_given and self._engine is not None):
             return
+        workload = self.request.planned_for(counted)
         self.choice = self.request.plan(
-            self.pretrained, counted, dtype=self.dtype, device=self._device, offload_dir=self.offload_dir
+            self.pretrained, workload, dtype=self.dtype, device=self._device, offload_dir=self.offload_dir
         )
         self.predictions[what] = self.choice.prediction.as_dict()
         log.info("policy=auto chose for the %s: %s", what, self.choice.summary())

@@ -112,17 +112,17 @@ class PolicyRequest:
     def plan(
         self,
         spec: str | Path,
-        counted: Workload | None,
+        workload: Workload,
         *,
         dtype: str | torch.dtype,
         device: str | torch.device | None,
         offload_dir: str | Path | None,
         profile_overrides: Mapping[str, Any] | None = None,
     ) -> Choice:
-        """`auto`'s plan: the search's policy within the budgets for `planned_for(counted)`."""
+        """`auto`'s plan: the search's policy within the budgets for `workload` (`planned_for`'s)."""
         return plan(
             spec,
-            self.planned_for(counted),
+            workload,
             self.budget,
             base=self.base(),
             dtype=dtype,

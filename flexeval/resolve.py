@@ -42,6 +42,7 @@ class Run:
     manager: TaskManager  # the task index the checks used (indexing lm-eval's own tasks takes seconds)
     calibration: Calibration | None = None  # when the weights take a GPTQ fit
     choice: Choice | None = None  # what policy=auto chose, with its prediction
+    workload: Workload | None = None  # what policy=auto planned for
 
 
 def resolve(config: Any) -> Run:
@@ -69,11 +70,12 @@ def resolve(config: Any) -> Run:
     tasks = tuple(config.task.tasks)
     manager = _task_manager(config, root)
     _check_tasks(tasks, root, manager)
-    choice = None
+    choice = workload = None
     if request.auto:  # last: the first search on a machine measures it (seconds)
+        workload = request.planned_for(counted_workload(config, manager, request))
         choice = request.plan(
             config.model.pretrained,
-            counted_workload(config, manager, request),
+            workload,
             dtype=dtype,
             device=device,
             offload_dir=config.hardware.offload_dir,
@@ -89,6 +91,7 @@ def resolve(config: Any) -> Run:
         manager=manager,
         calibration=calibration,
         choice=choice,
+        workload=workload,
     )
 
 
