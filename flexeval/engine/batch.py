@@ -8,9 +8,11 @@ computes exactly what it would alone.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,20 +38,62 @@ class PaddedBatch:
 
 
 def as_token_lists(sequences: Sequence[TokenSeq], vocab_size: int, what: str) -> list[Tensor]:
-    """Validate user input: a non-empty list of non-empty sequences of in-vocabulary ids."""
-    if isinstance(sequences, Tensor) or not isinstance(sequences, Sequence) or isinstance(sequences, str):
+    """Validate user input: a non-empty list of non-empty sequences of in-vocabulary ids.
+
+    A flat list of ints is refused rather than read as that many one-token sequences, and ids
+    that are not integers (floats, bools, strings) rather than truncated or cast: either way the
+    call would compute something the caller did not mean, and return it without complaint.
+    """
+    if isinstance(sequences, str):
+        raise FlexevalError(f"{what} takes a list of token-id sequences, got str: tokenize text first")
+    if isinstance(sequences, Tensor) or not isinstance(sequences, Sequence):
         raise FlexevalError(f"{what} takes a list of token-id sequences, got {type(sequences).__name__}")
     if len(sequences) == 0:
         raise FlexevalError(f"{what} got no sequences: pass at least one list of token ids")
-    out = []
-    for i, seq in enumerate(sequences):
-        ids = torch.as_tensor(seq, dtype=torch.long).flatten()
-        if ids.numel() == 0:
-            raise FlexevalError(f"{what}: sequence {i} is empty; every sequence needs at least one token")
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-            raise FlexevalError(f"{what}: sequence {i} has token ids outside the vocabulary [0, {vocab_size})")
-        out.append(ids)
-    return out
+    if all(is_int(x) for x in sequences):
+        raise FlexevalError(
+            f"{what}: expected a list of token-id sequences, got a flat list of ints: wrap it: [[1, 2, 3]]"
+        )
+    return [as_token_ids(seq, vocab_size, f"{what}: sequence {i}") for i, seq in enumerate(sequences)]
+
+
+def as_token_ids(seq: TokenSeq, vocab_size: int, where: str) -> Tensor:
+    """One sequence of in-vocabulary ids (a list or tuple of ints, or a 1-D integer tensor or
+    array) as a long tensor; `where` names it in the error."""
+    if isinstance(seq, str):
+        raise FlexevalError(f"{where} is a str: tokenize text first (engine.tokenizer(text).input_ids)")
+    if isinstance(seq, Tensor | np.ndarray):
+        if seq.ndim != 1:
+            raise FlexevalError(f"{where} is a {seq.ndim}-D tensor: give each sequence as a 1-D tensor of token ids")
+        if isinstance(seq, Tensor):
+            integral = not (seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool)
+        else:
+            integral = np.issubdtype(seq.dtype, np.integer)
+        if not integral:
+            raise FlexevalError(f"{where} holds {seq.dtype} values: token ids must be integers")
+        ids = torch.as_tensor(seq).long()
+    elif isinstance(seq, Sequence):
+        for position, x in enumerate(seq):
+            if type(x) is not int and not is_int(x):  # the first test alone passes a tokenizer's ids, quickly
+                raise FlexevalError(f"{where} has {type(x).__name__} {x!r} at position {position}: token ids are ints")
+        try:
+            ids = torch.tensor(seq, dtype=torch.long)
+        except (OverflowError, RuntimeError, ValueError):  # beyond int64: outside any vocabulary
+            raise FlexevalError(f"{where} has token ids outside the vocabulary [0, {vocab_size})") from None
+    else:
+        article = "an" if type(seq).__name__[0] in "aeiou" else "a"
+        raise FlexevalError(f"{where} is {article} {type(seq).__name__}, not a list of token ids")
+    if ids.numel() == 0:
+        raise FlexevalError(f"{where} is empty; every sequence needs at least one token")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise FlexevalError(f"{where} has token ids outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def is_int(x: object) -> bool:
+    """An integer, but not a bool (which Python counts as one: a flag passed by mistake); numpy's
+    integer scalars included."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
 
 
 def left_pad(sequences: Sequence[Tensor], device: torch.device, pad_id: int = 0) -> PaddedBatch:

@@ -11,31 +11,35 @@ from __future__ import annotations
 
 import resource
 import shutil
-import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from flexeval import ownership
 from flexeval.engine import int4mm
 from flexeval.engine.batch import (
     Packed,
     PaddedBatch,
     TokenSeq,
+    as_token_ids,
     as_token_lists,
+    is_int,
     left_pad,
     micro_batches,
     pack,
     packed_mask,
 )
 from flexeval.engine.calibration import Calibration
+from flexeval.engine.finite import Inspection, WeightCheck
 from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.gptq import FittedWeights
 from flexeval.engine.hardware import cpu_has_bf16
@@ -145,23 +149,38 @@ def _make_tiers(
 
 
 def _prepare_offload_dir(offload_dir: str | Path | None, needed: int) -> Path:
+    """A folder of this engine's own in the offload directory, with room for the weights' disk
+    share. Folders that killed runs left there are reclaimed first (`flexeval.ownership`), so that
+    they neither fill the disk nor make this run refuse for lack of space. The KV cache's and the
+    activations' disk shares depend on the batch, unknown here: each block checks them as it
+    places them (`BlockState`)."""
     root = registry.cache_root() / "offload" if offload_dir is None else Path(offload_dir).expanduser()
     if offload_dir is None:
         root.mkdir(parents=True, exist_ok=True)
     if not root.is_dir():
         raise FlexevalError(f"offload directory {root} does not exist: create it or pass another offload_dir")
+    folders = "flexeval-*"
+    ownership.reclaim(root, folders, "offload folder")
     try:
-        workdir = Path(tempfile.mkdtemp(prefix="flexeval-", dir=root))
+        workdir = ownership.owned_directory(root, "flexeval-")
     except OSError as err:
         raise FlexevalError(
             f"offload directory {root} is not writable ({err.strerror}): pass another offload_dir"
         ) from err
     free = shutil.disk_usage(workdir).free
     if free < needed:
-        shutil.rmtree(workdir, ignore_errors=True)
+        ownership.remove(workdir)
+        left = ownership.leftovers(root, folders, besides=workdir)
+        others = ""
+        if left.directories:
+            held = "folder there holds" if left.directories == 1 else "folders there hold"
+            others = (
+                f" ({left.directories} other flexeval-* {held} {left.bytes / 2**30:.2f} GiB: "
+                "delete those no running flexeval uses)"
+            )
         raise FlexevalError(
             f"offload directory {root} has {free / 2**30:.2f} GiB free but the policy puts "
-            f"{needed / 2**30:.2f} GiB of weights there: free space or lower the disk share"
+            f"{needed / 2**30:.2f} GiB of weights there{others}: free space or lower the disk share"
         )
     return workdir
 
@@ -276,13 +295,15 @@ class Engine:
             }
             store = WeightStore(model.layers, tiers["weights"], policy, dtype)
             progress = tqdm(layers, total=len(model.layers), desc=_loading(spec, policy), unit="layer")
+            check = WeightCheck(model, checkpoint)
             for j, bundle in enumerate(progress):
+                bundle = check(j, bundle)
                 store.put(j, bundle, fitted.layer(j, bundle) if fitted else None)
             if fitted:
                 fitted.save()
         except BaseException:
             if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
+                ownership.remove(workdir)
             raise
         release_free_memory()
         if policy.bound_heap:
@@ -290,8 +311,15 @@ class Engine:
         return cls(model, store, tiers, tokenizer, device, dtype, policy, workdir, gemm_rows)
 
     def close(self) -> None:
-        """Stop the I/O threads and delete this engine's offload files (also done on garbage collection)."""
+        """Stop the I/O threads and delete this engine's offload files (also done on garbage
+        collection). Closing again does nothing; any other call on a closed engine is refused."""
         self._finalizer()
+
+    def _check_open(self) -> None:
+        """A closed engine has no I/O threads nor offload files: a resident one could still
+        compute, but refusing alike is what makes a use after `close` a bug found at once."""
+        if not self._finalizer.alive:
+            raise FlexevalError("this engine is closed: load it again")
 
     @property
     def context_length(self) -> int:
@@ -300,6 +328,7 @@ class Engine:
     @torch.inference_mode()
     def logprobs(self, sequences: Sequence[TokenSeq]) -> list[Tensor]:
         """lp[i][t] = log p(sequences[i][t + 1] | sequences[i][: t + 1]), as float32 on the CPU."""
+        self._check_open()
         seqs = as_token_lists(sequences, self.model.vocab_size, "logprobs")
         # the last token is only ever a target, so the model reads each sequence but its last token
         self._check_positions([len(s) - 1 for s in seqs], "logprobs")
@@ -312,6 +341,7 @@ class Engine:
         """For each (context, continuations): every continuation's log-likelihood given the context,
         and whether greedy decoding would produce it. A request's context is computed once for all
         of its continuations (a multiple-choice document's endings share one sequence)."""
+        self._check_open()
         if not isinstance(requests, Sequence) or not requests:
             raise FlexevalError("score takes a non-empty list of (context, continuations) pairs")
         rows = {}
@@ -319,8 +349,9 @@ class Engine:
             if not (isinstance(request, Sequence) and len(request) == 2 and request[1]):
                 raise FlexevalError(f"score: request {i} is not a (context, [continuation, ...]) pair")
             context, continuations = request
-            context, *continuations = as_token_lists([context, *continuations], self.model.vocab_size, "score")
-            rows[i] = pack(context, continuations)
+            vocab = self.model.vocab_size
+            context = as_token_ids(context, vocab, f"score: request {i}'s context")
+            rows[i] = pack(context, as_token_lists(continuations, vocab, f"score: request {i}'s continuations"))
         self._check_positions([int(r.positions.max()) + 1 for r in rows.values()], "score")
         scored = self._score(rows)
         results = []
@@ -372,11 +403,12 @@ class Engine:
         of `stop_strings`; the stopping token is included in its output. A block stops as soon
         as all of its sequences have.
         """
+        self._check_open()
         seqs = as_token_lists(prompts, self.model.vocab_size, "generate")
         budgets = self._budgets(max_new_tokens, len(seqs))
         sampling = Sampling(temperature, top_k, top_p, seed)
         # the last new token is only returned, never fed back, so it needs no position
-        self._check_positions([len(s) + max(int(n) - 1, 0) for s, n in zip(seqs, budgets)], "generate")
+        self._check_positions([len(s) + max(n - 1, 0) for s, n in zip(seqs, budgets)], "generate")
         stops = torch.tensor(self._stop_ids(stop_token_ids), dtype=torch.long)
         stopped = self._text_stop(stop_strings)
         generator = None if sampling.greedy else torch.Generator(self.device).manual_seed(seed)
@@ -384,7 +416,7 @@ class Engine:
         def readout(mb: list[int], t: int) -> Readout:
             return TokenReadout(len(mb), self.model.vocab_size, sampling, generator, self.device)
 
-        return self._decode(seqs, budgets, stops, stopped, readout)
+        return self._decode(seqs, torch.tensor(budgets), stops, stopped, readout)
 
     @torch.inference_mode()
     def decode_logprobs(self, prompts: Sequence[TokenSeq], continuations: Sequence[TokenSeq]) -> list[Tensor]:
@@ -392,12 +424,14 @@ class Engine:
         generation computes it: the prompt prefilled, then one decoding step per token against the
         KV cache (compressed, or read sparsely, as the policy says). `logprobs` scores a whole
         sequence in one exact pass; this measures what the cache's approximations cost."""
+        self._check_open()
         return [logprob for logprob, _ in self._decode_scored(prompts, continuations, "decode_logprobs")]
 
     def decode_score(self, requests: Sequence[tuple[TokenSeq, Sequence[TokenSeq]]]) -> list[list[Scored]]:
         """`score` computed through decoding steps, as `decode_logprobs` is: what a task's
         log-likelihoods become when every continuation token is read against the KV cache as
         generation keeps it (the lm-eval backend's `score_through_cache`)."""
+        self._check_open()
         if not isinstance(requests, Sequence) or not requests:
             raise FlexevalError("decode_score takes a non-empty list of (context, continuations) pairs")
         prompts, continuations = [], []
@@ -512,11 +546,17 @@ class Engine:
         cache_mode: CacheMode = "none",
         new_cache: Callable[[int], KVCache] | None = None,
     ) -> list[Tensor]:
+        """One pass of the block schedule; its readouts' logits must be finite (`flexeval.engine.finite`):
+        one reduction per micro-batch, and only when it fails the pass again, inspected layer by layer."""
         plan, told = self.plan, self.on_unit
         done = None if told is None else lambda u: told((u + 1) / len(plan))
-        return run_pass(
-            self.model.layers, plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache, self.heap, done
-        )
+        args = (plan, self.weights, state, steps, self.io, timing, cache_mode, new_cache, self.heap)
+        outputs = run_pass(self.model.layers, *args, done)
+        if not bool(torch.stack([step.readout.finite() for step in steps]).all()):
+            inspection = Inspection(self.model.layers)
+            run_pass(inspection.layers, *args)
+            raise inspection.error(self.weights, self.dtype)
+        return outputs
 
     def _step(
         self,
@@ -577,17 +617,23 @@ class Engine:
         }
         self.stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def _budgets(self, max_new_tokens: int | Sequence[int], n: int) -> Tensor:
-        budgets = torch.as_tensor(max_new_tokens, dtype=torch.long).flatten()
-        if budgets.numel() == 1:
-            budgets = budgets.expand(n)
-        if budgets.numel() != n:
+    def _budgets(self, max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+        """One budget per prompt, as Python ints: a huge one is then refused by `_check_positions`
+        for the context window, not by an overflow in torch."""
+        given = max_new_tokens.tolist() if isinstance(max_new_tokens, Tensor | np.ndarray) else max_new_tokens
+        budgets = [given] * n if is_int(given) else given
+        if isinstance(budgets, str) or not isinstance(budgets, Sequence):
+            raise FlexevalError(f"max_new_tokens must be an int, or a list of one per prompt, got {max_new_tokens!r}")
+        wrong = [b for b in budgets if not is_int(b)]
+        if wrong:
+            raise FlexevalError(f"max_new_tokens must be an int, or a list of one per prompt, got {wrong[0]!r}")
+        if len(budgets) != n:
             raise FlexevalError(
-                f"max_new_tokens has {budgets.numel()} entries for {n} prompts: give one or one per prompt"
+                f"max_new_tokens has {len(budgets)} entries for {n} prompts: give one or one per prompt"
             )
-        if (budgets < 0).any():
-            raise FlexevalError(f"max_new_tokens must be >= 0, got {budgets.min().item()}")
-        return budgets
+        if min(budgets) < 0:
+            raise FlexevalError(f"max_new_tokens must be >= 0, got {min(budgets)}")
+        return [int(b) for b in budgets]
 
     def _check_positions(self, needed: Sequence[int], what: str) -> None:
         for i, n in enumerate(needed):
@@ -600,8 +646,14 @@ class Engine:
 
     def _text_stop(self, stop_strings: Sequence[str]) -> Callable[[list[int]], bool] | None:
         """Whether a sequence's new tokens spell a stop string; only their tail is decoded, as
-        long as the longest stop string plus two tokens (a string can straddle token bounds)."""
-        strings = [s for s in stop_strings if s]
+        long as the longest stop string plus two tokens (a string can straddle token bounds).
+        One string is refused, not taken as a stop at each of its characters."""
+        if isinstance(stop_strings, str) or not isinstance(stop_strings, Iterable):
+            raise FlexevalError(f"stop_strings must be a list of strings, e.g. ['\\n'], got {stop_strings!r}")
+        given = list(stop_strings)
+        if not all(isinstance(s, str) for s in given):
+            raise FlexevalError(f"stop_strings must be a list of strings, e.g. ['\\n'], got {given!r}")
+        strings = [s for s in given if s]
         if not strings:
             return None
         tail = max(len(self.tokenizer(s, add_special_tokens=False).input_ids) for s in strings) + 2
@@ -613,10 +665,21 @@ class Engine:
         return stopped
 
     def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> list[int]:
-        if stop_token_ids is not None:
-            return list(stop_token_ids)
-        eos = self.tokenizer.eos_token_id
-        return [] if eos is None else [eos]
+        if stop_token_ids is None:
+            eos = self.tokenizer.eos_token_id
+            return [] if eos is None else [eos]
+        given = stop_token_ids.tolist() if isinstance(stop_token_ids, Tensor | np.ndarray) else stop_token_ids
+        if isinstance(given, str) or not isinstance(given, Iterable):
+            raise FlexevalError(f"stop_token_ids must be a list of token ids (ints), got {stop_token_ids!r}")
+        ids = list(given)
+        if not all(is_int(t) for t in ids):
+            raise FlexevalError(f"stop_token_ids must be a list of token ids (ints), got {ids!r}")
+        outside = [t for t in ids if not 0 <= t < self.model.vocab_size]
+        if outside:
+            raise FlexevalError(
+                f"stop_token_ids has ids outside the vocabulary [0, {self.model.vocab_size}): {outside[:5]}"
+            )
+        return [int(t) for t in ids]
 
 
 def _loading(spec: str | Path, policy: Policy) -> str:
@@ -632,4 +695,4 @@ def _loading(spec: str | Path, policy: Policy) -> str:
 def _cleanup(io: Executors, workdir: Path | None) -> None:
     io.shutdown()
     if workdir is not None:
-        shutil.rmtree(workdir, ignore_errors=True)
+        ownership.remove(workdir)

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from flexeval.engine.batch import left_pad, positions
+from flexeval.engine.batch import is_int, left_pad, positions
 from flexeval.errors import FlexevalError
+
+SEEDS = (-(2**63), 2**64)  # what `torch.Generator.manual_seed` takes
+
+
+def _is_number(x: object) -> bool:
+    """A real number, but not a bool; NaN and infinity pass here and are refused by the caller."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """temperature 0 means greedy; top_k 0 and top_p 1 mean no truncation."""
+    """temperature 0 means greedy; top_k 0 and top_p 1 mean no truncation.
+
+    Each setting is checked for its type and finiteness here, before any compute: a NaN
+    temperature would only fail in the sampler after a whole prefill, and a float top_k or a
+    string seed with a raw torch error.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -22,6 +37,16 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise FlexevalError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "seed"):
+            value = getattr(self, name)
+            if not is_int(value):
+                raise FlexevalError(f"{name} must be an int, got {value!r}")
+        if not SEEDS[0] <= self.seed < SEEDS[1]:
+            raise FlexevalError(f"seed must be an int in [-2**63, 2**64) (torch's range), got {self.seed}")
         if self.temperature < 0:
             raise FlexevalError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:

@@ -18,13 +18,14 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,79 @@ class HardwareProfile:
         return cls(**(dict(values) | tables))
 
 
+def check_overrides(overrides: Mapping[str, Any], where: str = "hardware.profile") -> None:
+    """Refuse an override that names no figure or gives one a value the cost model cannot use (a
+    rate of 0 divides by zero; a negative or NaN one plans nonsense), naming it as `where`.name."""
+    known = {f.name for f in fields(HardwareProfile)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise FlexevalError(f"{where}: unknown figures {unknown}; known: {', '.join(sorted(known))}")
+    for name, value in overrides.items():
+        usable, what = FIGURES[name]
+        if not usable(value):
+            raise FlexevalError(f"{where}.{name} must be {what}, got {value!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rate(value: Any) -> bool:
+    """Rates are divided by: finite and above 0."""
+    return _number(value) and value > 0
+
+
+def _at_least_zero(value: Any) -> bool:
+    return _number(value) and value >= 0
+
+
+def _per_dtype(usable: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, Mapping) and all(usable(v) for v in value.values())
+
+
+def _table(table: Any) -> bool:
+    """(size, rate) pairs, sizes ascending (`interpolate` needs them so), all finite and above 0."""
+    if isinstance(table, str) or not isinstance(table, Sequence) or not table:
+        return False
+    if not all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in table):
+        return False
+    sizes = [size for size, _ in table]
+    return all(a < b for a, b in zip(sizes, sizes[1:])) and all(_rate(x) for pair in table for x in pair)
+
+
+# Each figure's test, and what it must be, for an override to be usable by the cost model.
+FIGURES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "device": (lambda value: value in ("cpu", "cuda"), "cpu or cuda"),
+    "gemm": (_per_dtype(_table), "a map of dtypes to [rows, FLOP/s] pairs, rows ascending, all finite and above 0"),
+    "attention": (
+        _per_dtype(_table),
+        "a map of dtypes to [tokens, FLOP/s] pairs, tokens ascending, all finite and above 0",
+    ),
+    "decode_attention": (_per_dtype(_rate), "a map of dtypes to finite bytes per second above 0"),
+    "cpu_decode_attention": (_per_dtype(_rate), "a map of dtypes to finite bytes per second above 0"),
+    "memory_bandwidth": (_rate, "finite bytes per second above 0"),
+    "op_seconds": (_at_least_zero, "finite seconds, at least 0"),
+    "dequantize": (_rate, "finite bytes per second above 0"),
+    "h2d": (_rate, "finite bytes per second above 0"),
+    "d2h": (_rate, "finite bytes per second above 0"),
+    "disk_read": (_rate, "finite bytes per second above 0"),
+    "disk_write": (_rate, "finite bytes per second above 0"),
+    "disk_call_seconds": (_at_least_zero, "finite seconds, at least 0"),
+    "read_slowdown": (
+        lambda value: _number(value) and value >= 1,
+        "a finite ratio of at least 1 (compute's time while a worker reads, over its time alone)",
+    ),
+    "memory": (
+        lambda value: (
+            isinstance(value, Mapping)
+            and set(value) <= {"compute", "cpu", "disk"}
+            and all(_at_least_zero(v) for v in value.values())
+        ),
+        "a map of tiers (compute, cpu, disk) to finite bytes, at least 0",
+    ),
+}
+
+
 def interpolate(table: Table, size: float) -> float:
     """A rate at `size`, linear in log(size) between measured sizes, flat beyond them."""
     sizes, rates = zip(*table)
@@ -119,6 +193,7 @@ def profile(
 ) -> HardwareProfile:
     """This machine's profile: cached under `cache/hardware/`, else measured (and cached), then
     with `overrides` applied and the memory figures read now."""
+    check_overrides(overrides or {})
     path = cache / "hardware" / f"{machine_key(device, offload_dir)}.json"
     found = None
     if path.is_file():
@@ -132,8 +207,10 @@ def profile(
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, found.to_json())
     found = replace(found, memory=available_memory(device, offload_dir))
-    if overrides:
-        found = HardwareProfile.from_dict(asdict(found) | dict(overrides))
+    if overrides:  # a mapping's entries over the measured ones: gemm.float32 alone leaves bfloat16's
+        measured = asdict(found)
+        given = {k: dict(measured[k]) | dict(v) if isinstance(v, Mapping) else v for k, v in overrides.items()}
+        found = HardwareProfile.from_dict(measured | given)
     return found
 
 

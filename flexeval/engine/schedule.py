@@ -49,6 +49,29 @@ class Inline(Executor):
         return future
 
 
+class Sequenced(Executor):
+    """Another executor's tasks, in its order (a FIFO one), each run only if none before it failed:
+    after a failure every later task fails with that very exception. The schedule waits for the
+    fetches of state but not for its stores, so a store's error (a full disk) reaches the compute
+    thread at its next fetch as itself, not as the KeyError of a fetch that finds nothing stored."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.failure: BaseException | None = None  # read and written by the one thread that runs the tasks
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        return self.executor.submit(self._run, fn, *args, **kwargs)
+
+    def _run(self, fn, /, *args, **kwargs):
+        if self.failure is not None:
+            raise self.failure
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as err:
+            self.failure = err
+            raise
+
+
 @dataclass
 class Executors:
     """Weights and state (activations, cache) stream on separate workers, so that a big weight
@@ -155,7 +178,7 @@ def run_pass(
     n, last = len(steps), len(plan) - 1
     token_ids = torch.unique(torch.cat([step.ids.flatten() for step in steps]).cpu())  # sorted
     inline = Inline()  # what moves nothing is done on the spot: a thread hand-off would cost more
-    state_io = io.state if state.moves else inline
+    state_io = Sequenced(io.state if state.moves else inline)  # stores are not waited for: see `Sequenced`
 
     def fetch(u: int, k: int) -> tuple[Tensor | None, dict[int, KVCache], list[Loaded]]:
         h, loaded = state.load_hidden(k) if u > 0 else (None, Loaded([]))

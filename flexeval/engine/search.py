@@ -7,14 +7,15 @@ for each, the placement fractions of weights, KV cache and activations solve a l
 and by each channel's I/O, subject to every tier's peak bytes within its budget. The best few
 programs are then predicted exactly (weights placed tensor by tensor, as `WeightStore` will
 place them), and a policy whose exact peak would exceed a budget is solved again with that
-budget tightened by the excess, so the search never returns one that does not fit.
+budget tightened by the excess, so the search never returns one that does not fit. When nothing
+fits, the error names the least raise of one budget that does, the others kept (`_infeasible`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,23 @@ class Budget:
     disk: float | None = None
 
     @classmethod
-    def from_gb(cls, gpu_mem_gb: float | None, cpu_mem_gb: float | None, disk_gb: float | None) -> Budget:
+    def from_gb(
+        cls,
+        gpu_mem_gb: float | None,
+        cpu_mem_gb: float | None,
+        disk_gb: float | None,
+        named: Callable[[str], str] = str,
+    ) -> Budget:
+        """Budgets in GB, each finite and positive, but a disk budget may be 0 (nothing on disk):
+        the compute tier always holds working memory, and the process always needs some RAM.
+        `named` spells a budget's name as the front door it came through does."""
         for key, value in zip(BUDGET_KEYS.values(), (gpu_mem_gb, cpu_mem_gb, disk_gb)):
-            if value is not None and value <= 0:
-                raise FlexevalError(f"{key} must be positive (GB), got {value}")
+            if value is None or (math.isfinite(value) and (value > 0 or (value == 0 and key == "disk_gb"))):
+                continue
+            least = (
+                "finite and at least 0 (GB; 0 puts nothing on disk)" if key == "disk_gb" else "positive and finite (GB)"
+            )
+            raise FlexevalError(f"{named(key)} must be {least}, got {value:g}")
         return cls(*(None if v is None else float(v) * GB for v in (gpu_mem_gb, cpu_mem_gb, disk_gb)))
 
     def given(self) -> dict[str, float]:
@@ -110,7 +124,7 @@ LEANEST = (Shape(1, 1, False, True, False), Shape(1, 1, True, True, False))
 def search(costs: CostModel, base: Policy, budget: Budget) -> Choice:
     """The fastest policy for `costs`' workload within `budget`; `base` gives everything the search
     does not choose (compression, attention sparsity, pinning). Raises a FlexevalError naming
-    the smallest budget that would do, when none fits."""
+    the least raise of the budgets that would do, when none fits."""
     limits = _limits(costs, budget)
     solved = []
     for shape in _shapes(costs):
@@ -132,6 +146,9 @@ def search(costs: CostModel, base: Policy, budget: Budget) -> Choice:
             break
     if best is None:  # the leanest shapes with everything they can put on disk, as `_fits` tries them
         best = next(filter(None, (_on_disk(costs, base, shape, limits) for shape in LEANEST)), None)
+    if best is None:  # what `_infeasible` names is found here once its budget is given
+        leanest = (_least(costs, base, shape, limits, tier) for tier in TIERS for shape in LEANEST)
+        best = next((c for c in leanest if c is not None and not _over(costs, c.prediction, limits)), None)
     if best is None:
         raise FlexevalError(_infeasible(costs, base, budget))
     return best
@@ -203,22 +220,37 @@ def _solve(costs: CostModel, policy: Policy, limits: dict[str, float]) -> tuple[
             objective.append(stage.passes * blocks * cost.count)
             for bound in costs.bounds(cost, policy):
                 at_most(bound, 0.0, n + len(objective) - 1)
-    weights, peaks = costs.weight_terms(policy), costs.peaks(policy)
-    for tier in TIERS:
-        at_most(weights[tier] + peaks[tier], limits[tier])
-    if not costs.cuda:  # both tiers are RAM: together within what the machine has
-        ram = weights["compute"] + peaks["compute"] + weights["cpu"] + peaks["cpu"]
-        at_most(ram, float(costs.profile.memory["cpu"]))
-    for kind in ("w", "cache", "act"):
-        at_most(_pair(kind), 1.0)
+    for term, limit in _memory(costs, policy, limits):
+        at_most(term, limit)
     width = n + len(objective)
     a_ub = np.array([np.pad(r, (0, width - len(r))) for r in rows])
-    c = np.concatenate([[PREFERENCE * (1 + f.endswith("disk")) for f in FRACTIONS], objective])
-    variable_bounds = [(0.0, 0.0 if _unused(costs, f) else 1.0) for f in FRACTIONS] + [(0.0, None)] * len(objective)
+    c = np.concatenate([_preference(), objective])
+    variable_bounds = _fraction_bounds(costs) + [(0.0, None)] * len(objective)
     result = linprog(c, A_ub=a_ub, b_ub=np.array(bounds), bounds=variable_bounds, method="highs")
     if result.status != 0:
         return None
     return float(result.fun), result.x[:n]
+
+
+def _memory(
+    costs: CostModel, policy: Policy, limits: dict[str, float], free: str | None = None
+) -> list[tuple[Term, float]]:
+    """The program's memory constraints (term <= limit): every tier but `free` within its limit,
+    both RAM tiers together within the machine's RAM on a CPU, each tensor class's shares at most 1."""
+    weights, peaks = costs.weight_terms(policy), costs.peaks(policy)
+    constraints = [(weights[t] + peaks[t], limits[t]) for t in TIERS if t != free]
+    if not costs.cuda:  # both tiers are RAM: together within what the machine has
+        ram = weights["compute"] + peaks["compute"] + weights["cpu"] + peaks["cpu"]
+        constraints.append((ram, float(costs.profile.memory["cpu"])))
+    return constraints + [(_pair(kind), 1.0) for kind in ("w", "cache", "act")]
+
+
+def _preference() -> np.ndarray:
+    return np.array([PREFERENCE * (1 + f.endswith("disk")) for f in FRACTIONS])
+
+
+def _fraction_bounds(costs: CostModel) -> list[tuple[float, float | None]]:
+    return [(0.0, 0.0 if _unused(costs, f) else 1.0) for f in FRACTIONS]
 
 
 def _pair(kind: str) -> Term:
@@ -247,18 +279,36 @@ def _exact(
         policy = _policy(shaped, _shape(shaped), costs.workload, fractions)
         fractions = None
         prediction = costs.predict(policy)
-        over = {t: prediction.peak_bytes[t] - limits[t] for t in TIERS if prediction.peak_bytes[t] > limits[t]}
-        if not costs.cuda:
-            ram = prediction.peak_bytes["compute"] + prediction.peak_bytes["cpu"] - costs.profile.memory["cpu"]
-            if ram > 0:
-                over["compute"] = max(over.get("compute", 0.0), ram)
+        over = _over(costs, prediction, limits)
         if not over:
             return Choice(policy, prediction)
-        for tier, excess in over.items():
-            tightened[tier] -= 1.05 * excess
-            if tightened[tier] <= 0:
-                return None
+        if not _tighten(tightened, over):
+            return None
     return None
+
+
+def _over(
+    costs: CostModel, prediction: Prediction, limits: dict[str, float], free: str | None = None
+) -> dict[str, float]:
+    """Bytes by which an exact placement overshoots each tier's limit but `free`'s, the machine's
+    RAM on a CPU counted against the RAM tier that is not `free` (compute unless it is)."""
+    peaks = prediction.peak_bytes
+    over = {t: peaks[t] - limits[t] for t in TIERS if t != free and peaks[t] > limits[t]}
+    ram = peaks["compute"] + peaks["cpu"] - costs.profile.memory["cpu"]
+    if not costs.cuda and ram > 0:
+        cut = "cpu" if free == "compute" else "compute"
+        over[cut] = max(over.get(cut, 0.0), ram)
+    return over
+
+
+def _tighten(limits: dict[str, float], over: dict[str, float]) -> bool:
+    """Limits lowered by what an exact placement overshot (and a margin), for the program to be
+    solved again; False when one would reach zero."""
+    for tier, excess in over.items():
+        limits[tier] -= 1.05 * excess
+        if limits[tier] <= 0:
+            return False
+    return True
 
 
 def _shape(policy: Policy) -> Shape:
@@ -273,31 +323,91 @@ def _shape(policy: Policy) -> Shape:
 
 
 def _infeasible(costs: CostModel, base: Policy, budget: Budget) -> str:
-    """The error for a budget nothing fits: it names the smallest that surely does, the given
-    budgets scaled together until the leanest policy fits them (one sequence at a time,
-    everything on disk that can be), which `search` always tries last."""
+    """The error for a budget nothing fits: it names the least raise that surely fits. Each given
+    budget alone is raised to what `_least` needs on its tier, the others kept, and the smallest
+    raise relative to its budget is named, the others after it; when no budget alone will do,
+    each is raised to what the leanest policy with everything on disk needs. The search tries
+    both policies last, so it finds one within the budget named."""
     given = budget.given()
     what = f"{costs.model.family} model, {costs.workload.prompt_len}-token prompts"
     if not given:
         return f"no policy fits this machine's memory for the {what}"
-    scales = []
+    limits = _limits(costs, budget)
+    alone = {}
+    for tier in given:
+        needs = [c.prediction.peak_bytes[tier] for s in LEANEST if (c := _least(costs, base, s, limits, tier))]
+        if needs:
+            alone[tier] = min(needs)
+    raises = sorted(alone, key=lambda t: _ratio(alone[t], given[t]))
+    notes = []
+    if raises:
+        least = replace(budget, **{raises[0]: alone[raises[0]]})
+        if raises[1:]:
+            each = (f"{BUDGET_KEYS[t]} to {_three_digits(alone[t] / GB, up=True):.3g}" for t in raises[1:])
+            notes.append(f"or raise {', or '.join(each)} instead")
+    else:
+        least = _all_raised(costs, base, budget)
+        if least is None:
+            return f"no policy fits {budget.describe()} for the {what}, nor any larger budget of those tiers"
+    if len(given) < len(TIERS):
+        notes.append("or put more of the model on a tier without a budget")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    feasible = least.describe(up=True)
+    return f"no policy fits {budget.describe()} for the {what}: the smallest feasible budget is {feasible}{note}"
+
+
+def _all_raised(costs: CostModel, base: Policy, budget: Budget) -> Budget | None:
+    """Every given budget raised to what a leanest shape needs with everything on disk (the one
+    needing the least raise relative to the budgets), if that fits the machine."""
+    given = budget.given()
+    raised = []
     for shape in LEANEST:
         peaks = costs.predict(_all_on_disk(costs, base, shape)).peak_bytes
-        scales.append(max(peaks[t] / v for t, v in given.items()))
-    least = budget.scaled(min(scales) * (1 + 1e-9))  # a quotient times its divisor can fall an ulp short
-    if _on_disk(costs, base, LEANEST[scales.index(min(scales))], _limits(costs, least)) is None:
-        return f"no policy fits {budget.describe()} for the {what}, nor any larger budget of those tiers"
-    return (
-        f"no policy fits {budget.describe()} for the {what}: the smallest feasible budget is "
-        f"{least.describe(up=True)} (or put more of the model on a tier without a budget)"
-    )
+        least = replace(budget, **{t: max(v, peaks[t]) for t, v in given.items()})
+        if _on_disk(costs, base, shape, _limits(costs, least)) is not None:
+            raised.append(least)
+    return min(raised, key=lambda b: sum(_ratio(getattr(b, t), v) for t, v in given.items()), default=None)
+
+
+def _ratio(raised: float, given: float) -> float:
+    """How many times a budget a raise is (a zero budget's raise is the dearest)."""
+    return raised / given if given else math.inf
+
+
+def _least(costs: CostModel, base: Policy, shape: Shape, limits: dict[str, float], tier: str) -> Choice | None:
+    """The policy of this shape that puts the fewest bytes on `tier` while every other tier stays
+    within its limit, placed exactly (a limit the placement overshoots is tightened and the
+    program solved again), or None; its peak on `tier` is whatever that takes. `tier`'s own limit
+    plays no part, so raising it to that peak leaves this policy the same, and then it fits."""
+    shaped = _policy(base, shape, costs.workload)
+    tightened = dict(limits)
+    for _ in range(RETRIES):
+        constraints = _memory(costs, shaped, tightened, free=tier)
+        usage = costs.weight_terms(shaped)[tier] + costs.peaks(shaped)[tier]
+        result = linprog(
+            usage.coefficients + _preference(),
+            A_ub=np.array([term.coefficients for term, _ in constraints]),
+            b_ub=np.array([limit - term.constant for term, limit in constraints]),
+            bounds=_fraction_bounds(costs),
+            method="highs",
+        )
+        if result.status != 0:
+            return None
+        policy = _policy(shaped, shape, costs.workload, result.x)
+        prediction = costs.predict(policy)
+        over = _over(costs, prediction, limits, free=tier)
+        if not over:
+            return Choice(policy, prediction)
+        if not _tighten(tightened, over):
+            return None
+    return None
 
 
 def _on_disk(costs: CostModel, base: Policy, shape: Shape, limits: dict[str, float]) -> Choice | None:
     """The policy of this shape with every tensor class on disk, if it fits."""
     policy = _all_on_disk(costs, base, shape)
     prediction = costs.predict(policy)
-    return Choice(policy, prediction) if all(prediction.peak_bytes[t] <= limits[t] for t in TIERS) else None
+    return None if _over(costs, prediction, limits) else Choice(policy, prediction)
 
 
 def _all_on_disk(costs: CostModel, base: Policy, shape: Shape) -> Policy:

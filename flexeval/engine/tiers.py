@@ -15,7 +15,9 @@ on its own stream, so that uploads and downloads run beside the compute stream's
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +32,7 @@ from torch import Tensor
 
 from flexeval.errors import FlexevalError
 from flexeval.models.checkpoint import Lazy
+from flexeval.ownership import mebibytes
 
 Bundle = dict[str, Tensor]
 Rows = Mapping[str, Tensor]  # tensor name -> sorted, distinct indices of the rows to fetch
@@ -196,6 +199,10 @@ class Tier(ABC):
     def release(self, fetched: Fetched) -> None:  # noqa: B027 - only tiers that stage through buffers override it
         """Hand back the staging memory of a `get` once its tensors are no longer used."""
 
+    def ensure_room(self, nbytes: int, what: str) -> None:  # noqa: B027 - only the disk tier can run out
+        """Raise a FlexevalError, before anything is written, unless `nbytes` more bytes of `what`
+        (the KV cache, activations) fit in this tier."""
+
     def evict(self, key: str) -> None:
         self._evict(key)
         self.stats.count(held=-self._sizes.pop(key, 0))
@@ -331,7 +338,10 @@ class DiskTier(Tier):
         offset = _aligned(offset)  # whole-file reads are whole blocks
         path = self._path(key)
         target = path.with_name(path.name + ".tmp") if self.durable else path
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if self.durable else 0), 0o600)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if self.durable else 0), 0o600)
+        except OSError as err:
+            raise _write_failed(path, err) from err
         try:
             for entry, tensor in zip(entries, bundle.values()):
                 at = entry.offset
@@ -345,7 +355,7 @@ class DiskTier(Tier):
         except OSError as err:
             if self.durable:
                 target.unlink(missing_ok=True)
-            raise FlexevalError(f"cannot write {path} in the offload directory: {err.strerror or err}") from err
+            raise _write_failed(path, err) from err
         finally:
             os.close(fd)
         if self.durable:
@@ -415,7 +425,10 @@ class DiskTier(Tier):
     def _write_rows(self, key: str, rows: RowWrites) -> None:
         entries = {e.name: e for e in self._layout[key][0]}
         path = self._path(key)
-        fd = os.open(path, os.O_WRONLY)
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError as err:
+            raise _write_failed(path, err) from err
         try:
             for name, (index, new) in rows.items():
                 entry, data = entries[name], new.detach().to("cpu").contiguous().view(torch.uint8).numpy()
@@ -425,9 +438,19 @@ class DiskTier(Tier):
                         _pwrite(fd, path, data[first:i].reshape(-1), entry.offset + index[first] * _row_bytes(entry))
                         first = i
         except OSError as err:
-            raise FlexevalError(f"cannot write {path} in the offload directory: {err.strerror or err}") from err
+            raise _write_failed(path, err) from err
         finally:
             os.close(fd)
+
+    def ensure_room(self, nbytes: int, what: str) -> None:
+        """Counted in tensor bytes: each file's alignment adds at most a block."""
+        free = shutil.disk_usage(self.directory).free
+        if free < nbytes:
+            raise FlexevalError(
+                f"offload directory {self.directory.parent} has {mebibytes(free)} free but this batch's {what} "
+                f"would take {mebibytes(nbytes)} more there: free space, lower the policy's disk share of the {what} "
+                "or use a smaller batch"
+            )
 
     def release(self, fetched: Fetched) -> None:
         for buffer in fetched.buffers:
@@ -480,8 +503,23 @@ def _row_ranges(entry: _Entry, rows: list[int]) -> list[tuple[int, int, int, int
 
 
 def _pwrite(fd: int, path: Path, data: np.ndarray, offset: int) -> None:
-    if os.pwrite(fd, data, offset) != data.nbytes:
-        raise OSError(f"short write to {path}")
+    """Write all of `data` (bytes): a write cut short (the disk filling up) is continued, and the
+    next call then says why it cannot go on (ENOSPC)."""
+    view, done = memoryview(data.reshape(-1)), 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"short write to {path}")
+        done += n
+
+
+def _write_failed(path: Path, err: OSError) -> FlexevalError:
+    """A failed write in the offload directory, as one line that keeps its cause and says what to do."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free space in the offload directory or lower the policy's disk share"
+    else:
+        advice = "check the offload directory or pass another offload_dir"
+    return FlexevalError(f"writing {path} failed: {err.strerror or err}: {advice}")
 
 
 def _pread(fd: int, path: Path, into: Tensor, offset: int) -> None:

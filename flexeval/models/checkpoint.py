@@ -85,7 +85,7 @@ class Checkpoint:
         ):
             index = self.directory / index_name
             if index.exists():
-                shards = sorted({self.directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+                shards = sorted({self._shard(index, f) for f in json.loads(index.read_text())["weight_map"].values()})
                 missing = [s.name for s in shards if not s.exists()]
                 if missing:
                     raise FlexevalError(f"{index} lists missing weight files {missing}: re-download the checkpoint")
@@ -96,6 +96,18 @@ class Checkpoint:
         raise FlexevalError(
             f"no weight files (*.safetensors or *.bin) in {self.directory}: point at a complete checkpoint directory"
         )
+
+    def _shard(self, index: Path, name: object) -> Path:
+        """A shard named by the index: a path inside the checkpoint directory, or a FlexevalError.
+        Judged by its name, not where it resolves to: the hub's cache links every file of a
+        snapshot to a blob outside it, while a name with `..` or an absolute one could make a
+        checkpoint read any file."""
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise FlexevalError(
+                f"{index} names weight file {name} outside {self.directory}: refused; use a checkpoint whose "
+                "index names its own files"
+            )
+        return self.directory / name
 
     @contextmanager
     def _open(self, path: Path) -> Iterator[_Reader]:

@@ -111,6 +111,9 @@ class Readout(Protocol):
 
     def result(self) -> Tensor: ...
 
+    def finite(self) -> Tensor:
+        """0-d bool: whether the logits reduced so far were finite (NaN and +inf always show)."""
+
 
 @dataclass
 class Step:
