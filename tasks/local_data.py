@@ -2,14 +2,17 @@
 
 Each task's `custom_dataset` is `local_data.load`, given the files of each split relative to the
 data directory: `data_dir` in lm-eval's task metadata (`--metadata '{"data_dir": ...}'`), else
-$FLEXEVAL_DATA_DIR, else `../shared/data` beside the repository. Document processing is lm-eval's
-own, re-exported here, so that prompts and targets equal the built-in tasks'.
+$FLEXEVAL_DATA_DIR, else `../shared/data` beside the repository (`flexeval.data.chosen_data_dir`),
+and what each row must hold (`fields`, `labels`: see `flexeval.jsonl`), so that a broken file is
+reported in one line before any model loads. Document processing is lm-eval's own, re-exported
+here, so that prompts and targets equal the built-in tasks'.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,9 @@ from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as wikite
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 from rouge_score import rouge_scorer
 
-from flexeval.data import DATA_ENV
-from flexeval.data import data_dir as default_data_dir
+from flexeval import jsonl
+from flexeval.data import DATA_ENV, DEFAULT_DATA_DIR, chosen_data_dir
+from flexeval.errors import FlexevalError
 
 __all__ = [
     "hellaswag_process_docs",
@@ -33,20 +37,25 @@ __all__ = [
 
 
 def resolve_data_dir(given: str | os.PathLike | None = None) -> Path:
-    root = Path(given) if given else default_data_dir()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"benchmark data directory {root} not found: pass data_dir in the task metadata or set ${DATA_ENV}"
-        )
+    """The data directory by flexeval's one rule; these tasks read nothing else."""
+    root = chosen_data_dir(given)
+    if root is None:
+        raise FlexevalError(f"no benchmark data at {DEFAULT_DATA_DIR}: set ${DATA_ENV} or data_dir to the JSONL folder")
     return root
 
 
 def load(
-    files: dict[str, str | dict[str, Any]], data_dir: str | None = None, files_from: str | None = None, **metadata: Any
+    files: dict[str, str | dict[str, Any]],
+    data_dir: str | None = None,
+    files_from: str | None = None,
+    fields: Sequence[str] = (),
+    labels: jsonl.Labels | None = None,
+    **metadata: Any,
 ) -> datasets.DatasetDict:
     """The splits named in `files`, as lm-eval expects: split -> a path under the data directory
     (or absolute), or {path, rows: [start, stop]} for a slice of a file's rows. `files_from`
-    names a metadata key whose value, when given, replaces `files` (a user's own MMLU files)."""
+    names a metadata key whose value, when given, replaces `files` (a user's own MMLU files).
+    Every row of every file holds `fields` and a label among `labels`, or this raises."""
     if files_from and metadata.get(files_from):
         files = dict(metadata[files_from])
     root = resolve_data_dir(data_dir)
@@ -55,10 +64,11 @@ def load(
     missing = sorted({str(p) for p in paths.values() if not p.is_file()})
     if missing:
         hint = f" (or give them as --metadata '{{\"{files_from}\": {{split: path}}}}')" if files_from else ""
-        raise FileNotFoundError(f"task data not found: {', '.join(missing)}{hint}")
+        raise FlexevalError(f"task data not found: {', '.join(missing)}{hint}")
+    read = {path: jsonl.read(path, fields, labels) for path in dict.fromkeys(paths.values())}  # shared: once
     splits = {}
     for split, spec in specs.items():
-        rows = datasets.load_dataset("json", data_files=str(paths[split]), split="train")
+        rows = read[paths[split]]
         if "rows" in spec:
             start, stop = spec["rows"]
             rows = rows.select(range(start, min(stop, len(rows))))
