@@ -42,7 +42,7 @@ from flexeval.engine.search import Choice
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
 from flexeval.models.registry import DEFAULT_MODEL
-from flexeval.planning import AUTO, PolicyRequest
+from flexeval.planning import AUTO, PolicyRequest, checked_max_length
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_GEN_TOKS = 256
@@ -181,6 +181,7 @@ class FlexGenLM(TemplateLM):
         )
         self._init_distributed()
         directory = registry.resolve(pretrained)
+        self._max_length = checked_max_length(max_length, registry.build_model(directory).context_length)
         self._device = resolve_device(_device(device, self._world_size))
         self.dtype = resolve_dtype(dtype, self._device, directory)
         self.pretrained = str(pretrained)
@@ -188,12 +189,6 @@ class FlexGenLM(TemplateLM):
         self.calibration = None if calibration is None else Calibration.parse(calibration)
         self.max_batch_size = max_batch_size
         self.tokenizer = registry.load_tokenizer(directory)
-        context_length = registry.build_model(directory).context_length
-        self._max_length = max_length or context_length
-        if self._max_length > context_length:
-            raise FlexevalError(
-                f"max_length={max_length} exceeds the model's context window of {context_length} tokens"
-            )
         self.add_bos_token = add_bos_token
         self.seed = seed
         self.score_through_cache = score_through_cache

