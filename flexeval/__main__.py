@@ -17,7 +17,7 @@ from hydra.types import RunMode
 
 from flexeval import config
 from flexeval.data import CONF_DIR
-from flexeval.errors import FlexevalError
+from flexeval.errors import FlexevalError, exit_with
 
 config.register()
 
@@ -44,17 +44,16 @@ def app(cfg: config.RunConfig) -> None:
             return
         if not isinstance(err, FlexevalError):
             raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
     print(f"\n{compact(rows(results, out.name))}\nresults: {out}")
 
 
 def main() -> None:
     try:
         config.check_choices(sys.argv[1:])
+        config.check_resume(sys.argv[1:])
     except FlexevalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
     app()
 
 

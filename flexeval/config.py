@@ -12,7 +12,8 @@ once.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from flexeval.data import CONF_DIR
 from flexeval.engine.calibration import Calibration
@@ -118,11 +119,35 @@ class RunConfig:
     seed: int = 0
     bootstrap_iters: int = 1000
     score_through_cache: bool = False
+    resume: str | None = None  # a run directory to finish: its finished tasks and answered requests are kept
 
 
 def register() -> None:
-    """Make the schema available to conf/config.yaml's defaults list (as `run_schema`)."""
+    """Make the schema available to conf/config.yaml's defaults list (as `run_schema`), and the
+    resolver that points `hydra.run.dir` at the directory a run resumes."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("flexeval_run_dir", lambda resume, fresh: resume or fresh, replace=True)
+
+
+def check_known_keys(config: DictConfig, path: str = "") -> None:
+    """Refuse keys that Hydra's `+` added outside the schema (`+limt=5` would otherwise run every
+    document). `+` is needed, and allowed, only inside the open mappings: `hardware.profile`
+    (checked against the profile's figures later) and `task.metadata` (the tasks' own options)."""
+    schema = OmegaConf.get_type(config)
+    if schema is None or not is_dataclass(schema):
+        return
+    known = [f.name for f in fields(schema)]
+    for key in config:
+        name = f"{path}{key}"
+        if name == "hydra":  # Hydra's own node, present while a sweep's points are checked
+            continue
+        if key not in known:
+            close = get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {path}{close[0]}?" if close else f"options here: {', '.join(known)}"
+            raise FlexevalError(f"unknown option {name} (added with +): {hint}")
+        node = config._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_known_keys(node, f"{name}.")
 
 
 def check_choices(argv: list[str]) -> None:
@@ -154,6 +179,13 @@ def check_choices(argv: list[str]) -> None:
         for value in values:
             if value not in options[group]:
                 raise FlexevalError(f"unknown {group} {value!r}: choose one of {', '.join(options[group])}")
+
+
+def check_resume(argv: list[str]) -> None:
+    """`resume` names one run's directory: a sweep's points each have their own."""
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.multirun and any(o.lstrip("+").startswith("resume=") for o in args.overrides):
+        raise FlexevalError("resume finishes one run: resume each of a sweep's point directories in its own command")
 
 
 def group_options(

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 PRIMARY = ("acc_norm", "acc", "exact_match", "rouge2", "word_perplexity", "perplexity")
 MB = 2**20
 # Overrides that choose what is measured or name a group: the rest tell configurations apart.
-NOT_SETTINGS = ("task", "limit", "data_dir", "hydra", "model=", "policy=", "compression=", "hardware=")
+NOT_SETTINGS = ("task", "limit", "data_dir", "hydra", "resume", "model", "policy", "compression", "hardware=")
 CONFIGURATION = ("model", "policy", "compression", "settings")
+LABELLED = ("model", "policy", "compression")  # groups whose label names the fields a run changed
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ def rows(results: dict[str, Any], run: str) -> list[Row]:
     config = results["config"]
     pretrained = str(config["model"]["pretrained"])
     on_gpu = str(results.get("hardware", {}).get("device", "cpu")).startswith("cuda")
+    overrides = results.get("overrides", [])
+    names = results.get("labels") or {group: config[group]["name"] for group in LABELLED}  # older results.json
     out = []
     for task, usage in results["throughput"].items():
         metrics = _metrics(results["results"][task], results["higher_is_better"].get(task, {}))
@@ -107,14 +110,39 @@ def rows(results: dict[str, Any], run: str) -> list[Row]:
                 peak_ram_mb=peak["cpu"] + (0 if on_gpu else peak["compute"]),
                 peak_gpu_mb=peak["compute"] if on_gpu else None,
                 peak_disk_mb=peak["disk"],
-                model=config["model"]["name"] + (" (dummy weights)" if pretrained.startswith(dummy.PREFIX) else ""),
-                policy=config["policy"]["name"],
-                compression=config["compression"]["name"],
-                settings=" ".join(o for o in results.get("overrides", []) if not o.startswith(NOT_SETTINGS)),
+                model=names["model"] + (" (dummy weights)" if pretrained.startswith(dummy.PREFIX) else ""),
+                policy=names["policy"],
+                compression=names["compression"],
+                settings=" ".join(o for o in overrides if not o.lstrip("+~").startswith(NOT_SETTINGS)),
                 run=run,
             )
         )
     return out
+
+
+def run_labels(config: Any, overrides: list[str]) -> dict[str, str]:
+    """What ran, in a table's words: each group's preset and the fields the run changed in it, so
+    that `compression=none compression.compress_weight=true` (4-bit weights) does not read "none",
+    and the model the checkpoint a `model.pretrained=` override named."""
+    changed: dict[str, list[str]] = {group: [] for group in LABELLED}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        group, dot, name = key.partition(".")
+        if dot and group in changed:
+            changed[group].append(f"{name}={value}")
+    pretrained = str(config["model"]["pretrained"])
+    if any(c.startswith("pretrained=") for c in changed["model"]) and not any(
+        c.startswith("name=") for c in changed["model"]
+    ):
+        model = pretrained if pretrained.startswith(dummy.PREFIX) else Path(pretrained).name
+    else:
+        model = str(config["model"]["name"])
+    bases = {"model": model} | {group: str(config[group]["name"]) for group in LABELLED if group != "model"}
+    named = ("pretrained=", "name=")  # already in the model's base
+    return {
+        group: " ".join([bases[group], *(c for c in changed[group] if not (group == "model" and c.startswith(named)))])
+        for group in LABELLED
+    }
 
 
 def _metrics(result: dict[str, Any], higher: dict[str, bool]) -> list[Metric]:

@@ -15,16 +15,18 @@ from typing import Any
 from lm_eval.tasks import TaskManager
 
 from flexeval import data, planning
-from flexeval.data import DATA_ENV, TASKS_DIR, data_dir
+from flexeval.config import check_known_keys
+from flexeval.data import DATA_ENV, TASKS_DIR
 from flexeval.engine.calibration import Calibration
 from flexeval.engine.cost_model import Workload
 from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
-from flexeval.engine.hardware import HardwareProfile
+from flexeval.engine.hardware import check_overrides
 from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
 from flexeval.engine.search import BUDGET_KEYS, Choice
 from flexeval.errors import FlexevalError
 from flexeval.models import dummy, registry
 from flexeval.planning import PolicyRequest
+from flexeval.resume import check_resumable
 from flexeval.workload import task_workload
 
 log = logging.getLogger(__name__)
@@ -47,10 +49,10 @@ class Run:
 
 def resolve(config: Any) -> Run:
     """Everything that can be checked without loading the model, in the order a user fixes it."""
+    check_known_keys(config)
     if config.limit is not None and config.limit <= 0:
         raise FlexevalError(f"limit must be a positive number of documents per task, got {config.limit}")
     for name, value, least in (
-        ("model.max_length", config.model.max_length, 1),
         ("task.num_fewshot", config.task.num_fewshot, 0),
         ("bootstrap_iters", config.bootstrap_iters, 0),
     ):
@@ -58,7 +60,12 @@ def resolve(config: Any) -> Run:
             raise FlexevalError(f"{name} must be at least {least}, got {value}")
     if config.model.pretrained == "dummy":  # model=llama-2-7b model.pretrained=dummy: that model's shape
         config.model.pretrained = f"{dummy.PREFIX}{config.model.name}"
+    if config.resume is not None:  # compared as evaluate records it: with the model spelt out
+        check_resumable(Path(config.resume), config)
     registry.check(config.model.pretrained)
+    if config.model.max_length is not None:  # within the window the model's config gives (no weights are read)
+        window = registry.build_model(registry.resolve(config.model.pretrained)).context_length
+        planning.checked_max_length(config.model.max_length, window, named=lambda name: f"model.{name}")
     device = resolve_device(config.hardware.device)
     directory = registry.resolve(config.model.pretrained) if config.model.dtype == AUTO else None
     dtype = resolve_dtype(config.model.dtype, device, directory)
@@ -152,31 +159,29 @@ def _calibration(config: Any, policy: Policy, root: Path | None) -> Calibration 
 
 
 def _data_dir(given: str | None) -> Path | None:
-    if given is not None:
-        root = Path(given).expanduser()
-        if not root.is_dir():
-            raise FlexevalError(f"data_dir {root} is not a directory: point data_dir at the benchmark JSONL folder")
-        return root.resolve()
-    root = data_dir()
-    if root.is_dir():
-        return root.resolve()
-    log.warning("no local benchmark data at %s ($%s): using lm-eval's built-in tasks and hub datasets", root, DATA_ENV)
-    return None
+    """The benchmark data by `data.chosen_data_dir`'s rule (a data_dir or $FLEXEVAL_DATA_DIR that
+    is not a directory is an error); a run without any says so, as it reads lm-eval's hub datasets."""
+    root = data.chosen_data_dir(given)
+    if root is None:
+        log.warning(data.NO_DATA_NOTICE)
+    return root
 
 
 def _check_tasks(tasks: tuple[str, ...], root: Path | None, manager: TaskManager) -> None:
     unknown = [t for t in tasks if t not in set(manager.all_tasks)]
+    if unknown and root is None and set(unknown) <= data.own_task_names():
+        raise FlexevalError(
+            f"task {', '.join(unknown)} reads local benchmark data, and there is none at {data.DEFAULT_DATA_DIR}: "
+            f"set ${DATA_ENV} or data_dir to the benchmark JSONL folder"
+        )
     if unknown:
         where = f"the task definitions in {TASKS_DIR} or lm-eval's tasks" if root else "lm-eval's tasks (no local data)"
         raise FlexevalError(f"unknown task {', '.join(unknown)}: not in {where}; flexeval-lm-eval ls tasks lists them")
 
 
 def _check_hardware(config: Any) -> None:
-    """The offload directory exists, the profile overrides name figures."""
+    """The offload directory exists, the profile overrides name figures and give them usable values."""
     hardware = config.hardware
     if hardware.offload_dir is not None and not Path(hardware.offload_dir).expanduser().is_dir():
         raise FlexevalError(f"hardware.offload_dir {hardware.offload_dir} does not exist: create it or choose another")
-    known = {f.name for f in fields(HardwareProfile)}
-    unknown = sorted(set(hardware.profile) - known)
-    if unknown:
-        raise FlexevalError(f"hardware.profile: unknown figures {unknown}; known: {', '.join(sorted(known))}")
+    check_overrides(hardware.profile, "hardware.profile")

@@ -1,0 +1,132 @@
+"""A run's record survives what ends runs early: a failing task, a full output disk, `kill -9`;
+`resume=<run dir>` finishes it without computing anything twice; labels say what ran."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flexeval import FlexevalError
+from flexeval import evaluate as app
+from flexeval.report import rows, run_labels
+from flexeval.resolve import resolve
+from flexeval.resume import REQUESTS, RequestLog
+from tests.test_app import compose_run
+
+SUITE = ["model=tiny-llama", "task.tasks=[boolq,piqa]", "limit=6"]
+
+
+def flexeval(*args: str, code: str = "") -> subprocess.CompletedProcess:
+    """`python -m flexeval ARGS`, after `code` (which may patch the backend)."""
+    program = f"{code}\nfrom flexeval.__main__ import main\nmain()"
+    return subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=600)
+
+
+def results(directory: Path) -> dict:
+    return json.loads((directory / "results.json").read_text())
+
+
+def test_unknown_keys_added_with_plus_are_refused_except_in_open_mappings() -> None:
+    with pytest.raises(FlexevalError, match=r"unknown option limt \(added with \+\): did you mean limit\?"):
+        resolve(compose_run("+limt=5"))
+    with pytest.raises(FlexevalError, match="unknown option model.foo"):
+        resolve(compose_run("+model.foo=1"))
+    run = resolve(compose_run("model=tiny-llama", "+task.metadata.note=1", "+hardware.profile.disk_read=1e9"))
+    assert run.config.task.metadata.note == 1
+
+
+def test_a_failing_task_keeps_the_finished_ones_and_names_itself(tmp_path: Path) -> None:
+    run = resolve(compose_run("model=tiny-llama", "task.tasks=[boolq,hellaswag]", "limit=3", "model.max_length=8"))
+    with pytest.raises(FlexevalError, match=r"task hellaswag failed: .*finished tasks kept in .*: boolq"):
+        app.evaluate(run, tmp_path)
+    assert list(results(tmp_path)["results"]) == ["boolq"]
+    assert (tmp_path / "samples_boolq.jsonl").is_file()
+    assert "boolq" in (tmp_path / "table.md").read_text()
+
+
+def test_a_full_output_disk_still_prints_every_metric(tmp_path: Path, monkeypatch, capsys) -> None:
+    def full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(app, "write_text", full)
+    with pytest.raises(FlexevalError, match=r"could not write the results to .*results_boolq.json: No space left"):
+        app.evaluate(resolve(compose_run(*SUITE)), tmp_path)
+    printed = capsys.readouterr().out
+    assert "| boolq | acc |" in printed and "| piqa | acc_norm |" in printed
+
+
+def test_a_suite_killed_in_its_second_task_resumes_without_computing_anything_twice(tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert flexeval(*SUITE, f"hydra.run.dir={whole}").returncode == 0
+    # piqa's first three requests are answered, then the process is killed as the OOM killer would
+    kill = textwrap.dedent("""
+        import os, signal
+        from flexeval.lm import FlexGenLM
+        score = FlexGenLM._loglikelihood_tokens
+        def killing(self, requests, **kwargs):
+            if getattr(self, "_calls", 0) == 1:  # the second task's
+                score(self, requests[:3], **kwargs)
+                os.kill(os.getpid(), signal.SIGKILL)
+            self._calls = getattr(self, "_calls", 0) + 1
+            return score(self, requests, **kwargs)
+        FlexGenLM._loglikelihood_tokens = killing
+    """)
+    assert flexeval(*SUITE, f"hydra.run.dir={killed}", code=kill).returncode == -9
+    assert (killed / "results_boolq.json").is_file() and not (killed / "results_piqa.json").exists()
+    assert len(RequestLog(killed / REQUESTS).answers) == 6 * 2 + 3  # boolq's yes/no, piqa's three
+
+    resumed = flexeval(*SUITE, f"resume={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "boolq finished in" in resumed.stdout
+    assert "resume: 3 of 12 loglikelihood requests read back, 9 to compute" in resumed.stdout
+    assert results(killed)["results"] == results(whole)["results"]
+    piqa = results(killed)["throughput"]["piqa"]
+    assert (piqa["read_back_requests"], piqa["requests"]) == (3, 9)
+
+
+def test_resume_refuses_a_run_of_other_options_and_a_damaged_log(tmp_path: Path) -> None:
+    app.evaluate(resolve(compose_run(*SUITE)), tmp_path)
+    with pytest.raises(FlexevalError, match=r"ran with other options \(limit=5 \(ran with 6\)\)"):
+        resolve(compose_run(*SUITE[:-1], "limit=5", f"resume={tmp_path}"))
+    with pytest.raises(FlexevalError, match="not a flexeval run directory"):
+        resolve(compose_run(*SUITE, f"resume={tmp_path / 'elsewhere'}"))
+    log = tmp_path / REQUESTS
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], lines[1][:20], *lines[2:]]) + "\n")
+    with pytest.raises(FlexevalError, match=rf"{REQUESTS} line 2 is not a request's answer"):
+        RequestLog(log)
+
+
+def test_resume_is_refused_for_a_sweep(tmp_path: Path) -> None:
+    result = flexeval("-m", "limit=2,3", f"resume={tmp_path}")
+    assert result.returncode == 2 and "resume finishes one run" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], {"model": "tiny-llama", "policy": "all-resident", "compression": "none"}),
+        (["compression.compress_weight=true"], {"compression": "none compress_weight=true"}),
+        (["policy=disk-offload", "policy.gpu_batch_size=8"], {"policy": "disk-offload gpu_batch_size=8"}),
+        (["model.pretrained=/models/x/my-model.gguf"], {"model": "my-model.gguf"}),
+        (["model.pretrained=/m/a.gguf", "model.name=a", "model.max_length=64"], {"model": "a max_length=64"}),
+    ],
+)
+def test_labels_name_what_ran(overrides: list[str], expected: dict[str, str]) -> None:
+    config = compose_run("model=tiny-llama", *overrides)
+    assert run_labels(config, overrides).items() >= expected.items()
+
+
+def test_table_rows_of_sweep_points_tell_policy_overrides_apart(tmp_path: Path) -> None:
+    made = []
+    for size in (2, 4):
+        overrides = ["model=tiny-llama", "task=piqa", "limit=2", f"policy.gpu_batch_size={size}"]
+        out = tmp_path / str(size)
+        made += rows(app.evaluate(resolve(compose_run(*overrides)), out, overrides), out.name)
+    assert [row.policy for row in made] == ["all-resident gpu_batch_size=2", "all-resident gpu_batch_size=4"]
