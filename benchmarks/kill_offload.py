@@ -1,7 +1,9 @@
 """`kill -9` at moments of a disk-offload run, each followed by a rerun on a disk just big enough
 for one run (issue 23's second check): every rerun succeeds and leaves nothing behind.
 
-The offload directory is a tmpfs sized to `--headroom` times the most one uninterrupted run holds
+Killed runs evaluate `--limit` documents, so that each is still running when killed; reruns
+`--rerun-limit`, as many as one uninterrupted run that sizes the disk. The offload directory is
+a tmpfs sized to `--headroom` times the most one uninterrupted run holds
 in it (measured first, polling its size), so a killed run's leftovers and a second run do not fit
 together: a rerun succeeds only if it reclaims what the killed run left. Needs root (mount).
 
@@ -67,14 +69,15 @@ def run(offload: Path, out: Path, limit: int, kill_at: float | None = None) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--at", type=float, nargs="+", default=[2, 5, 10, 20, 40], help="seconds into a run")
-    parser.add_argument("--limit", type=int, default=20, help="hellaswag documents per run")
+    parser.add_argument("--limit", type=int, default=300, help="hellaswag documents of a killed run (it runs on)")
+    parser.add_argument("--rerun-limit", type=int, default=20, help="hellaswag documents of a rerun")
     parser.add_argument("--headroom", type=float, default=1.3, help="the disk, over one run's need")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         scratch, mount, out = Path(tmp, "scratch"), Path(tmp, "disk"), Path(tmp, "out")
         scratch.mkdir()
         mount.mkdir()
-        code, need, _ = run(scratch, out / "first", args.limit)
+        code, need, _ = run(scratch, out / "first", args.rerun_limit)
         if code != 0:
             raise SystemExit("the uninterrupted run failed")
         size = int(need * args.headroom)
@@ -86,7 +89,7 @@ def main() -> None:
             for n, at in enumerate(args.at):
                 run(mount, out / f"killed-{n}", args.limit, kill_at=at)
                 left = used(mount)
-                code, _, said = run(mount, out / f"rerun-{n}", args.limit)
+                code, _, said = run(mount, out / f"rerun-{n}", args.rerun_limit)
                 print(f"| {at:g} | {left / MB:.0f} | {code} | {said or '-'} | {used(mount) / MB:.0f} |")
         finally:
             subprocess.run(["umount", str(mount)], check=True)

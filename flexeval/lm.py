@@ -37,6 +37,7 @@ from tqdm import tqdm
 from flexeval.engine.calibration import Calibration
 from flexeval.engine.cost_model import Workload
 from flexeval.engine.engine import Engine, RunStats, resolve_device, resolve_dtype
+from flexeval.engine.generation import Sampling
 from flexeval.engine.policy import Policy, compression_fields
 from flexeval.engine.search import Choice
 from flexeval.errors import FlexevalError
@@ -606,10 +607,12 @@ def _sampling(kwargs: dict[str, Any], seed: int) -> dict[str, Any]:
     """lm-eval's generation kwargs as the engine's sampling arguments."""
     do_sample = kwargs.pop("do_sample", False)
     temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-    top_k, top_p = int(kwargs.pop("top_k", 0) or 0), float(kwargs.pop("top_p", 1.0) or 1.0)
+    top_k, top_p = kwargs.pop("top_k", 0) or 0, float(kwargs.pop("top_p", 1.0) or 1.0)
     unknown = sorted(set(kwargs) - {"num_beams"})
     if unknown or kwargs.get("num_beams", 1) != 1:
         raise FlexevalError(f"generation settings {sorted(kwargs)} are not supported by flexgen (no beam search)")
     if not do_sample:
         return {"seed": seed}
-    return {"temperature": temperature or 1.0, "top_k": top_k, "top_p": top_p, "seed": seed}
+    sampling = {"temperature": temperature or 1.0, "top_k": top_k, "top_p": top_p, "seed": seed}
+    Sampling(**sampling)  # checked for every group of requests before any of them runs
+    return sampling

@@ -153,6 +153,18 @@ def test_sampled_generation_is_seeded() -> None:
     assert first == again and first != other and all("." not in text for text in first + greedy)
 
 
+@pytest.mark.parametrize(
+    ("setting", "expected"), [({"top_k": 2.5}, "top_k"), ({"top_p": "nan"}, "top_p"), ({"temperature": "inf"}, "temp")]
+)
+def test_bad_sampling_settings_are_refused_before_any_group_runs(setting, expected, monkeypatch) -> None:
+    lm = FlexGenLM(pretrained="tiny-llama")
+    monkeypatch.setattr(Engine, "generate", lambda *args, **kwargs: pytest.fail("computed before the check"))
+    good = {"until": ["."], "max_gen_toks": 4}
+    bad = good | {"do_sample": True} | setting
+    with pytest.raises(FlexevalError, match=expected):
+        lm.generate_until([request("generate_until", "Once", good), request("generate_until", "The sea", bad)])
+
+
 def test_bad_model_args_are_named() -> None:
     with pytest.raises(FlexevalError, match=r"unknown model_args \['w_gpu'\].*w_gpu_percent"):
         FlexGenLM(pretrained="tiny-llama", w_gpu=10)
