@@ -38,7 +38,7 @@ def app(*args: str) -> subprocess.Popen:
 
 def verdict(case: str, process: subprocess.Popen, out: Path) -> None:
     stdout, stderr = process.communicate()
-    errors = [line.split("\r")[-1] for line in stderr.splitlines() if line.split("\r")[-1].startswith("error:")]
+    errors = [line[line.index("error: ") :] for line in stderr.splitlines() if "error: " in line]
     reported = (out / "results.json").is_file() or "acc_norm" in stdout
     print(f"| {case} | {process.returncode} | {len(errors)} | {'yes' if reported else 'no'} |")
     print(f"|  | {errors[0] if errors else stderr[-300:]} | | |")

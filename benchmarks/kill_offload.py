@@ -69,7 +69,7 @@ def run(offload: Path, out: Path, limit: int, kill_at: float | None = None) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--at", type=float, nargs="+", default=[2, 5, 10, 20, 40], help="seconds into a run")
-    parser.add_argument("--limit", type=int, default=300, help="hellaswag documents of a killed run (it runs on)")
+    parser.add_argument("--limit", type=int, default=2000, help="hellaswag documents of a killed run (it runs on)")
     parser.add_argument("--rerun-limit", type=int, default=20, help="hellaswag documents of a rerun")
     parser.add_argument("--headroom", type=float, default=1.3, help="the disk, over one run's need")
     args = parser.parse_args()
