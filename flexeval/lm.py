@@ -40,7 +40,7 @@ from flexeval.engine.engine import Engine, RunStats, resolve_device, resolve_dty
 from flexeval.engine.generation import Sampling
 from flexeval.engine.policy import Policy, compression_fields
 from flexeval.engine.search import Choice
-from flexeval.errors import FlexevalError
+from flexeval.errors import FlexevalError, first_line
 from flexeval.models import registry
 from flexeval.models.registry import DEFAULT_MODEL
 from flexeval.planning import AUTO, PolicyRequest, checked_max_length
@@ -394,7 +394,10 @@ class FlexGenLM(TemplateLM):
 
     def _generation(self, requests: list, members: list[int]) -> _Generation:
         """A group's prompts, cut to leave room for its tokens, and its settings."""
-        kwargs = normalize_gen_kwargs(requests[members[0]].args[1], DEFAULT_MAX_GEN_TOKS)
+        try:
+            kwargs = normalize_gen_kwargs(requests[members[0]].args[1], DEFAULT_MAX_GEN_TOKS)
+        except (TypeError, ValueError) as err:  # lm-eval's own reading of the settings, e.g. temperature=abc
+            raise FlexevalError(f"generation settings {requests[members[0]].args[1]}: {first_line(err)}") from err
         until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tokenizer.decode(self.eot_token_id))
         max_gen_toks = kwargs.pop("max_gen_toks")
         if max_gen_toks >= self.max_length:

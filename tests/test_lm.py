@@ -154,7 +154,13 @@ def test_sampled_generation_is_seeded() -> None:
 
 
 @pytest.mark.parametrize(
-    ("setting", "expected"), [({"top_k": 2.5}, "top_k"), ({"top_p": "nan"}, "top_p"), ({"temperature": "inf"}, "temp")]
+    ("setting", "expected"),
+    [
+        ({"top_k": 2.5}, "top_k"),
+        ({"top_p": "nan"}, "top_p"),
+        ({"temperature": "inf"}, "temp"),
+        ({"temperature": "abc"}, "generation settings"),
+    ],
 )
 def test_bad_sampling_settings_are_refused_before_any_group_runs(setting, expected, monkeypatch) -> None:
     lm = FlexGenLM(pretrained="tiny-llama")
@@ -163,6 +169,13 @@ def test_bad_sampling_settings_are_refused_before_any_group_runs(setting, expect
     bad = good | {"do_sample": True} | setting
     with pytest.raises(FlexevalError, match=expected):
         lm.generate_until([request("generate_until", "Once", good), request("generate_until", "The sea", bad)])
+
+
+@pytest.mark.parametrize("given", [{"w_gpu_percent": None}, {"attn_sparsity": None}, {"w_gpu_percent": True}])
+def test_a_policy_field_of_no_value_or_a_bool_is_refused(given) -> None:
+    (name,) = given
+    with pytest.raises(FlexevalError, match=f"policy: {name} must be a"):
+        FlexGenLM(pretrained="tiny-llama", **given)
 
 
 def test_bad_model_args_are_named() -> None:

@@ -211,8 +211,10 @@ def compression_fields(preset: str) -> dict[str, Any]:
 def _convert(name: str, value: Any, kind: type) -> Any:
     if kind is CompressionConfig:
         return _compression_config(name, value)
+    if value is None or (isinstance(value, bool) and kind is not bool):  # lm-eval reads "none" and "true" so
+        raise FlexevalError(f"policy: {name} must be a {kind.__name__}, got {value!r}")
     if not isinstance(value, str):
-        return kind(value) if kind is float and isinstance(value, int) and not isinstance(value, bool) else value
+        return kind(value) if kind is float and isinstance(value, int) else value
     text = value.strip().lower()
     try:
         if kind is bool:
