@@ -261,9 +261,9 @@ def flexeval_policy(args, compression: str, footprint: int) -> tuple[dict, str]:
     model's layers."""
     from dataclasses import asdict
 
-    from flexeval.engine.cost_model import Workload
     from flexeval.engine.policy import Policy, compression_fields
-    from flexeval.engine.search import Budget, plan
+    from flexeval.planning.cost_model import Workload
+    from flexeval.planning.search import Budget, plan
 
     base = Policy.from_dict(compression_fields(compression))
     if args.flexeval_policy == "disk":

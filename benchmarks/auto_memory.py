@@ -25,8 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from flexeval.engine.search import GB  # noqa: E402
 from flexeval.models import registry  # noqa: E402
+from flexeval.planning.search import GB  # noqa: E402
 from tests.auto_memory import write_wide_llama  # noqa: E402
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from flexeval import Policy
-from flexeval.engine.compression import quantized_nbytes
 from flexeval.engine.policy import compression_fields
+from flexeval.quantization.compression import quantized_nbytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import evaluate_task  # noqa: E402

@@ -22,10 +22,11 @@ import torch
 from scipy.stats import spearmanr
 
 from flexeval import Engine, Policy
-from flexeval.engine.cost_model import CostModel, Workload
-from flexeval.engine.hardware import layer_times, profile
 from flexeval.engine.policy import compression_fields
 from flexeval.models import registry
+from flexeval.planning.cost_model import CostModel, Workload
+from flexeval.planning.hardware import profile
+from flexeval.planning.timing import layer_times
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import data_dir, prompt_windows  # noqa: E402

@@ -21,8 +21,8 @@ import sys
 CHILD = """
 import json, resource, sys
 from flexeval import Engine
-from flexeval.engine.cost_model import Workload
-from flexeval.engine.search import Budget, plan
+from flexeval.planning.cost_model import Workload
+from flexeval.planning.search import Budget, plan
 spec, dtype, gpu, cpu, prompts, length, new, compression = sys.argv[1:]
 workload = Workload(int(prompts), int(length), int(new))
 from flexeval.engine.policy import Policy, compression_fields
@@ -56,9 +56,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from flexeval import FlexevalError
-    from flexeval.engine.cost_model import Workload
     from flexeval.engine.policy import Policy, compression_fields
-    from flexeval.engine.search import GB, Budget, plan
+    from flexeval.planning.cost_model import Workload
+    from flexeval.planning.search import GB, Budget, plan
 
     workload = Workload(args.prompts, args.prompt_tokens, args.new_tokens)
     base = Policy.from_dict(compression_fields(args.compression))

@@ -39,9 +39,9 @@ def main() -> int:
     import torch
 
     from flexeval import Policy
-    from flexeval.engine import hardware
-    from flexeval.engine.engine import DTYPES
+    from flexeval.engine.device import DTYPES
     from flexeval.models import registry
+    from flexeval.planning import hardware
 
     spec = f"dummy:{args.shape}"
     nbytes = registry.build_model(registry.resolve(spec)).nbytes(DTYPES[args.dtype])

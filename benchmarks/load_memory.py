@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--peer", action="store_true", help="also measure transformers' from_pretrained")
     args = parser.parse_args()
 
-    from flexeval.engine.engine import DTYPES
+    from flexeval.engine.device import DTYPES
     from flexeval.models import registry
 
     model = registry.build_model(registry.resolve(args.model))  # prepares (converts) once, outside the timing

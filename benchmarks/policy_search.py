@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from flexeval import Engine, Policy
-from flexeval.engine.cost_model import Workload
-from flexeval.engine.search import GB, Budget, cost_model, search
 from flexeval.models import registry
+from flexeval.planning.cost_model import Workload
+from flexeval.planning.search import GB, Budget, cost_model, search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import data_dir, prompt_windows  # noqa: E402

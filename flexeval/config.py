@@ -26,10 +26,10 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from flexeval.data import CONF_DIR
-from flexeval.engine.calibration import Calibration
 from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
-from flexeval.engine.policy import CompressionConfig as Quantization
 from flexeval.errors import FlexevalError
+from flexeval.quantization.calibration import Calibration
+from flexeval.quantization.config import CompressionConfig as Quantization
 
 GROUPS = ("model", "policy", "compression", "task", "hardware")
 CONFIG_NAME = "config"
@@ -71,7 +71,7 @@ CompressionConfig = make_dataclass(
     ],
 )
 
-# The text a GPTQ fit of the weights is fitted to (`engine.gptq.Calibration`); a relative path is
+# The text a GPTQ fit of the weights is fitted to (`quantization.calibration.Calibration`); a relative path is
 # under the data directory.
 CalibrationConfig = make_dataclass(
     "CalibrationConfig", [(f.name, f.type, field(default=f.default)) for f in fields(Calibration)]

@@ -50,7 +50,7 @@ def explain_config(overrides: list[str]) -> str:
 
     from flexeval import config
     from flexeval.data import CONF_DIR
-    from flexeval.engine.search import cost_model
+    from flexeval.planning.search import cost_model
     from flexeval.resolve import planned_workload, resolve
 
     config.check_choices(overrides)
@@ -70,9 +70,9 @@ def explain_config(overrides: list[str]) -> str:
 
 
 def explain_run(directory: Path) -> str:
-    from flexeval.engine.cost_model import Workload
     from flexeval.engine.policy import Policy
-    from flexeval.engine.search import cost_model
+    from flexeval.planning.cost_model import Workload
+    from flexeval.planning.search import cost_model
 
     path = directory / "results.json"
     if not path.is_file():
@@ -106,7 +106,7 @@ def explain_run(directory: Path) -> str:
 
 def report(policy: Any, predicted: Any, workload: Any, usage: dict[str, Any] | None) -> str:
     """The prediction's breakdown, and the run's measurements beside it when there are some."""
-    from flexeval.engine.search import GB, Choice
+    from flexeval.planning.search import GB, Choice
 
     lines = [
         f"policy: {Choice(policy, predicted).summary()}",

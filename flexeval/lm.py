@@ -34,16 +34,18 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from flexeval.engine.calibration import Calibration
-from flexeval.engine.cost_model import Workload
-from flexeval.engine.engine import Engine, RunStats, resolve_device, resolve_dtype
+from flexeval.data import data_dir
+from flexeval.engine.device import resolve_device, resolve_dtype
+from flexeval.engine.engine import Engine, RunStats
 from flexeval.engine.generation import Sampling
 from flexeval.engine.policy import Policy, compression_fields
-from flexeval.engine.search import Choice
 from flexeval.errors import FlexevalError, first_line
 from flexeval.models import registry
 from flexeval.models.registry import DEFAULT_MODEL
-from flexeval.planning import AUTO, PolicyRequest, checked_max_length
+from flexeval.planning.cost_model import Workload
+from flexeval.planning.request import AUTO, PolicyRequest, checked_max_length
+from flexeval.planning.search import Choice
+from flexeval.quantization.calibration import Calibration
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_GEN_TOKS = 256
@@ -123,7 +125,7 @@ class FlexGenLM(TemplateLM):
     the model then; `sequences`, `prompt_len` and `gen_len` replace what is counted, and with all
     three given the plan and the model are made at once. Budgets (`gpu_mem_gb`, `cpu_mem_gb`,
     `disk_gb`) bound the search, and a fixed policy's weights must fit them. The model_args are
-    parsed and checked as the Hydra app's options are (`flexeval.planning`).
+    parsed and checked as the Hydra app's options are (`flexeval.planning.request`).
     `usage` counts requests, tokens, time and memory for throughput reports.
     `score_through_cache` scores log-likelihoods through decoding steps against the KV cache
     (`Engine.decode_score`), one token at a time as generation reads them, instead of one exact
@@ -187,7 +189,7 @@ class FlexGenLM(TemplateLM):
         self.dtype = resolve_dtype(dtype, self._device, directory)
         self.pretrained = str(pretrained)
         self.offload_dir = offload_dir
-        self.calibration = None if calibration is None else Calibration.parse(calibration)
+        self.calibration = Calibration.parse(calibration or Calibration()).under(data_dir())
         self.max_batch_size = max_batch_size
         self.tokenizer = registry.load_tokenizer(directory)
         self.add_bos_token = add_bos_token

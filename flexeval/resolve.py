@@ -8,24 +8,24 @@ stays light so that `--help` and unknown options answer before any of it is impo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from lm_eval.tasks import TaskManager
 
-from flexeval import data, planning
+from flexeval import data
 from flexeval.config import check_known_keys
 from flexeval.data import DATA_ENV, TASKS_DIR
-from flexeval.engine.calibration import Calibration
-from flexeval.engine.cost_model import Workload
-from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
-from flexeval.engine.hardware import check_overrides
+from flexeval.engine.device import AUTO, resolve_device, resolve_dtype
 from flexeval.engine.policy import COMPRESSION_FIELDS, Policy
-from flexeval.engine.search import BUDGET_KEYS, Choice
 from flexeval.errors import FlexevalError
 from flexeval.models import dummy, registry
-from flexeval.planning import PolicyRequest
+from flexeval.planning.cost_model import Workload
+from flexeval.planning.hardware import check_overrides
+from flexeval.planning.request import WORKLOAD_LEAST, PolicyRequest, checked_max_length
+from flexeval.planning.search import BUDGET_KEYS, Choice
+from flexeval.quantization.calibration import Calibration
 from flexeval.resume import check_resumable
 from flexeval.workload import task_workload
 
@@ -65,7 +65,7 @@ def resolve(config: Any) -> Run:
     registry.check(config.model.pretrained)
     if config.model.max_length is not None:  # within the window the model's config gives (no weights are read)
         window = registry.build_model(registry.resolve(config.model.pretrained)).context_length
-        planning.checked_max_length(config.model.max_length, window, named=lambda name: f"model.{name}")
+        checked_max_length(config.model.max_length, window, named=lambda name: f"model.{name}")
     device = resolve_device(config.hardware.device)
     directory = registry.resolve(config.model.pretrained) if config.model.dtype == AUTO else None
     dtype = resolve_dtype(config.model.dtype, device, directory)
@@ -107,12 +107,12 @@ def policy_request(config: Any) -> PolicyRequest:
     backend parses its model_args."""
     placement = {f.name: config.policy[f.name] for f in fields(Policy) if f.name not in COMPRESSION_FIELDS}
     return PolicyRequest.parse(
-        planning.AUTO if config.policy.auto else None,
+        AUTO if config.policy.auto else None,
         placement | {name: config.compression[name] for name in COMPRESSION_FIELDS},
         {key: config.hardware[key] for key in BUDGET_KEYS.values()},
         dict(config.workload),
         name=config.policy.name,
-        named=lambda name: f"{'workload' if name in planning.WORKLOAD_LEAST else 'hardware'}.{name}",
+        named=lambda name: f"{'workload' if name in WORKLOAD_LEAST else 'hardware'}.{name}",
     )
 
 
@@ -148,11 +148,11 @@ def _calibration(config: Any, policy: Policy, root: Path | None) -> Calibration 
     if not (policy.compress_weight and policy.comp_weight_config.fit == "gptq"):
         return None
     calibration = Calibration(**config.calibration)
-    path = Path(calibration.path).expanduser()
-    if not path.is_absolute():
-        if root is None:
-            raise FlexevalError(f"calibration.path {path} is relative but there is no data directory: give a full path")
-        calibration = replace(calibration, path=str(root / path))
+    if root is None and not calibration.file.is_absolute():
+        raise FlexevalError(
+            f"calibration.path {calibration.file} is relative but there is no data directory: give a full path"
+        )
+    calibration = calibration.under(root) if root else calibration
     if not calibration.file.is_file():
         raise FlexevalError(f"calibration.path {calibration.file} does not exist: the gptq fit needs text to fit to")
     return calibration

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from flexeval.engine.cost_model import Workload
 from flexeval.errors import FlexevalError
+from flexeval.planning.cost_model import Workload
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager

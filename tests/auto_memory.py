@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from flexeval import Engine, FlexevalError
-from flexeval.engine.cost_model import Workload
 from flexeval.engine.heap import release_free_memory
-from flexeval.engine.search import Budget, plan
+from flexeval.planning.cost_model import Workload
+from flexeval.planning.search import Budget, plan
 
 WORKLOAD = Workload(sequences=16, prompt_len=64, gen_len=8, uniform=True)
 

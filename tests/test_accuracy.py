@@ -28,10 +28,10 @@ import flexeval.lm  # noqa: F401 - registers the backend `flexgen`
 from flexeval import Policy
 from flexeval.data import local_tasks
 from flexeval.engine import placement
-from flexeval.engine.compression import Quantized, dequantize
 from flexeval.engine.placement import compression
-from flexeval.engine.policy import CompressionConfig
 from flexeval.models.common import Param
+from flexeval.quantization.compression import Quantized, dequantize
+from flexeval.quantization.config import CompressionConfig
 
 pytestmark = pytest.mark.accuracy
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from flexeval.engine.batch import left_pad, pack, packed_mask
-from flexeval.engine.compression import dequantize
 from flexeval.engine.kv_cache import QuantizedKVCache
-from flexeval.engine.policy import CompressionConfig
 from flexeval.models import attention
 from flexeval.models.attention import _padded, _unpadded, attend, one_query_invariant
 from flexeval.models.common import KVCache, Step
+from flexeval.quantization.compression import dequantize
+from flexeval.quantization.config import CompressionConfig
 
 CPU = torch.device("cpu")
 

@@ -11,9 +11,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as reference
 
 from flexeval import Engine, FlexevalError, Policy
-from flexeval.engine import blocks
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.models import gguf
+from flexeval.quantization import blocks
 from tests.conftest import same_results
 
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}

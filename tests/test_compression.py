@@ -11,8 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexeval import Engine, FlexevalError, Policy
-from flexeval.engine import compression, int4mm
-from flexeval.engine.compression import (
+from flexeval.engine.kv_cache import QuantizedKVCache
+from flexeval.engine.placement import group_rows, table_rows, weight_bytes_per_tier
+from flexeval.models import registry
+from flexeval.quantization import compression, int4mm
+from flexeval.quantization.compression import (
     PARTS,
     Quantized,
     dequantize,
@@ -23,10 +26,7 @@ from flexeval.engine.compression import (
     quantized_nbytes,
     unpack,
 )
-from flexeval.engine.kv_cache import QuantizedKVCache
-from flexeval.engine.placement import group_rows, table_rows, weight_bytes_per_tier
-from flexeval.engine.policy import BITS, INT4MM_GROUP_SIZES, CompressionConfig
-from flexeval.models import registry
+from flexeval.quantization.config import BITS, INT4MM_GROUP_SIZES, CompressionConfig
 from tests.conftest import same_results
 
 SHAPES = [(130,), (7, 130), (64, 64), (3, 5, 9), (2, 3, 4, 33), (1, 1), (576, 100)]

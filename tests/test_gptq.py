@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from flexeval import Engine, Policy
-from flexeval.engine import gptq as gptq_module
-from flexeval.engine.calibration import Calibration
-from flexeval.engine.compression import dequantize, quantize, quantized_nbytes
-from flexeval.engine.gptq import gptq
-from flexeval.engine.policy import CompressionConfig
 from flexeval.errors import FlexevalError
 from flexeval.lm import FlexGenLM
+from flexeval.quantization import gptq as gptq_module
+from flexeval.quantization.calibration import Calibration
+from flexeval.quantization.compression import dequantize, quantize, quantized_nbytes
+from flexeval.quantization.config import CompressionConfig
+from flexeval.quantization.gptq import gptq
 
 GPTQ = CompressionConfig(4, 64, 1, "gptq")
 MINMAX = CompressionConfig(4, 64, 1)

@@ -21,8 +21,8 @@ from lm_eval.api.registry import get_model
 import flexeval.lm
 from flexeval import Engine, FlexevalError, FlexGenLM
 from flexeval.data import TASKS_DIR, data_dir, local_tasks
-from flexeval.engine.policy import CompressionConfig
 from flexeval.models import registry
+from flexeval.quantization.config import CompressionConfig
 
 DATA = data_dir()
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from flexeval import FlexevalError, Policy
-from flexeval.engine import hardware
-from flexeval.engine.cost_model import Workload
 from flexeval.engine.engine import Engine
-from flexeval.engine.search import BUDGET_KEYS, Budget, search
 from flexeval.lm import FlexGenLM
 from flexeval.models import registry
-from flexeval.planning import PolicyRequest
+from flexeval.planning import hardware
+from flexeval.planning.cost_model import Workload
+from flexeval.planning.request import PolicyRequest
+from flexeval.planning.search import BUDGET_KEYS, Budget, search
 from flexeval.resolve import resolve
 from tests.test_app import WORKLOAD, compose_run
 from tests.test_policy_search import costs_for, machine

@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from flexeval import Engine, FlexevalError, Policy
-from flexeval.engine import hardware
-from flexeval.engine import search as search_module
-from flexeval.engine.cost_model import TIERS, CostModel, Workload
-from flexeval.engine.hardware import HardwareProfile, interpolate
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.policy import compression_fields
-from flexeval.engine.search import GB, Budget, search
 from flexeval.models import registry
+from flexeval.planning import hardware, timing
+from flexeval.planning import search as search_module
+from flexeval.planning.cost_model import TIERS, CostModel, Workload
+from flexeval.planning.hardware import HardwareProfile, interpolate
+from flexeval.planning.search import GB, Budget, search
 from tests.auto_memory import write_wide_llama
 from tests.conftest import same_results
 
@@ -56,13 +56,13 @@ def machine(**changes) -> HardwareProfile:
     return replace(made, **changes)
 
 
-def layer_times(model, scale: float = 1.0, overhead: float = 2e-5) -> hardware.LayerTimes:
+def layer_times(model, scale: float = 1.0, overhead: float = 2e-5) -> timing.LayerTimes:
     """What `measure_layers` would report on `machine()` if every layer took `scale` times its
     arithmetic plus `overhead` per call."""
     costs = CostModel(model, torch.float32, machine(), {}, Workload(1, 1))
     times = {}
     for kind in {layer.kind for layer in model.layers}:
-        for phase, shapes in hardware.LAYER_SHAPES.items():
+        for phase, shapes in timing.LAYER_SHAPES.items():
             rows = []
             for b, n in shapes:
                 seconds, calls = costs.arithmetic(kind, b, n, phase == "decode")
@@ -313,7 +313,7 @@ def test_auto_policies_run_within_their_budget(share: float, wide_llama: Path, t
 
 
 def test_the_backend_plans_policy_auto_for_the_requests_lm_eval_hands_it():
-    """As the Hydra app does, from the same parsed request (`flexeval.planning`): the backend
+    """As the Hydra app does, from the same parsed request (`flexeval.planning.request`): the backend
     cannot see the tasks when lm-eval makes it, so it plans when their requests arrive."""
     from lm_eval.api.instance import Instance
 

@@ -15,11 +15,11 @@ from flexeval import Engine, FlexevalError, Policy
 from flexeval.engine import heap, schedule
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, weight_bytes_per_tier
-from flexeval.engine.policy import CompressionConfig
 from flexeval.engine.schedule import Unit, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, distribute
 from flexeval.models import registry
 from flexeval.models.common import KVCache
+from flexeval.quantization.config import CompressionConfig
 from tests.conftest import same_results
 
 CPU = torch.device("cpu")

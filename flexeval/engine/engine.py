@@ -25,7 +25,6 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from flexeval import ownership
-from flexeval.engine import int4mm
 from flexeval.engine.batch import (
     Packed,
     PaddedBatch,
@@ -38,11 +37,9 @@ from flexeval.engine.batch import (
     pack,
     packed_mask,
 )
-from flexeval.engine.calibration import Calibration
+from flexeval.engine.device import AUTO, resolve_device, resolve_dtype
 from flexeval.engine.finite import Inspection, WeightCheck
 from flexeval.engine.generation import Decoding, Sampling
-from flexeval.engine.gptq import FittedWeights
-from flexeval.engine.hardware import cpu_has_bf16
 from flexeval.engine.heap import Heap, map_large_buffers, release_free_memory, reuse_compute_buffers
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, native, weight_bytes_per_tier
@@ -54,52 +51,12 @@ from flexeval.errors import FlexevalError
 from flexeval.models import registry
 from flexeval.models.checkpoint import iter_weights, open_checkpoint
 from flexeval.models.common import KVCache, Model, Readout, Step, StoredValues
+from flexeval.quantization import int4mm
+from flexeval.quantization.calibration import Calibration
+from flexeval.quantization.gptq import FittedWeights
 from flexeval.reproducible import safe_gemm_rows
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTO = "auto"  # the checkpoint's own dtype, where the device computes in it well (`auto_dtype`)
 TENSOR_CLASSES = ("weights", "cache", "act")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FlexevalError(f"device {device} requested but CUDA is not available: use device='cpu'")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, directory: Path | None = None) -> torch.dtype:
-    """The dtype to compute in: a name, or "auto" for the checkpoint in `directory`."""
-    if dtype == AUTO:
-        if directory is None:
-            raise ValueError("dtype='auto' is resolved against a checkpoint directory")
-        return auto_dtype(directory, device)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise FlexevalError(f"unknown dtype {dtype!r}: use one of {AUTO}, {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise FlexevalError(f"unsupported dtype {dtype}: use one of {', '.join(DTYPES)}")
-    if dtype == torch.float16 and device.type == "cpu":
-        raise FlexevalError("float16 is not supported on CPU (slow and overflow-prone there): use bfloat16")
-    return dtype
-
-
-def auto_dtype(directory: Path, device: torch.device) -> torch.dtype:
-    """The checkpoint's own dtype where the device computes in it well: fp32 weights stay fp32;
-    16-bit ones, and GGUF blocks (which have no float dtype), take bf16 on a CPU with bf16
-    instructions (fp32 on one without: emulated bf16 is several times slower) and on a GPU that
-    has it (else fp16), so that a model costs its checkpoint's bytes, not twice as many."""
-    declared = registry.declared_dtype(directory)
-    if declared == torch.float32:
-        return declared
-    if device.type == "cuda":
-        if declared == torch.float16 or not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 @dataclass(frozen=True)
@@ -278,13 +235,17 @@ class Engine:
         on_disk = weight_bytes_per_tier(model.layers, policy, dtype)[2]
         fitted = None
         if gptq:
+            if calibration is None:
+                raise FlexevalError(
+                    f"a gptq fit of {spec} needs text to fit to: pass calibration=Calibration(path=...)"
+                )
             fitted = FittedWeights(
                 model,
                 checkpoint=directory,
                 config=replace(policy.comp_weight_config, kernel="dequantize"),  # codes by rows; tiled when stored
                 dtype=dtype,
                 device=device,
-                calibration=calibration or Calibration(),
+                calibration=calibration,
                 tokenizer=tokenizer,
                 cache=registry.cache_root(cache_dir),
             )

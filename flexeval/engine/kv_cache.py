@@ -14,9 +14,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from flexeval.engine.compression import PARTS, Quantized, dequantize, packed_bytes, quantize, scale_dtype
-from flexeval.engine.policy import CompressionConfig
 from flexeval.models.common import StoredValues
+from flexeval.quantization.compression import PARTS, Quantized, dequantize, packed_bytes, quantize, scale_dtype
+from flexeval.quantization.config import CompressionConfig
 
 
 class QuantizedKVCache:

@@ -22,9 +22,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from flexeval.engine import blocks, int4mm
-from flexeval.engine.blocks import Blocks
-from flexeval.engine.compression import (
+from flexeval.engine.policy import Policy
+from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute, nbytes
+from flexeval.models.checkpoint import Lazy
+from flexeval.models.common import ROWS, KVCache, Layer, Param, StoredValues
+from flexeval.quantization import blocks, int4mm
+from flexeval.quantization.blocks import Blocks
+from flexeval.quantization.compression import (
     PARTS,
     Quantized,
     as_tiles,
@@ -33,10 +37,7 @@ from flexeval.engine.compression import (
     quantized_nbytes,
     tileable,
 )
-from flexeval.engine.policy import CompressionConfig, Policy
-from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute, nbytes
-from flexeval.models.checkpoint import Lazy
-from flexeval.models.common import ROWS, KVCache, Layer, Param, StoredValues
+from flexeval.quantization.config import CompressionConfig
 
 
 @dataclass
@@ -150,7 +151,7 @@ class WeightStore:
         fitted: Mapping[str, Quantized] | None = None,
     ) -> None:
         """Store a layer's weights: tensors, or for native weights their sources' blocks (see
-        `iter_weights`); `fitted` are some of them already quantized (see `engine.gptq`)."""
+        `iter_weights`); `fitted` are some of them already quantized (see `quantization.gptq`)."""
         stored: Bundle = {}
         for name, tensor in bundle.items():
             config = self.compression[j, name]
@@ -212,7 +213,7 @@ class WeightStore:
         """The loaded weights ready to compute with: quantized ones dequantized, on the compute
         device by the compute thread, as FlexGen dequantizes in its compute stream: the I/O
         threads only move bytes (see `schedule.Executors.make` for why they stay single-threaded).
-        Decoding steps multiply tiled 4-bit codes as they are (`engine.int4mm`)."""
+        Decoding steps multiply tiled 4-bit codes as they are (`quantization.int4mm`)."""
         for bundle in loaded.bundles:
             for name, value in bundle.items():
                 if isinstance(value, Quantized) and decoding and int4mm.usable(value):

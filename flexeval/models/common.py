@@ -42,7 +42,7 @@ class Param:
     sources: tuple[str, ...]
     by_token: bool = False  # rows are token ids: a layer may be given only some of them (see ROWS)
     # (GGML type, rows) of each source where the checkpoint ships it in llama.cpp's blocks (GGUF):
-    # what `compression=native` stores (see `engine.blocks`)
+    # what `compression=native` stores (see `quantization.blocks`)
     blocks: tuple[tuple[str, int], ...] = ()
 
     def nbytes(self, dtype: torch.dtype) -> int:
@@ -186,7 +186,7 @@ class Model:
 
 class PackedWeight(Protocol):
     """A weight matrix that an engine hands over still packed, multiplying itself (int4 codes:
-    `flexeval.engine.int4mm`); its rows come out the same among any number of rows."""
+    `flexeval.quantization.int4mm`); its rows come out the same among any number of rows."""
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor: ...
 

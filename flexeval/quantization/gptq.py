@@ -34,10 +34,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from flexeval.atomic import atomic_file
-from flexeval.engine.calibration import Calibration
-from flexeval.engine.compression import PARTS, Quantized, dequantize, pack, quantize
-from flexeval.engine.policy import CompressionConfig
 from flexeval.models.common import Layer, Model, Step
+from flexeval.quantization.calibration import Calibration
+from flexeval.quantization.compression import PARTS, Quantized, dequantize, pack, quantize
+from flexeval.quantization.config import CompressionConfig
 
 VERSION = 1  # of the fitting procedure: part of the cache key
 DAMPING = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse well conditioned

@@ -26,8 +26,8 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from flexeval.engine.compression import TILE_GRID, Quantized, dequantize, quantize
-from flexeval.engine.policy import CompressionConfig
+from flexeval.quantization.compression import TILE_GRID, Quantized, dequantize, quantize
+from flexeval.quantization.config import CompressionConfig
 
 DTYPE = TILE_GRID  # it computes in its grids' dtype; its fp32 path is a slow reference (40 ms for 1 row)
 MIDPOINT = 8  # the kernel's codes are signed around it

@@ -28,14 +28,15 @@ import torch
 from scipy.optimize import nnls
 
 from flexeval.engine.batch import micro_batches
-from flexeval.engine.compression import quantized_nbytes
-from flexeval.engine.hardware import HardwareProfile, LayerTimes
 from flexeval.engine.placement import WeightKey, compression, owners, stored_nbytes, weight_tiers
 from flexeval.engine.policy import Policy
 from flexeval.engine.schedule import CPU_CHUNK_TOKENS, Unit, units
 from flexeval.engine.tiers import ALIGN as PAGE
 from flexeval.engine.tiers import POOL_GRANULE, distribute
 from flexeval.models.common import LOGITS_CHUNK_BYTES, LOGITS_CHUNK_ROWS, Model, Param
+from flexeval.planning.hardware import HardwareProfile
+from flexeval.planning.timing import LayerTimes
+from flexeval.quantization.compression import quantized_nbytes
 
 TIERS = ("compute", "cpu", "disk")
 CHANNELS = ("disk", "h2d", "d2h")
@@ -572,7 +573,7 @@ class CostModel:
         return seconds
 
     def _dequantize_seconds(self, unit: Unit, policy: Policy, decoding: bool) -> float:
-        """Decoding on the CPU multiplies tiled codes with the int4 kernel instead (`engine.int4mm`),
+        """Decoding on the CPU multiplies tiled codes with the int4 kernel instead (`quantization.int4mm`),
         whose products the model costs as the dtype's GEMMs: at the few rows of a decoding step
         they take about as long (Llama-2-7B shapes, 8 rows: 4.7 ms against 5.6)."""
         if not (policy.compress_weight or policy.native_weights):

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from flexeval.engine.cost_model import Workload
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.engine.policy import Policy
-from flexeval.engine.search import BUDGET_KEYS, GB, Budget, Choice, plan
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
+from flexeval.planning.cost_model import Workload
+from flexeval.planning.search import BUDGET_KEYS, GB, Budget, Choice, plan
 
 AUTO = "auto"
 WORKLOAD_LEAST = {"sequences": 1, "prompt_len": 1, "gen_len": 0}  # the given values policy=auto plans with

@@ -1,15 +1,14 @@
-"""What a GPTQ fit calibrates on (`engine.gptq`): windows of tokens cut from a JSONL file's
+"""What a GPTQ fit calibrates on (`quantization.gptq`): windows of tokens cut from a JSONL file's
 documents. Settings and reading only, without torch, so that a configuration naming them is
 checked before anything heavy is imported."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flexeval.data import data_dir
 from flexeval.errors import FlexevalError
 
 if TYPE_CHECKING:
@@ -19,9 +18,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Calibration:
     """The text GPTQ fits the rounding to: `sequences` windows of `length` tokens cut from the
-    documents of a JSONL file (its `field`), joined by blank lines. A relative path is under the
-    data directory. The default, XSum's news articles, shares no text with the documents of the
-    other tasks; to evaluate `helm_xsum` itself with fitted weights, calibrate on other text."""
+    documents of a JSONL file (its `field`), joined by blank lines. A relative path names a file
+    of the benchmark data, which the caller places (`under` its data directory). The default,
+    XSum's news articles, shares no text with the documents of the other tasks;
+    to evaluate `helm_xsum` itself with fitted weights, calibrate on other text."""
 
     path: str = "helm_xsum/xsum_test_1000.jsonl"
     field: str = "document"
@@ -46,8 +46,11 @@ class Calibration:
 
     @property
     def file(self) -> Path:
-        path = Path(self.path).expanduser()
-        return path if path.is_absolute() else data_dir() / path
+        return Path(self.path).expanduser()
+
+    def under(self, root: Path) -> Calibration:
+        """This calibration with a relative path taken as one under `root`."""
+        return self if self.file.is_absolute() else replace(self, path=str(root / self.file))
 
     def existing_file(self) -> Path:
         if not self.file.is_file():

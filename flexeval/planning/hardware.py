@@ -35,15 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from flexeval.atomic import write_text
-from flexeval.engine.compression import dequantize, quantize
-from flexeval.engine.generation import Sampling
-from flexeval.engine.policy import CompressionConfig
-from flexeval.engine.readout import ScoreReadout, TokenReadout
-from flexeval.engine.schedule import Executors, forward
+from flexeval.engine.schedule import Executors
 from flexeval.engine.tiers import DiskTier
 from flexeval.errors import FlexevalError
 from flexeval.models.attention import one_query
-from flexeval.models.common import KVCache, Layer, Model, Step, Weights
+from flexeval.quantization.compression import dequantize, quantize
+from flexeval.quantization.config import CompressionConfig
 from flexeval.reproducible import cpu_model
 
 log = logging.getLogger(__name__)
@@ -55,6 +52,7 @@ ATTENTION_LENGTHS = (64, 256, 1024)
 DISK_BYTES = 1024 * 2**20
 DISK_FILE_BYTES = 16 * 2**20
 TRANSFER_BYTES = 64 * 2**20
+COLD_BYTES = 256 * 2**20  # cycled weights: 64 MB still ran from this machine's 480 MB cache, 256 MB did not
 Table = tuple[tuple[int, float], ...]  # (size, rate) pairs, sizes ascending
 
 
@@ -214,38 +212,6 @@ def profile(
     return found
 
 
-def layer_times(model: Model, dtype: torch.dtype, device: torch.device, offload_dir: Path, cache: Path) -> LayerTimes:
-    """`measure_layers` of this model's shapes on this machine: cached beside the profile."""
-    shapes = {layer.kind: sorted((n, p.shape) for n, p in layer.params.items()) for layer in model.layers}
-    facts = json.dumps([VERSION, machine_key(device, offload_dir), str(dtype), model.family, model.head_dim, shapes])
-    path = cache / "hardware" / f"layers-{hashlib.sha256(facts.encode()).hexdigest()[:16]}.json"
-    if path.is_file():
-        try:
-            return {key: [tuple(row) for row in rows] for key, rows in json.loads(path.read_text()).items()}
-        except (ValueError, TypeError):
-            pass  # measured anew below
-    log.warning(
-        "policy=auto: timing one layer of each kind of this %s model once (cached in %s); this takes its "
-        "layers' memory (several copies of the largest), beyond any budget, and later searches skip it",
-        model.family,
-        path.parent,
-    )
-    times = measure_layers(model, dtype, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(times) + "\n")
-    return times
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): elsewhere torch emulates
-    bf16 matrix products several times slower than fp32 ones."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
-
-
 def machine_key(device: torch.device, offload_dir: Path) -> str:
     facts = [
         VERSION,
@@ -293,7 +259,7 @@ def measure_profile(device: torch.device, offload_dir: Path) -> HardwareProfile:
     )
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, least: float = 0.05) -> float:
+def timed(fn: Callable[[], Any], device: torch.device, least: float = 0.05) -> float:
     """Seconds per call of fn: the fastest of three rounds of at least `least` seconds each."""
     fn()
     best = float("inf")
@@ -316,7 +282,7 @@ def _gemm_table(device: torch.device, dtype: torch.dtype) -> Table:
     table = []
     for rows in GEMM_ROWS:
         x = torch.randn(rows, GEMM_WIDTH, device=device).to(dtype)
-        table.append((rows, 2 * rows * GEMM_WIDTH**2 / _timed(lambda x=x: F.linear(x, w), device)))
+        table.append((rows, 2 * rows * GEMM_WIDTH**2 / timed(lambda x=x: F.linear(x, w), device)))
     return tuple(table)
 
 
@@ -324,7 +290,7 @@ def _attention_table(device: torch.device, dtype: torch.dtype, heads: int = 8, h
     table = []
     for tokens in ATTENTION_LENGTHS:
         q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device).to(dtype) for _ in range(3))
-        seconds = _timed(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
+        seconds = timed(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
         table.append((tokens, 2 * heads * tokens**2 * head_dim / seconds))
     return tuple(table)
 
@@ -333,7 +299,7 @@ def _decode_attention(device: torch.device, dtype: torch.dtype, batch: int = 16,
     heads, kv_heads, head_dim = 8, 4, 64
     q = torch.randn(batch, heads, 1, head_dim, device=device).to(dtype)
     k, v = (torch.randn(batch, kv_heads, length, head_dim, device=device).to(dtype) for _ in range(2))
-    seconds = _timed(lambda: one_query(q, k, v), device)
+    seconds = timed(lambda: one_query(q, k, v), device)
     return 2 * k.nbytes / seconds
 
 
@@ -341,7 +307,7 @@ def _memory_bandwidth(device: torch.device) -> float:
     """Bytes per second of an elementwise product over arrays too large to stay in the caches."""
     x = torch.randn(COLD_BYTES // 8, device=device)
     y, out = torch.randn_like(x), torch.empty_like(x)
-    return 3 * x.nbytes / _timed(lambda: torch.mul(x, y, out=out), device)
+    return 3 * x.nbytes / timed(lambda: torch.mul(x, y, out=out), device)
 
 
 def _op_seconds(device: torch.device) -> float:
@@ -352,7 +318,7 @@ def _op_seconds(device: torch.device) -> float:
         for _ in range(ops):
             x.add(1)
 
-    return _timed(run, device) / ops
+    return timed(run, device) / ops
 
 
 def _dequantize_rate(device: torch.device) -> float:
@@ -362,14 +328,14 @@ def _dequantize_rate(device: torch.device) -> float:
     copies = COLD_BYTES // (4096 * 1024 * 4)
     pairs = [(replace(q, codes=q.codes.clone()), torch.empty(4096, 1024, device=device)) for _ in range(copies)]
     turn = itertools.cycle(pairs)
-    return pairs[0][1].nbytes / _timed(lambda: dequantize(*next(turn)), device)
+    return pairs[0][1].nbytes / timed(lambda: dequantize(*next(turn)), device)
 
 
 def _transfer(device: torch.device) -> tuple[float, float]:
     host = torch.empty(TRANSFER_BYTES, dtype=torch.uint8, pin_memory=True)
     gpu = torch.empty(TRANSFER_BYTES, dtype=torch.uint8, device=device)
-    h2d = TRANSFER_BYTES / _timed(lambda: gpu.copy_(host, non_blocking=True), device)
-    d2h = TRANSFER_BYTES / _timed(lambda: host.copy_(gpu, non_blocking=True), device)
+    h2d = TRANSFER_BYTES / timed(lambda: gpu.copy_(host, non_blocking=True), device)
+    d2h = TRANSFER_BYTES / timed(lambda: host.copy_(gpu, non_blocking=True), device)
     return h2d, d2h
 
 
@@ -455,78 +421,3 @@ def _meminfo(field: str) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-# Shapes at which `measure_layers` times a model's own layers: (sequences, tokens) for prefill,
-# (sequences, context) for decoding; a small shape, where dispatch dominates, and a large one,
-# where arithmetic does (the unembedding's large prefill shape is smaller: it is the costliest).
-LAYER_SHAPES = {
-    "prefill": ((1, 32), (16, 256)),
-    "decode": ((1, 64), (64, 256)),
-}
-UNEMBED_PREFILL = ((1, 32), (2, 256))
-COLD_BYTES = 256 * 2**20  # cycled weights: 64 MB still ran from this machine's 480 MB cache, 256 MB did not
-LayerTimes = dict[str, list[tuple[int, int, float]]]  # "kind/phase" -> [(sequences, tokens or context, seconds)]
-
-
-def measure_layers(model: Model, dtype: torch.dtype, device: torch.device) -> LayerTimes:
-    """Seconds of one layer of each kind of `model`, with random weights, through the schedule's
-    own `forward`, at `LAYER_SHAPES`: the cost model fits its arithmetic to these. Calls cycle
-    through copies of the weights larger together than a CPU's caches, because in a run every
-    layer finds its weights gone from the caches (one layer repeated runs up to 40 % faster)."""
-    times: LayerTimes = {}
-    for layer in {layer.kind: layer for layer in model.layers}.values():
-        copies = max(2, min(128, -(-COLD_BYTES // layer.nbytes(dtype))))
-        first = {
-            name: (
-                torch.randn(p.shape, device=device) * 0.02 if len(p.shape) > 1 else torch.ones(p.shape, device=device)
-            )
-            for name, p in layer.params.items()
-        }
-        bundles = [{name: t.to(dtype, copy=True) for name, t in first.items()} for _ in range(copies)]
-        for phase, shapes in LAYER_SHAPES.items():
-            if layer.kind == "unembed" and phase == "prefill":
-                shapes = UNEMBED_PREFILL
-            times[f"{layer.kind}/{phase}"] = [
-                (b, n, _timed(_layer_call(model, layer, bundles, dtype, device, b, n, phase == "decode"), device, 0.03))
-                for b, n in shapes
-            ]
-    return times
-
-
-def _layer_call(
-    model: Model,
-    layer: Layer,
-    bundles: list[Weights],
-    dtype: torch.dtype,
-    device: torch.device,
-    b: int,
-    n: int,
-    decoding: bool,
-) -> Callable[[], Any]:
-    """One forward of a layer over b sequences: n new tokens each, or one token after n cached."""
-    s, start = (1, n) if decoding else (n, 0)
-    ids = torch.randint(0, model.vocab_size, (b, s), device=device)
-    positions = torch.arange(start, start + s, device=device).expand(b, s)
-    rows = torch.arange(b * s if not decoding else b, device=device)
-    readout = (
-        TokenReadout(b, model.vocab_size, Sampling(), None, device)
-        if decoding
-        else ScoreReadout(torch.randint(0, model.vocab_size, (len(rows),), device=device))
-    )
-    rope = model.rotary(positions, dtype) if model.rotary else None
-    step = Step(ids, positions, (0,) * b, None, start, rows, readout, rope, model.sliding_window)
-    cache = None
-    if layer.kind == "attention" and decoding:
-        # allocated for the tokens still to come, as generation allocates it: attention then reads
-        # strided views of it, not whole tensors
-        shape = (b, model.kv_heads, n + 1 + n // 4, model.head_dim)
-        cache = KVCache(torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype))
-    hidden = None
-    if layer.kind == "unembed":
-        hidden = torch.randn(len(rows), layer.params["lm_head"].shape[1], device=device).to(dtype)
-    elif layer.kind != "embed":
-        width = next(p.shape[0] for p in layer.params.values() if len(p.shape) == 1)  # a norm's
-        hidden = torch.randn(b, s, width, device=device).to(dtype)
-    turn = itertools.cycle(bundles)
-    return lambda: forward(layer, next(turn), hidden, step, cache)

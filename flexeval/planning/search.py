@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from flexeval.engine import hardware
-from flexeval.engine.cost_model import FRACTIONS, TIERS, CostModel, Prediction, Term, Workload
-from flexeval.engine.engine import AUTO, resolve_device, resolve_dtype
+from flexeval.engine.device import AUTO, resolve_device, resolve_dtype
 from flexeval.engine.policy import Policy
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
+from flexeval.planning import hardware, timing
+from flexeval.planning.cost_model import FRACTIONS, TIERS, CostModel, Prediction, Term, Workload
 
 GB = 2**30
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -456,7 +456,7 @@ def cost_model(
     offload = cache / "offload" if offload_dir is None else Path(offload_dir).expanduser()
     offload.mkdir(parents=True, exist_ok=True)
     machine = hardware.profile(device, offload, cache, profile_overrides)
-    layers = hardware.layer_times(model, dtype, device, offload, cache)
+    layers = timing.layer_times(model, dtype, device, offload, cache)
     return CostModel(model, dtype, machine, layers, workload)
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from flexeval.engine.policy import CompressionConfig
 from flexeval.errors import FlexevalError
+from flexeval.quantization.config import CompressionConfig
 
 TILE_ROWS = 64  # output rows per tile of the int4 kernel's layout (see `pack_tiles`)
 TILE_GRID = torch.bfloat16  # what tiled codes keep their scales and minima in: the kernel's dtype
@@ -193,7 +193,7 @@ def pack_tiles(codes: Tensor) -> Tensor:
     """(n, k) 4-bit codes -> (n, k / 2) bytes in the layout of torch's int4 CPU kernel
     (`_convert_weight_to_int4pack_for_cpu`): for each tile of 64 rows and each column, 32 bytes
     whose low nibbles hold rows 0-31 of the tile and high nibbles rows 32-63. Storing codes so
-    makes them the kernel's operand with no conversion at each use; `engine.int4mm` probes
+    makes them the kernel's operand with no conversion at each use; `quantization.int4mm` probes
     that torch still agrees. The bytes are as many as `pack`'s."""
     n, k = codes.shape
     tiles = codes.view(n // TILE_ROWS, 2, TILE_ROWS // 2, k).transpose(2, 3)  # (tiles, halves, k, 32)
@@ -233,7 +233,7 @@ def grid_dtypes(dtype: torch.dtype, config: CompressionConfig) -> tuple[torch.dt
     """(scale, minimum) dtypes of a tensor's groups. The "gptq" fit keeps both in 16 bits in
     every model (4.5 bits a weight at groups of 64): it chooses codes on the stored grid, so a
     rounded grid costs nothing its fit does not absorb, and it has no exact arithmetic to match.
-    Tiled codes keep both in bf16, what the int4 kernel computes with (`engine.int4mm`)."""
+    Tiled codes keep both in bf16, what the int4 kernel computes with (`quantization.int4mm`)."""
     if config.tiled:
         return TILE_GRID, TILE_GRID
     if config.fit == "gptq":
