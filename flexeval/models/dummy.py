@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from flexeval.data import CONF_DIR
 from flexeval.errors import FlexevalError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 PREFIX = "dummy:"
 MARKER = "dummy.json"  # in a prepared directory: the seed and the shape's name
@@ -73,6 +76,8 @@ class DummyCheckpoint:
     def __init__(self, directory: Path) -> None:
         self.source = directory
         self.seed = json.loads((directory / MARKER).read_text())["seed"]
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         config: PretrainedConfig = AutoConfig.from_pretrained(directory)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

@@ -23,7 +23,6 @@ import torch
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, get_tensor_name_map
 from gguf.quants import dequantize
 from torch import Tensor
-from transformers import AutoConfig, AutoTokenizer
 
 from flexeval.errors import FlexevalError, first_line
 
@@ -245,6 +244,8 @@ def prepare(gguf_file: Path, directory: Path) -> None:
     header = Header.read(gguf_file)  # refuse a bad file before transformers reads it
     log.warning("reading %s's config and tokenizer (once: cached in %s)", gguf_file.name, directory.parent)
     try:
+        from transformers import AutoConfig, AutoTokenizer
+
         config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     except (OSError, ValueError, KeyError) as err:

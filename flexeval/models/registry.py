@@ -6,6 +6,8 @@ file, a local Hugging Face checkpoint directory, or a hub id (fetched by hugging
 network is there). Everything derived (a GGUF file's config and tokenizer, a dummy model's
 config, the tiny models) is written once into a cache directory, atomically, and reused; a GGUF
 file's tensors are read from the file itself (`gguf`), a dummy model's generated on reading.
+transformers is imported where a config, tokenizer or model is read, so that the engine and
+the Hydra app's checks import without it.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from flexeval.atomic import atomic_directory
 from flexeval.errors import FlexevalError, first_line
 from flexeval.models import dummy, gguf, llama, opt, packaged, tiny
 from flexeval.models.common import Model, Param
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
 CONVERSION_VERSION = 3  # bump when a prepared directory's contents change, so stale caches are not reused
@@ -107,6 +112,8 @@ def _prepared(gguf_file: Path, root: Path, known: packaged.PackagedModel | None 
 def build_model(directory: Path) -> Model:
     """Our model of the checkpoint in `directory`, from its config alone (no weights read)."""
     try:
+        from transformers import AutoConfig
+
         hf = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as err:
         raise FlexevalError(f"cannot read the model config in {directory}: {first_line(err)}") from err
@@ -146,6 +153,8 @@ def hf_model(directory: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
     """transformers' own model of a checkpoint directory (of the GGUF file a prepared one links
     to): the reference that flexeval's results are checked against."""
     kwargs = {"gguf_file": gguf.GGUF_NAME} if gguf.is_prepared(directory) else {}
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).eval()
 
 
@@ -160,6 +169,8 @@ def hf_kwargs(directory: Path) -> dict[str, str]:
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     try:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as err:
         raise FlexevalError(f"cannot load the tokenizer in {directory}: {first_line(err)}") from err

@@ -8,18 +8,12 @@ that needs no download: every byte is one token, plus `<s>` and `</s>`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 BOS, EOS = 256, 257
 VOCAB = 258
@@ -47,39 +41,51 @@ _OPT = dict(
     init_std=INIT_STD,
 )
 
-CONFIGS = {
-    "tiny-opt": lambda: OPTConfig(**_OPT, word_embed_proj_dim=64, do_layer_norm_before=True),
-    "tiny-opt-350m": lambda: OPTConfig(**_OPT, word_embed_proj_dim=32, do_layer_norm_before=False),
-    "tiny-llama": lambda: LlamaConfig(**_LLAMA, num_key_value_heads=4, tie_word_embeddings=False),
-    "tiny-llama-gqa": lambda: LlamaConfig(
-        **_LLAMA,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
+# name -> transformers' model_type and config values: plain data, so that listing the names
+# imports no transformers
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-opt": ("opt", dict(_OPT, word_embed_proj_dim=64, do_layer_norm_before=True)),
+    "tiny-opt-350m": ("opt", dict(_OPT, word_embed_proj_dim=32, do_layer_norm_before=False)),
+    "tiny-llama": ("llama", dict(_LLAMA, num_key_value_heads=4, tie_word_embeddings=False)),
+    "tiny-llama-gqa": (
+        "llama",
+        dict(
+            _LLAMA,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
     ),
-    "tiny-qwen2": lambda: Qwen2Config(
-        **_LLAMA,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_parameters={
-            "rope_type": "yarn",
-            "rope_theta": 1000000.0,
-            "factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
+    "tiny-qwen2": (
+        "qwen2",
+        dict(
+            _LLAMA,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 1000000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
     ),
-    "tiny-mistral": lambda: MistralConfig(**_LLAMA, num_key_value_heads=2, sliding_window=16),
+    "tiny-mistral": ("mistral", dict(_LLAMA, num_key_value_heads=2, sliding_window=16)),
 }
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     vocab = {char: byte for byte, char in bytes_to_unicode().items()}  # token id == byte value
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -89,8 +95,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def write_tiny(name: str, directory: Path, seed: int = 0) -> None:
     """Write the tiny model `name` (a key of CONFIGS), initialised from `seed`, as a checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32)
+    model_type, values = CONFIGS[name]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values), dtype=torch.float32)
     model.save_pretrained(directory)
     tokenizer = byte_tokenizer()
     assert len(tokenizer) == VOCAB, len(tokenizer)

@@ -1,0 +1,22 @@
+"""Planning: which policy to run, before the model loads. `hardware` measures what this machine
+computes and moves per second, `timing` how long each kind of layer takes, `cost_model` turns a
+policy and a workload into seconds and bytes per tier, `search` solves the linear program for
+the fastest policy within the memory budgets, and `request` parses what a front door asks for.
+It reads the runtime's pure functions (placement, pool and schedule rules); the runtime never
+imports it."""
+
+from flexeval.lazy import exports
+
+__all__ = ["Budget", "Choice", "CostModel", "HardwareProfile", "PolicyRequest", "Workload", "plan"]
+__getattr__ = exports(
+    __name__,
+    {
+        "Budget": ".search",
+        "Choice": ".search",
+        "plan": ".search",
+        "CostModel": ".cost_model",
+        "Workload": ".cost_model",
+        "HardwareProfile": ".hardware",
+        "PolicyRequest": ".request",
+    },
+)

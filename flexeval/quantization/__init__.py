@@ -1,0 +1,19 @@
+"""Quantization: group-wise k-bit codes of weights and KV cache (FlexGen's), their settings
+(`config`, torch-free), GPTQ fits of the rounding (`gptq`, on `calibration` text), torch's int4
+CPU kernel's tiles (`int4mm`) and GGUF's blocks kept as shipped (`blocks`). It depends on the
+model description (`models.common`) only, never on the runtime that uses it."""
+
+from flexeval.lazy import exports
+
+__all__ = ["Calibration", "CompressionConfig", "FittedWeights", "Quantized", "dequantize", "quantize"]
+__getattr__ = exports(
+    __name__,
+    {
+        "Calibration": ".calibration",
+        "CompressionConfig": ".config",
+        "FittedWeights": ".gptq",
+        "Quantized": ".compression",
+        "dequantize": ".compression",
+        "quantize": ".compression",
+    },
+)
