@@ -7,14 +7,15 @@ backend `flexgen` registers when `flexeval.lm` is imported (as `FlexGenLM` is).
 
 import os
 
-from flexeval.errors import FlexevalError
+from flexeval.errors import FlexevalError as FlexevalError  # eager: cheap, and caught by every front door
 from flexeval.lazy import exports
 
 # Intel MKL reads its reproducibility mode once, at its first call (`flexeval.reproducible` says
 # why flexeval needs STRICT): set on import, before any flexeval module can import torch.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-__all__ = ["Engine", "FlexGenLM", "FlexevalError", "Policy"]
-__getattr__ = exports(
-    __name__, {"Engine": "flexeval.engine.engine", "Policy": "flexeval.engine.policy", "FlexGenLM": "flexeval.lm"}
+__all__, __getattr__ = exports(
+    __name__,
+    {"flexeval.engine.engine": ("Engine",), "flexeval.engine.policy": ("Policy",), "flexeval.lm": ("FlexGenLM",)},
 )
+__all__.append("FlexevalError")

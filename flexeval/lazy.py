@@ -7,17 +7,18 @@ its torch-using modules; it names them here instead, and a name loads its module
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import import_module
 from typing import Any
 
 
-def exports(package: str, homes: Mapping[str, str]) -> Callable[[str], Any]:
-    """A module `__getattr__` that finds each name of `homes` in its module (relative to `package`)."""
+def exports(package: str, names: Mapping[str, Sequence[str]]) -> tuple[list[str], Callable[[str], Any]]:
+    """`__all__` and a module `__getattr__` for the `names` each module (relative to `package`) holds."""
+    homes = {name: module for module, exported in names.items() for name in exported}
 
     def __getattr__(name: str) -> Any:
         if name not in homes:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         return getattr(import_module(homes[name], package), name)
 
-    return __getattr__
+    return sorted(homes), __getattr__

@@ -10,15 +10,11 @@ named by layer). Imports point down only: `quantization` and `models` below, `pl
 
 from flexeval.lazy import exports
 
-__all__ = ["Engine", "Policy", "RunStats", "Scored", "resolve_device", "resolve_dtype"]
-__getattr__ = exports(
+__all__, __getattr__ = exports(
     __name__,
     {
-        "Engine": ".engine",
-        "RunStats": ".engine",
-        "Scored": ".engine",
-        "Policy": ".policy",
-        "resolve_device": ".device",
-        "resolve_dtype": ".device",
+        ".engine": ("Engine", "RunStats", "Scored"),
+        ".policy": ("Policy",),
+        ".device": ("resolve_device", "resolve_dtype"),
     },
 )

@@ -7,16 +7,12 @@ imports it."""
 
 from flexeval.lazy import exports
 
-__all__ = ["Budget", "Choice", "CostModel", "HardwareProfile", "PolicyRequest", "Workload", "plan"]
-__getattr__ = exports(
+__all__, __getattr__ = exports(
     __name__,
     {
-        "Budget": ".search",
-        "Choice": ".search",
-        "plan": ".search",
-        "CostModel": ".cost_model",
-        "Workload": ".cost_model",
-        "HardwareProfile": ".hardware",
-        "PolicyRequest": ".request",
+        ".hardware": ("HardwareProfile",),
+        ".cost_model": ("CostModel", "Workload"),
+        ".search": ("Budget", "Choice", "plan"),
+        ".request": ("PolicyRequest",),
     },
 )

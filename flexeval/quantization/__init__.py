@@ -5,15 +5,12 @@ model description (`models.common`) only, never on the runtime that uses it."""
 
 from flexeval.lazy import exports
 
-__all__ = ["Calibration", "CompressionConfig", "FittedWeights", "Quantized", "dequantize", "quantize"]
-__getattr__ = exports(
+__all__, __getattr__ = exports(
     __name__,
     {
-        "Calibration": ".calibration",
-        "CompressionConfig": ".config",
-        "FittedWeights": ".gptq",
-        "Quantized": ".compression",
-        "dequantize": ".compression",
-        "quantize": ".compression",
+        ".config": ("CompressionConfig",),
+        ".compression": ("Quantized", "quantize", "dequantize"),
+        ".gptq": ("FittedWeights",),
+        ".calibration": ("Calibration",),
     },
 )
