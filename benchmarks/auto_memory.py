@@ -1,12 +1,13 @@
 """policy=auto's RAM against its budget, from a tenth of the weights to twice them (issue 7, check 3).
 
-A random 134 MB Llama (`tests/auto_memory.py`); for each budget a fresh process searches a
-policy (16 sequences of 64 tokens generating 8; the budget split evenly between the compute and
-CPU tiers, both RAM here), loads the model under it and generates, and reports its resident
-high-water mark over what it held before loading; a budget nothing fits reports the error,
-which names the smallest feasible budget, and that one is run instead. Each budget runs
-`--repeats` times: the allocator's layout differs between processes (address-space
-randomisation), and the same policy's peak with it, by up to 40 MB here; the worst run counts.
+A random 134 MB Llama (`flexeval.models.tiny.WIDE_LLAMA`); for each budget a fresh process
+(`python -m flexeval.auto_memory`) searches a policy (16 sequences of 64 tokens generating 8; the
+budget split evenly between the compute and CPU tiers, both RAM here), loads the model under it
+and generates, and reports its resident high-water mark over what it held before loading; a
+budget nothing fits reports the error, which names the smallest feasible budget, and that one is
+run instead. Each budget runs `--repeats` times: the allocator's layout differs between
+processes (address-space randomisation), and the same policy's peak with it, by up to 40 MB
+here; the worst run counts.
 
     python benchmarks/auto_memory.py
 """
@@ -23,16 +24,16 @@ from pathlib import Path
 
 import torch
 
+from flexeval.models import registry
+from flexeval.models.tiny import WIDE_LLAMA, write
+from flexeval.planning.search import GB
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from flexeval.models import registry  # noqa: E402
-from flexeval.planning.search import GB  # noqa: E402
-from tests.auto_memory import write_wide_llama  # noqa: E402
 
 
 def run(directory: Path, budget: float, offload: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "tests.auto_memory", str(directory), str(budget), offload],
+        [sys.executable, "-m", "flexeval.auto_memory", str(directory), str(budget), offload],
         capture_output=True,
         text=True,
         check=True,
@@ -48,7 +49,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch) / "wide-llama"
-        write_wide_llama(directory)
+        write(*WIDE_LLAMA, directory)
         weights = registry.build_model(directory).nbytes(torch.float32)
         print(f"{'share':>6}{'budget MB':>11}{'median MB':>11}{'max MB':>8}{'max/budget':>12}  policy")
         for share in args.shares:

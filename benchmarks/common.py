@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmark scripts: where the shared data is, real text to feed, memory."""
+"""Helpers shared by the benchmark scripts: their options, where the shared data is, real text to feed, memory."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from flexeval.data import data_dir
 
 __all__ = [
     "Limited",
+    "options",
     "drop_page_cache",
     "run_limited",
     "spawn_measured",
@@ -31,6 +33,44 @@ __all__ = [
 ]
 
 WIKITEXT = "wikitext2/wikitext_document_level-2-raw-v1_test.jsonl"
+
+
+def options(
+    description: str | None,
+    *,
+    model: str | None = None,
+    prompts: int | None = None,
+    prompt_tokens: int | None = None,
+    new_tokens: int | None = None,
+    sequences: int | None = None,
+    tokens: int | None = None,
+    gpu_batch_size: int | None = None,
+    num_gpu_batches: int | None = None,
+    repeats: int | None = None,
+    data: bool = True,
+) -> argparse.ArgumentParser:
+    """A benchmark's command line with the options the scripts share: each option whose default
+    is given (`--model`, `--prompts`, `--prompt-tokens`, ...), and `--data-dir` (the shared
+    benchmark data, `$FLEXEVAL_DATA_DIR`) unless `data` is false. The script adds its own."""
+    made = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if model is not None:
+        made.add_argument("--model", default=model)
+    counts = {
+        "--prompts": prompts,
+        "--prompt-tokens": prompt_tokens,
+        "--new-tokens": new_tokens,
+        "--sequences": sequences,
+        "--tokens": tokens,
+        "--gpu-batch-size": gpu_batch_size,
+        "--num-gpu-batches": num_gpu_batches,
+        "--repeats": repeats,
+    }
+    for flag, default in counts.items():
+        if default is not None:
+            made.add_argument(flag, type=int, default=default)
+    if data:
+        made.add_argument("--data-dir", type=Path, default=data_dir())
+    return made
 
 
 def dense_checkpoint(spec: str, dtype: str = "float32") -> Path:

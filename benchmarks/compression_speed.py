@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, generate_from_disk  # noqa: E402
+from common import generate_from_disk, options  # noqa: E402
 
 CONFIGS = {"none": {}, "4bit-weights": dict(compress_weight=True)}
 
@@ -45,14 +45,9 @@ def run_one(args) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--gpu-batch-size", type=int, default=32)
-    parser.add_argument("--num-gpu-batches", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data-dir", type=Path, default=data_dir())
+    parser = options(
+        __doc__, prompts=256, prompt_tokens=128, new_tokens=32, gpu_batch_size=32, num_gpu_batches=1, repeats=3
+    )
     parser.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)  # one run, in this process
     args = parser.parse_args()
     if args.config:

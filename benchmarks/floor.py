@@ -12,11 +12,14 @@ libraries' own footprint: that difference is what the budget has to hold.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import options  # noqa: E402
 
 CHILD = """
 import json, resource, sys
@@ -46,13 +49,9 @@ def run(spec: str, dtype: str, gpu: float, cpu: float, args, length: int) -> dic
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = options(__doc__, model="smollm2-135m", prompts=4, prompt_tokens=128, new_tokens=4, data=False)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--compression", default="none")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=4)
     args = parser.parse_args()
 
     from flexeval import FlexevalError

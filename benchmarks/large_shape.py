@@ -13,7 +13,6 @@ reports as its maximum resident set size).
 
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import tempfile
@@ -21,19 +20,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, generate_from_disk  # noqa: E402
+from common import generate_from_disk, options  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__, prompts=32, prompt_tokens=128, new_tokens=16, gpu_batch_size=32, num_gpu_batches=1)
     parser.add_argument("--shape", default="llama-2-7b")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--gpu-batch-size", type=int, default=32)
-    parser.add_argument("--num-gpu-batches", type=int, default=1)
-    parser.add_argument("--data-dir", type=Path, default=data_dir())
     args = parser.parse_args()
 
     import torch

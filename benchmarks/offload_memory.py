@@ -10,7 +10,6 @@ from disk per block against the bytes of one copy of the weights.
 
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from flexeval import Engine, Policy
 from flexeval.models import registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, rss_bytes, wikitext_tokens  # noqa: E402
+from common import options, rss_bytes, wikitext_tokens  # noqa: E402
 
 
 def peak_rss_bytes() -> int:
@@ -31,13 +30,8 @@ def peak_rss_bytes() -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequences", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--gpu-batch-size", type=int, default=2)
-    parser.add_argument("--num-gpu-batches", type=int, default=16)
+    parser = options(__doc__, sequences=256, tokens=256, gpu_batch_size=2, num_gpu_batches=16)
     parser.add_argument("--offload-dir", type=Path, default=None)
-    parser.add_argument("--data-dir", type=Path, default=data_dir())
     args = parser.parse_args()
 
     base = rss_bytes()

@@ -10,7 +10,6 @@ non-overlapped run into I/O and compute.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -23,17 +22,11 @@ from flexeval import Engine, Policy
 from flexeval.models import registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, wikitext_tokens  # noqa: E402
+from common import options, wikitext_tokens  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequences", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--gpu-batch-size", type=int, default=4)
-    parser.add_argument("--num-gpu-batches", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--data-dir", type=Path, default=data_dir())
+    parser = options(__doc__, sequences=16, tokens=64, gpu_batch_size=4, num_gpu_batches=1, repeats=5)
     args = parser.parse_args()
 
     engines = {}

@@ -14,7 +14,6 @@ this budget and for the default workload of `policy=auto` (check 4: well under f
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from flexeval.planning.cost_model import Workload
 from flexeval.planning.search import GB, Budget, cost_model, search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, prompt_windows  # noqa: E402
+from common import options, prompt_windows  # noqa: E402
 
 # (gpu_batch_size, num_gpu_batches, weights % in the CPU tier (the rest on disk), KV cache tier,
 # streamed unembedding): a person's guesses at this budget, where working memory leaves the
@@ -84,13 +83,8 @@ def default_search_seconds(directory: Path, offload: str, repeats: int = 3) -> f
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options(__doc__, prompts=32, prompt_tokens=128, new_tokens=8, repeats=2)
     parser.add_argument("--share", type=float, default=0.5, help="RAM budget as a share of the fp32 weight bytes")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--data-dir", type=Path, default=data_dir())
     args = parser.parse_args()
 
     directory = registry.resolve(registry.DEFAULT_MODEL)

@@ -17,7 +17,6 @@ Targets: at most 2 % slower at batch >= 4, at most 10 % slower decoding at batch
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from flexeval.models import registry
 from flexeval.models.common import linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, prompt_windows  # noqa: E402
+from common import options, prompt_windows  # noqa: E402
 
 
 def paired(run: Callable[[], object], engine: Engine, rows: int, repeats: int) -> tuple[float, float]:
@@ -71,12 +70,7 @@ def products(engine: Engine, rows: int, repeats: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--data-dir", type=Path, default=data_dir())
+    parser = options(__doc__, sequences=32, tokens=64, new_tokens=16, repeats=5)
     args = parser.parse_args()
 
     engines = {

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, dense_checkpoint, generate_from_disk, hf_generate, prompt_windows  # noqa: E402
+from common import dense_checkpoint, generate_from_disk, hf_generate, options, prompt_windows  # noqa: E402
 
 
 def run_flexeval(args) -> dict:
@@ -145,19 +145,13 @@ def forwarded(args) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
     # On the CPU one micro-batch of the whole block is fastest: decoding keeps 256 rows per GEMM,
     # and prefill runs it a few thousand tokens at a time anyway (schedule.CPU_CHUNK_TOKENS).
-    parser.add_argument("--gpu-batch-size", type=int, default=256)
-    parser.add_argument("--num-gpu-batches", type=int, default=1)
+    parser = options(__doc__, prompts=256, prompt_tokens=128, new_tokens=32, gpu_batch_size=256, num_gpu_batches=1)
     parser.add_argument("--compression", default="none", help="flexeval's preset (conf/compression), e.g. 4bit-weights")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both systems' dtype")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 32, 64])
     parser.add_argument("--rss-budget-mb", type=int, default=0, help="default: flexeval's own peak RSS")
-    parser.add_argument("--data-dir", type=Path, default=data_dir())
     parser.add_argument("--system", choices=["flexeval", "accelerate"], help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()

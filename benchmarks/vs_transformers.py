@@ -9,7 +9,6 @@ median over `--repeats` alternating runs in this process and the ratio.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,17 +20,12 @@ from flexeval import Engine, Policy
 from flexeval.models import registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import data_dir, wikitext_tokens  # noqa: E402
+from common import options, wikitext_tokens  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = options(__doc__, prompts=32, prompt_tokens=128, new_tokens=32, repeats=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--data-dir", type=Path, default=data_dir())
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args()
 

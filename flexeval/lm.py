@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from flexeval.data import data_dir
 from flexeval.engine.device import resolve_device, resolve_dtype
-from flexeval.engine.engine import Engine, RunStats
+from flexeval.engine.engine import Engine, RunStats, Stream
 from flexeval.engine.generation import Sampling
 from flexeval.engine.policy import Policy, compression_fields
 from flexeval.errors import FlexevalError, first_line
@@ -163,24 +163,12 @@ class FlexGenLM(TemplateLM):
         policy_fields = compression_fields(compression or "none") | policy_fields  # lm-eval reads "none" as None
         pretrained = _hub_revision(str(pretrained), revision, trust_remote_code)
         policy = _batch_size(batch_size, policy, policy_fields)
-        unknown = sorted(set(policy_fields) - {f.name for f in fields(Policy)})
-        if unknown:
-            raise FlexevalError(
-                f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
-                "max_length, add_bos_token, seed, score_through_cache, calibration, revision, gpu_mem_gb, "
-                "cpu_mem_gb, disk_gb, sequences, prompt_len, gen_len, and the Policy fields "
-                f"{', '.join(f.name for f in fields(Policy))}"
-            )
-        if not isinstance(score_through_cache, bool):
-            raise FlexevalError(f"flexgen: score_through_cache must be true or false, got {score_through_cache!r}")
-        if isinstance(policy, Policy):  # a policy made already (the Hydra app's): its fields, and any given over them
-            policy_fields = {f.name: getattr(policy, f.name) for f in fields(Policy)} | policy_fields
-        self.request = PolicyRequest.parse(
-            None if isinstance(policy, Policy) else str(policy),
+        _check_model_args(policy_fields, score_through_cache)
+        self.request = _policy_request(
+            policy,
             policy_fields,
             {"gpu_mem_gb": gpu_mem_gb, "cpu_mem_gb": cpu_mem_gb, "disk_gb": disk_gb},
             {"sequences": sequences, "prompt_len": prompt_len, "gen_len": gen_len},
-            name="given" if isinstance(policy, Policy) else str(policy),
         )
         self._init_distributed()
         directory = registry.resolve(pretrained)
@@ -215,9 +203,9 @@ class FlexGenLM(TemplateLM):
         return self.engine.policy
 
     @property
-    def score(self) -> Callable[[list], list]:
+    def score(self) -> Callable[[list], Stream]:
         """Log-likelihoods in one exact pass, or through the KV cache (`score_through_cache`)."""
-        return self.engine.decode_score if self.score_through_cache else self.engine.score
+        return self.engine.decode_score_blocks if self.score_through_cache else self.engine.score_blocks
 
     def _load(self, policy: Policy) -> None:
         if self._engine is not None:
@@ -417,10 +405,10 @@ class FlexGenLM(TemplateLM):
     def _generate_group(
         self, requests: list, members: list[int], group: _Generation, results: list[str], disable_tqdm: bool
     ) -> None:
-        def generate(chunk: list[list[int]]) -> list[list[int]]:
+        def generate(prompts: list[list[int]]) -> Stream[list[int]]:
             stops = [self.eot_token_id]
-            return self.engine.generate(
-                chunk, group.max_gen_toks, stop_token_ids=stops, stop_strings=group.until, **group.sampling
+            return self.engine.generate_blocks(
+                prompts, group.max_gen_toks, stop_token_ids=stops, stop_strings=group.until, **group.sampling
             )
 
         def record(k: int, tokens: list[int]) -> None:
@@ -436,21 +424,22 @@ class FlexGenLM(TemplateLM):
 
     def _in_blocks(
         self,
-        items: Sequence[T],
+        items: list[T],
         sizes: Sequence[int],
-        run: Callable[[list[T]], list],
+        run: Callable[[list[T]], Stream],
         record: Callable[[int, Any], None],
         what: str,
         counts: Sequence[int] | None,
         disable_tqdm: bool,
         passes: int = 1,
     ) -> None:
-        """Longest first, one engine block at a time (the engine would cut the same blocks), so
-        that each block's results are recorded and shown as soon as they exist. `counts`: the
-        lm-eval requests each item completes (default one). The bar moves within a block too, as
-        the engine finishes each unit of its `passes` passes (generation: at most one a token)."""
-        order = sorted(range(len(items)), key=lambda i: -sizes[i])
-        size = self.policy.block_size
+        """All the items to the engine at once, which sorts and cuts them into blocks (its cut is the
+        only one), and each block's results recorded and shown as soon as the engine hands them
+        over. `counts`: the lm-eval requests each item completes (default one). The bar moves
+        within a block too, as the engine finishes each unit of its `passes` passes (generation:
+        at most one a token), sized by the block the stream says runs next."""
+        began = start = time.perf_counter()
+        stream = run(items)
         total = sum(counts) if counts else len(items)
         bar = tqdm(
             total=total,
@@ -459,26 +448,31 @@ class FlexGenLM(TemplateLM):
             disable=disable_tqdm or self._rank != 0,
             bar_format=BAR_FORMAT,  # whole requests, though a block's share of them moves in fractions
         )
-        start, tokens = time.perf_counter(), 0
-        for b in range(0, len(order), size):
-            chunk = order[b : b + size]
-            done = sum(counts[i] for i in chunk) if counts else len(chunk)
-            floor = bar.n
-            self.engine.on_unit = _BlockProgress(bar, done, passes, tokens, sum(sizes[i] for i in chunk), start)
-            began = time.perf_counter()
-            try:
-                outputs = run([items[i] for i in chunk])
-            finally:
-                self.engine.on_unit = None
-            self.usage.add(self.engine.stats, done, time.perf_counter() - began)
-            for i, result in zip(chunk, outputs):
-                record(i, result)
-            tokens += self.engine.stats.prefill_tokens + self.engine.stats.decode_tokens
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
-            if b + size < len(order):
-                bar.update(floor + done - bar.n)
-            else:  # the last block: shown once, by close (a final update would print the line twice)
-                bar.n = total
+
+        def requests(indices: Sequence[int]) -> int:
+            return sum(counts[i] for i in indices) if counts else len(indices)
+
+        def progress(indices: Sequence[int], tokens: int) -> _BlockProgress:
+            return _BlockProgress(bar, requests(indices), passes, tokens, sum(sizes[i] for i in indices), start)
+
+        tokens, blocks = 0, stream.blocks
+        watch = self.engine.on_unit = progress(blocks[0], tokens) if blocks else None
+        try:
+            for b, block in enumerate(stream):  # the engine runs the next block only once this one is recorded
+                done = requests(block.indices)
+                self.usage.add(block.stats, done, time.perf_counter() - began)
+                for i, result in zip(block.indices, block.results):
+                    record(i, result)
+                tokens += block.stats.prefill_tokens + block.stats.decode_tokens
+                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
+                if b + 1 < len(blocks):
+                    bar.update(watch.floor + done - bar.n)
+                    watch = self.engine.on_unit = progress(blocks[b + 1], tokens)
+                else:  # the last block: shown once, by close (a final update would print the line twice)
+                    bar.n = total
+                began = time.perf_counter()
+        finally:
+            self.engine.on_unit = None
         bar.close()
 
     def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
@@ -578,6 +572,32 @@ def _batch_size(batch_size: int | str | None, policy: str | Policy, policy_field
             f"policy={policy} give batch_size as a number"
         )
     return AUTO
+
+
+def _check_model_args(policy_fields: dict[str, Any], score_through_cache: object) -> None:
+    """lm-eval passes model_args as they were typed: a misspelt one is refused, naming the valid
+    ones, rather than ignored (a run would evaluate something other than what was asked)."""
+    unknown = sorted(set(policy_fields) - {f.name for f in fields(Policy)})
+    if unknown:
+        raise FlexevalError(
+            f"flexgen: unknown model_args {unknown}; valid: pretrained, dtype, policy, offload_dir, compression, "
+            "max_length, add_bos_token, seed, score_through_cache, calibration, revision, gpu_mem_gb, "
+            "cpu_mem_gb, disk_gb, sequences, prompt_len, gen_len, and the Policy fields "
+            f"{', '.join(f.name for f in fields(Policy))}"
+        )
+    if not isinstance(score_through_cache, bool):
+        raise FlexevalError(f"flexgen: score_through_cache must be true or false, got {score_through_cache!r}")
+
+
+def _policy_request(
+    policy: str | Policy, policy_fields: dict[str, Any], budgets: dict[str, Any], workload: dict[str, Any]
+) -> PolicyRequest:
+    """The policy asked for, parsed as the Hydra app's options are. A policy made already (the
+    Hydra app's) is its fields, with any given beside it over them: both paths then check alike."""
+    if isinstance(policy, Policy):
+        policy_fields = {f.name: getattr(policy, f.name) for f in fields(Policy)} | policy_fields
+        return PolicyRequest.parse(None, policy_fields, budgets, workload, name="given")
+    return PolicyRequest.parse(str(policy), policy_fields, budgets, workload, name=str(policy))
 
 
 def _capped(policy: Policy, max_batch_size: int | str | None) -> Policy:

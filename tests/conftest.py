@@ -1,4 +1,5 @@
-"""Shared fixtures: model checkpoints come from flexeval's cache (converted or generated once)."""
+"""Shared fixtures: model checkpoints come from flexeval's cache (converted or generated once).
+Plain helpers are in `tests/helpers.py`."""
 
 from __future__ import annotations
 
@@ -9,22 +10,19 @@ import torch
 
 from flexeval import Engine
 from flexeval.models import registry, tiny
+from tests.helpers import TINY, flexeval
 
-TINY_MODELS = tuple(tiny.CONFIGS)
+NO_CUDA = "needs a CUDA GPU: torch.cuda.is_available() is False on this machine"
 
 
-def same_results(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    """Whether two runs' log-probabilities agree as far as the compute device promises.
-
-    Engines compute on CUDA when it exists. On the CPU a sequence's results are bitwise free of
-    batch shape and placement (MKL's strict mode, attention over real columns); cuBLAS picks its
-    kernels by shape, so on CUDA they agree to float32 rounding only (README, Engine).
-    """
-    if len(a) != len(b):
-        return False
-    if not torch.cuda.is_available():
-        return all(torch.equal(x, y) for x, y in zip(a, b))
-    return all(torch.allclose(x, y, rtol=1e-5, atol=1e-5) for x, y in zip(a, b))
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` are skipped, saying why, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -47,4 +45,15 @@ def tiny_dir(tmp_path: Path) -> Path:
     """A private copy-able tiny Llama checkpoint, for tests that damage it."""
     directory = tmp_path / "tiny-llama"
     tiny.write_tiny("tiny-llama", directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-policy sweep of the tiny model over 8 PIQA questions, run once as a user runs it:
+    its directory (tests/test_app.py reads its tables, tests/test_report.py rebuilds them)."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    result = flexeval(cwd, "-m", *TINY, "policy=all-resident,cpu-offload,disk-offload")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (directory,) = (cwd / "outputs").glob("*/*-sweep")
     return directory

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from flexeval import Engine, FlexevalError, Policy
 from flexeval.models import checkpoint
-from tests.conftest import TINY_MODELS
+from tests.helpers import TINY_MODELS
 
 ON_DISK = Policy(w_gpu_percent=0, w_cpu_percent=0)
 

@@ -1,46 +1,23 @@
-"""`python -m flexeval`, its sweeps and `python -m flexeval.report`, run as a user runs them."""
+"""`python -m flexeval` and its sweeps, run as a user runs them (`python -m flexeval.report`: test_report.py)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 
 from flexeval import FlexevalError, Policy, config
 from flexeval.data import CONF_DIR, TASKS_DIR, data_dir, local_tasks
 from flexeval.engine.policy import COMPRESSION_FIELDS, COMPRESSIONS, PRESETS, compression_fields
-from flexeval.report import Metric, Row, compact, csv_text, held_constant, labels, markdown, pareto
 from flexeval.resolve import planned_workload, resolve
+from tests.helpers import TINY, WORKLOAD, compose_run, flexeval, headline_rows, run_dirs, table_rows
 
 RUN_FILES = ("results.json", "samples_piqa.jsonl", "table.md", "table.csv")
-TINY = ["model=tiny-llama", "task=piqa", "limit=8"]
-WORKLOAD = ["workload.sequences=1000", "workload.prompt_len=512", "workload.gen_len=0"]  # not counted from a task
-
-
-def flexeval(cwd: Path, *args: str, module: str = "flexeval") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def run_dirs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.rglob("results.json"))
-
-
-def table_rows(path: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(path.open()))
-
-
-def headline_rows(path: Path) -> list[dict[str, str]]:
-    """table.csv is in long form: one line per metric; these are each task's headline metric."""
-    return [row for row in table_rows(path) if row["headline"] == "True"]
 
 
 def test_a_run_writes_results_samples_and_tables(tmp_path: Path) -> None:
@@ -65,15 +42,6 @@ def test_a_run_writes_results_samples_and_tables(tmp_path: Path) -> None:
     assert sorted(r["metric"] for r in lines) == ["acc", "acc_norm"] and all(float(r["stderr"]) > 0 for r in lines)
     assert "peak RAM MB" in result.stdout and "GPU" not in result.stdout  # this machine has none
     assert not list(run.glob(".tmp-*"))  # atomic writes leave nothing behind
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("sweep")
-    result = flexeval(cwd, "-m", *TINY, "policy=all-resident,cpu-offload,disk-offload")
-    assert result.returncode == 0, result.stderr[-3000:]
-    (directory,) = (cwd / "outputs").glob("*/*-sweep")
-    return directory
 
 
 def test_a_sweep_writes_one_combined_table_and_plot(sweep: Path) -> None:
@@ -106,15 +74,6 @@ def test_a_point_failing_while_it_runs_is_recorded_and_the_others_run(tmp_path: 
     assert len(run_dirs(directory)) == 1 and len(headline_rows(directory / "table.csv")) == 1
 
 
-def test_report_rebuilds_tables_and_plot_from_runs(sweep: Path, tmp_path: Path) -> None:
-    result = flexeval(tmp_path, *map(str, run_dirs(sweep)), "--out", str(tmp_path), module="flexeval.report")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert table_rows(tmp_path / "table.csv") == table_rows(sweep / "table.csv")
-    assert (tmp_path / "accuracy_vs_throughput.png").is_file()
-    missing = flexeval(tmp_path, str(tmp_path / "nothing"), module="flexeval.report")
-    assert missing.returncode == 2 and missing.stderr.startswith("error:") and missing.stderr.count("\n") == 1
-
-
 def test_submitit_local_runs_each_configuration_as_its_own_job(tmp_path: Path) -> None:
     result = flexeval(tmp_path, "-m", "hydra/launcher=submitit_local", *TINY, "policy=all-resident,cpu-offload")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,12 +81,6 @@ def test_submitit_local_runs_each_configuration_as_its_own_job(tmp_path: Path) -
     jobs = [p for p in (directory / ".submitit").iterdir() if list(p.glob("*_result.pkl"))]
     assert len(jobs) == 2 and len(run_dirs(directory)) == 2
     assert len(headline_rows(directory / "table.csv")) == 2
-
-
-def compose_run(*overrides: str):
-    config.register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 @pytest.mark.parametrize(
@@ -291,40 +244,6 @@ def test_every_task_definition_has_a_task_option() -> None:
     options = {t for name in config.group_options(["task"])["task"] for t in compose_run(f"task={name}").task.tasks}
     defined = {yaml.safe_load(p.read_text().replace("!function", ""))["task"] for p in TASKS_DIR.glob("*.yaml")}
     assert defined <= options
-
-
-def row(run: str, value: float, speed: float, higher: bool = True, model: str = "m") -> Row:
-    figures = dict.fromkeys(("wall_seconds", "requests_per_second", "peak_ram_mb", "peak_disk_mb"), 1.0)
-    counts = dict(requests=1, prompt_tokens=1, generated_tokens=0)
-    names = dict(task="piqa", model=model, compression="none", settings="")
-    metric = Metric("acc" if higher else "perplexity", value, 0.01, higher)
-    fixed = dict(peak_gpu_mb=None, policy=run, run=run)
-    return Row(metrics=(metric,), tokens_per_second=speed, **fixed, **figures, **counts, **names)
-
-
-def test_a_point_is_dominated_only_beyond_the_error_bars() -> None:
-    rows = [row("a", 0.5, 100), row("b", 0.6, 50), row("c", 0.4, 80), row("d", 0.6, 40), row("e", 0.585, 60)]
-    assert [r.run for r in pareto(rows)] == ["a", "e", "b", "d"]  # c: a is faster and better beyond both bars
-    perplexity = [row("a", 30, 100, higher=False), row("b", 20, 50, higher=False), row("c", 40, 60, higher=False)]
-    assert [r.run for r in pareto(perplexity)] == ["a", "b"]
-    assert labels(rows) == {"a": "a", "b": "b", "c": "c", "d": "d", "e": "e"}  # only the policy differs
-    assert held_constant(rows) == "model m, compression none"
-    assert held_constant([row("a", 0.5, 1), row("b", 0.5, 2, model="n")]) == "compression none"
-
-
-def test_the_tables_are_compact_on_screen_complete_in_files_and_long_in_csv() -> None:
-    rows = [row("a", 0.5, 100), row("b", 0.6, 50)]
-    assert compact(rows).splitlines()[0] == (
-        "| task | metric | value ± stderr | tok/s | wall s | peak RAM MB | configuration |"
-    )
-    assert markdown(rows).splitlines()[0].count("|") == 17  # every column: 16
-    gpu = replace(rows[0], peak_gpu_mb=5.0)
-    assert "peak GPU MB" in compact([gpu]) and "peak GPU MB" not in compact(rows)
-    lines = list(csv.DictReader(io.StringIO(csv_text(rows))))
-    assert [(r["run"], r["metric"], r["value"], r["stderr"], r["headline"]) for r in lines] == [
-        ("a", "acc", "0.5", "0.01", "True"),
-        ("b", "acc", "0.6", "0.01", "True"),
-    ]
 
 
 def test_policy_auto_runs_the_searched_policy_records_it_and_explains_it(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from flexeval import Engine, FlexevalError, Policy
 from flexeval.engine.placement import weight_bytes_per_tier
 from flexeval.models import gguf
 from flexeval.quantization import blocks
-from tests.conftest import same_results
+from tests.helpers import same_results
 
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
 NATIVE = Policy(native_weights=True)
@@ -36,6 +36,7 @@ def test_kernels_match_the_reference_dequantizer(name: str) -> None:
     assert torch.equal(blocks.dequantize(stored, torch.empty(48, 5 * block, dtype=torch.bfloat16)), expected.bfloat16())
 
 
+@pytest.mark.slow
 def test_a_model_keeping_its_blocks_computes_what_the_dense_one_does(smollm2: Engine, smollm2_dir, tmp_path) -> None:
     resident = Engine.load(smollm2_dir, dtype="float32", policy=NATIVE)
     on_disk = Engine.load(

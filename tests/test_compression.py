@@ -27,7 +27,7 @@ from flexeval.quantization.compression import (
     unpack,
 )
 from flexeval.quantization.config import BITS, INT4MM_GROUP_SIZES, CompressionConfig
-from tests.conftest import same_results
+from tests.helpers import same_results
 
 SHAPES = [(130,), (7, 130), (64, 64), (3, 5, 9), (2, 3, 4, 33), (1, 1), (576, 100)]
 
@@ -255,6 +255,7 @@ def test_engine_computes_with_the_dequantized_weights_wherever_they_live(
         assert all(torch.equal(a, b) for a, b in zip(lp, expected_lp)), label
 
 
+@pytest.mark.slow
 def test_quantized_weights_shrink_the_disk_files(tmp_path: Path) -> None:
     """SmolLM2-135M in 16 bits, 4-bit groups of 64, all weights on disk: at most 0.30 of its
     16-bit bytes."""

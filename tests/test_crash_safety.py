@@ -1,4 +1,5 @@
-"""Nothing lost, nothing silently wrong: what a killed run leaves is reclaimed, disk space is
+"""Nothing lost, nothing silently wrong: what a killed run leaves is reclaimed, an offload directory
+that is missing, unwritable or too full is refused before any weights are written, disk space is
 checked for everything a policy puts on disk, I/O errors keep their cause, shard paths stay put."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flexeval.engine import tiers
 from flexeval.models import registry
 from flexeval.models.checkpoint import open_checkpoint
 from flexeval.ownership import Owner, claim, disk_bytes
+from tests.helpers import DISK
 
 ON_DISK = Policy(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0)
 
@@ -193,3 +195,30 @@ def test_shards_named_outside_the_checkpoint_directory_are_refused(tiny_dir, sha
     index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, shard)}))
     with pytest.raises(FlexevalError, match=re.escape(f"{index} names weight file {shard} outside")):
         open_checkpoint(tiny_dir)
+
+
+def test_missing_offload_directory(tmp_path: Path) -> None:
+    with pytest.raises(FlexevalError, match="does not exist"):
+        Engine.load("tiny-llama", policy=Policy(**DISK), offload_dir=tmp_path / "nope")
+
+
+def test_unwritable_offload_directory() -> None:
+    with pytest.raises(FlexevalError, match="is not writable"):
+        Engine.load("tiny-llama", policy=Policy(**DISK), offload_dir="/proc")
+
+
+def test_full_offload_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(FlexevalError, match="GiB free but the policy puts"):
+        Engine.load("tiny-llama", policy=Policy(**DISK), offload_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_filling_up_midway_is_reported_and_cleaned(tmp_path: Path, monkeypatch) -> None:
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(FlexevalError, match="No space left on device"):
+        Engine.load("tiny-llama", policy=Policy(**DISK), offload_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ from flexeval.data import TASKS_DIR, data_dir, local_tasks
 from flexeval.evaluate import build_tasks
 from flexeval.lm_eval import main as lm_eval_main
 from flexeval.resolve import resolve
-from tests.test_app import compose_run, flexeval
+from tests.helpers import compose_run, flexeval
 
 HELLASWAG = "hellaswag/hellaswag_validation.jsonl"
 PIQA = "piqa/piqa_validation.jsonl"

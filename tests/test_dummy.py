@@ -15,8 +15,7 @@ from flexeval import Engine, FlexevalError, Policy
 from flexeval.models import dummy, registry
 from flexeval.report import rows
 from flexeval.resolve import resolve
-from tests.conftest import same_results
-from tests.test_app import compose_run
+from tests.helpers import compose_run, same_results
 
 SMALL = {
     "architectures": ["LlamaForCausalLM"],

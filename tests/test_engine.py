@@ -9,8 +9,7 @@ from flexeval import Engine, FlexevalError, Policy
 from flexeval.engine.batch import left_pad, positions
 from flexeval.models import registry, tiny
 from flexeval.models.attention import visibility
-from tests.conftest import same_results
-from tests.test_models import reference_logprobs
+from tests.helpers import reference_logprobs, same_results
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +80,25 @@ def test_scores_through_decoding_steps_are_those_of_one_pass(engine: Engine) -> 
         engine.decode_score([(contexts[0], [])])
 
 
+def test_a_stream_hands_over_the_blocks_it_announced() -> None:
+    """One sort and cut, by the engine: the blocks a stream announces are those it runs (here cut
+    by tokens too), each with its own stats, and collected they are the list methods' results."""
+    engine = Engine.load("tiny-llama-gqa", policy=Policy(gpu_batch_size=2, num_gpu_batches=2, gpu_batch_tokens=60))
+    contexts, endings = random_seqs((5, 30, 12, 7, 40, 3), seed=9), random_seqs((3, 1, 2, 4, 6, 2), seed=10)
+    requests = [(c, [e, e[:1]]) for c, e in zip(contexts, endings)]
+    for stream, expected in (
+        (engine.score_blocks(requests), engine.score(requests)),
+        (engine.decode_score_blocks(requests), engine.decode_score(requests)),
+        (engine.generate_blocks(contexts, [4, 0, 3, 2, 1, 5]), engine.generate(contexts, [4, 0, 3, 2, 1, 5])),
+    ):
+        blocks = list(stream)
+        assert [b.indices for b in blocks] == stream.blocks and len(blocks) > 1
+        assert sorted(i for b in blocks for i in b.indices) == list(range(len(contexts)))
+        assert stream.stats.prefill_tokens == sum(b.stats.prefill_tokens for b in blocks) > 0
+        found = {i: result for b in blocks for i, result in zip(b.indices, b.results)}
+        assert [found[i] for i in range(len(contexts))] == expected
+
+
 def test_sparse_attention_costs_little_log_likelihood_when_most_is_kept() -> None:
     prompts, continuations = random_seqs((40, 60), seed=5), random_seqs((30, 30), seed=6)
     dense = torch.cat(Engine.load("tiny-llama-gqa").decode_logprobs(prompts, continuations))
@@ -123,6 +141,7 @@ def test_bfloat16_stays_close_to_float32() -> None:
         assert (a - b).abs().mean() < 0.05
 
 
+@pytest.mark.slow
 def test_bfloat16_smollm2_matches_transformers_bfloat16(smollm2_dir) -> None:
 
     engine = Engine.load(smollm2_dir, dtype="bfloat16")

@@ -19,6 +19,7 @@ from flexeval.models import gguf, packaged, registry
 from flexeval.models.checkpoint import open_checkpoint
 
 
+@pytest.mark.slow
 def test_tensors_equal_transformers_own_dequantization(smollm2_dir: Path, smollm2_hf) -> None:
     checkpoint = open_checkpoint(smollm2_dir)
     assert isinstance(checkpoint, gguf.GGUFCheckpoint)

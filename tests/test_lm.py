@@ -54,6 +54,7 @@ def test_flexgen_registers_with_its_module_and_hf_still_resolves() -> None:
     assert get_model("flexgen") is FlexGenLM
 
 
+@pytest.mark.slow
 def test_loglikelihood_matches_hf(backends) -> None:
     """HellaSwag's endings share their document's context; flexgen computes it once per document."""
     flexgen, hf = backends
@@ -68,6 +69,7 @@ def test_loglikelihood_matches_hf(backends) -> None:
         assert lp == pytest.approx(expected_lp, rel=1e-5, abs=1e-4) and greedy == expected_greedy
 
 
+@pytest.mark.slow
 def test_rolling_loglikelihood_matches_hf(backends) -> None:
     flexgen, hf = backends
     pages = sorted(
@@ -78,6 +80,7 @@ def test_rolling_loglikelihood_matches_hf(backends) -> None:
         assert ours == pytest.approx(theirs, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_until_matches_hf(backends) -> None:
     flexgen, hf = backends
     shots = jsonl(DATA / "helm_synthetic_reasoning" / "pattern_match_train.jsonl", 5)
@@ -137,7 +140,7 @@ def test_scoring_through_the_cache_gives_what_one_pass_gives() -> None:
     ] + [(("", ""), context[:5], [9, 8, 7])]
     one_pass = FlexGenLM(pretrained="tiny-llama-gqa")._loglikelihood_tokens(token_requests)
     through = FlexGenLM(pretrained="tiny-llama-gqa", score_through_cache=True)
-    assert through.score == through.engine.decode_score
+    assert through.score == through.engine.decode_score_blocks
     for (lp, greedy), (expected, expected_greedy) in zip(through._loglikelihood_tokens(token_requests), one_pass):
         assert lp == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from flexeval import Engine
 from flexeval.models import registry
-from tests.conftest import TINY_MODELS
+from tests.helpers import TINY_MODELS, reference_logprobs
 
 LOGPROB_TOLERANCE = 1e-4
 SCORE_LENGTHS = (5, 64, 33, 1, 80, 17, 2, 64, 100)
@@ -24,13 +24,6 @@ TEXTS = (
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,",
     "The quick brown fox jumps over the lazy dog because",
 )
-
-
-@torch.inference_mode()
-def reference_logprobs(model, seq: Tensor) -> Tensor:
-    """Each sequence alone, unpadded: the plainest possible reference."""
-    logits = model(seq[None]).logits[0, :-1].float()
-    return logits.log_softmax(-1).gather(1, seq[1:, None]).squeeze(1)
 
 
 @torch.inference_mode()
@@ -64,6 +57,7 @@ def test_tiny_model_matches_transformers(name: str) -> None:
     assert_matches(engine, model, scored, prompts)
 
 
+@pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2: Engine, smollm2_hf) -> None:
     tokenize = smollm2.tokenizer
     seqs = [torch.tensor(tokenize(t, add_special_tokens=False).input_ids) for t in TEXTS]
@@ -71,6 +65,7 @@ def test_smollm2_matches_transformers(smollm2: Engine, smollm2_hf) -> None:
     assert_matches(smollm2, smollm2_hf, seqs, seqs)
 
 
+@pytest.mark.slow
 def test_smollm2_knows_the_capital_of_france(smollm2: Engine) -> None:
     prompt = smollm2.tokenizer("The capital of France is", add_special_tokens=False).input_ids
     (out,) = smollm2.generate([prompt], max_new_tokens=3)
@@ -94,6 +89,7 @@ def test_prepared_gguf_config_is_plain(smollm2_dir) -> None:
     assert getattr(config, "quantization_config", None) is None and config.tie_word_embeddings
 
 
+@pytest.mark.slow
 def test_model_layers_describe_every_weight(smollm2: Engine) -> None:
     """The per-layer interface the engine schedules by: kinds in order, and bytes that add up."""
     layers = smollm2.model.layers

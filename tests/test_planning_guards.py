@@ -25,8 +25,7 @@ from flexeval.planning.cost_model import Workload
 from flexeval.planning.request import PolicyRequest
 from flexeval.planning.search import BUDGET_KEYS, Budget, search
 from flexeval.resolve import resolve
-from tests.test_app import WORKLOAD, compose_run
-from tests.test_policy_search import costs_for, machine
+from tests.helpers import WORKLOAD, compose_run, costs_for, machine
 
 AUTO = ["model=tiny-llama", "policy=auto", *WORKLOAD]  # the workload given: nothing is counted
 

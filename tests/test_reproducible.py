@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from flexeval import Engine, Policy, reproducible
 from flexeval.engine import engine as engine_module
 from flexeval.reproducible import MOST_PADDED_ROWS, probe_gemm_rows, safe_gemm_rows
-from tests.test_schedule import DISK, sequences
+from tests.helpers import DISK, sequences
 
 CPU = torch.device("cpu")
 THRESHOLD = 6  # above what any machine's own BLAS needs so far (AMD: 4, Intel: 1)

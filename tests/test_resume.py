@@ -14,10 +14,9 @@ import pytest
 
 from flexeval import FlexevalError
 from flexeval import evaluate as app
-from flexeval.report import rows, run_labels
 from flexeval.resolve import resolve
 from flexeval.resume import REQUESTS, RequestLog
-from tests.test_app import compose_run
+from tests.helpers import compose_run
 
 SUITE = ["model=tiny-llama", "task.tasks=[boolq,piqa]", "limit=6"]
 
@@ -106,27 +105,3 @@ def test_resume_refuses_a_run_of_other_options_and_a_damaged_log(tmp_path: Path)
 def test_resume_is_refused_for_a_sweep(tmp_path: Path) -> None:
     result = flexeval("-m", "limit=2,3", f"resume={tmp_path}")
     assert result.returncode == 2 and "resume finishes one run" in result.stderr
-
-
-@pytest.mark.parametrize(
-    ("overrides", "expected"),
-    [
-        ([], {"model": "tiny-llama", "policy": "all-resident", "compression": "none"}),
-        (["compression.compress_weight=true"], {"compression": "none compress_weight=true"}),
-        (["policy=disk-offload", "policy.gpu_batch_size=8"], {"policy": "disk-offload gpu_batch_size=8"}),
-        (["model.pretrained=/models/x/my-model.gguf"], {"model": "my-model.gguf"}),
-        (["model.pretrained=/m/a.gguf", "model.name=a", "model.max_length=64"], {"model": "a max_length=64"}),
-    ],
-)
-def test_labels_name_what_ran(overrides: list[str], expected: dict[str, str]) -> None:
-    config = compose_run("model=tiny-llama", *overrides)
-    assert run_labels(config, overrides).items() >= expected.items()
-
-
-def test_table_rows_of_sweep_points_tell_policy_overrides_apart(tmp_path: Path) -> None:
-    made = []
-    for size in (2, 4):
-        overrides = ["model=tiny-llama", "task=piqa", "limit=2", f"policy.gpu_batch_size={size}"]
-        out = tmp_path / str(size)
-        made += rows(app.evaluate(resolve(compose_run(*overrides)), out, overrides), out.name)
-    assert [row.policy for row in made] == ["all-resident gpu_batch_size=2", "all-resident gpu_batch_size=4"]

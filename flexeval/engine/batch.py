@@ -118,6 +118,18 @@ def micro_batches(lengths: Sequence[int], size: int, tokens: int = 0) -> list[in
     return counts
 
 
+def cut_blocks(lengths: Sequence[int], size: int, tokens: int, per_block: int) -> list[list[list[int]]]:
+    """Positions of `lengths`, longest first (similar lengths share padding), cut into
+    `micro_batches` and those into blocks of `per_block`: the one cut of a call's sequences,
+    which the engine runs and the cost model counts."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, start = [], 0
+    for count in micro_batches([lengths[i] for i in order], size, tokens):
+        batches.append(order[start : start + count])
+        start += count
+    return [batches[b : b + per_block] for b in range(0, len(batches), per_block)]
+
+
 def positions(valid: Tensor) -> Tensor:
     """(b, s) bool -> (b, s) position of each real token in its sequence; 0 on padding."""
     return (valid.long().cumsum(-1) - 1).clamp(min=0)

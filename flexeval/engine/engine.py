@@ -5,6 +5,10 @@ num_gpu_batches` and each block into micro-batches, and runs each block through 
 which streams every layer's weights from their tiers once per block. It owns the padding, the
 masks, the KV cache and the readout of the head (log-probabilities of given tokens, or the next
 token), so models stay pure layer math and the schedule stays one loop.
+
+Each call's sort and cut is the only one: its `Stream` names every block's requests before any
+runs, and hands over each block's results and stats (`BlockResults`) as the block ends, so that a
+caller records them at once; `score`, `generate` and the other list methods collect a stream.
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
+from itertools import chain
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from flexeval import ownership
 from flexeval.engine.batch import (
@@ -31,9 +35,9 @@ from flexeval.engine.batch import (
     TokenSeq,
     as_token_ids,
     as_token_lists,
+    cut_blocks,
     is_int,
     left_pad,
-    micro_batches,
     pack,
     packed_mask,
 )
@@ -43,20 +47,26 @@ from flexeval.engine.generation import Decoding, Sampling
 from flexeval.engine.heap import Heap, map_large_buffers, release_free_memory, reuse_compute_buffers
 from flexeval.engine.kv_cache import QuantizedKVCache
 from flexeval.engine.placement import BlockState, WeightStore, native, weight_bytes_per_tier
-from flexeval.engine.policy import Policy
+from flexeval.engine.policy import Policy, TensorClass
 from flexeval.engine.readout import ForcedReadout, ScoreReadout, StreamedScoreReadout, TokenReadout
 from flexeval.engine.schedule import CacheMode, Executors, Timing, Unit, run_pass, units
 from flexeval.engine.tiers import DiskTier, MemoryTier, Tier
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
-from flexeval.models.checkpoint import iter_weights, open_checkpoint
-from flexeval.models.common import KVCache, Model, Readout, Step, StoredValues
+from flexeval.models.checkpoint import Source, iter_weights, open_checkpoint
+from flexeval.models.common import Cache, KVCache, Model, Readout, Step, StoredValues
 from flexeval.quantization import int4mm
 from flexeval.quantization.calibration import Calibration
 from flexeval.quantization.gptq import FittedWeights
 from flexeval.reproducible import safe_gemm_rows
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 TENSOR_CLASSES = ("weights", "cache", "act")
+R = TypeVar("R")
+S = TypeVar("S")
+Pair = tuple[Tensor, list[Tensor]]  # a context's tokens and its continuations'
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,95 @@ class RunStats:
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    def __add__(self, other: RunStats) -> RunStats:
+        """Two blocks' figures as one call's: counts, bytes and times add up, peaks are the larger."""
+        tiers: dict[str, dict[str, dict[str, float]]] = {}
+        for name in {**self.tiers, **other.tiers}:
+            ours, theirs = self.tiers.get(name, {}), other.tiers.get(name, {})
+            tiers[name] = {tier: _add_figures(ours.get(tier, {}), theirs.get(tier, {})) for tier in {**ours, **theirs}}
+        return RunStats(
+            sequences=self.sequences + other.sequences,
+            prefill_tokens=self.prefill_tokens + other.prefill_tokens,
+            decode_tokens=self.decode_tokens + other.decode_tokens,
+            prefill_seconds=self.prefill_seconds + other.prefill_seconds,
+            decode_seconds=self.decode_seconds + other.decode_seconds,
+            compute_seconds=self.compute_seconds + other.compute_seconds,
+            io_wait_seconds=self.io_wait_seconds + other.io_wait_seconds,
+            tiers=tiers,
+            peak_rss_bytes=max(self.peak_rss_bytes, other.peak_rss_bytes),
+        )
+
+
+def _add_figures(ours: Mapping[str, float], theirs: Mapping[str, float]) -> dict[str, float]:
+    """A tier's figures over two blocks: a peak is the larger one, anything else the sum."""
+    return {
+        key: max(ours.get(key, 0), theirs.get(key, 0))
+        if key.startswith("peak")
+        else ours.get(key, 0) + theirs.get(key, 0)
+        for key in {**ours, **theirs}
+    }
+
+
+@dataclass(frozen=True)
+class BlockResults(Generic[R]):
+    """What one block finished, handed over as soon as it ends: a caller records its results at
+    once (a killed run resumes after them) and counts the block's cost beside them, with no
+    engine state to read back afterwards."""
+
+    indices: tuple[int, ...]  # into the call's list of requests
+    results: tuple[R, ...]  # one per index
+    stats: RunStats  # this block's alone
+
+
+class Stream(Generic[R]):
+    """One call's blocks, run as they are iterated. `blocks` says which requests each block will
+    finish before any runs, so that a progress bar can size a block while it runs; `stats` sums
+    the blocks handed over so far."""
+
+    def __init__(self, size: int, blocks: Sequence[tuple[int, ...]], run: Iterator[BlockResults[R]]) -> None:
+        self.size, self.blocks, self._run = size, list(blocks), run
+        self.stats = RunStats()
+
+    def __iter__(self) -> Iterator[BlockResults[R]]:
+        for block in self._run:
+            self.stats = self.stats + block.stats
+            yield block
+
+    def collect(self) -> list[R]:
+        """Every block run, the results in the caller's order."""
+        results: dict[int, R] = {}
+        for block in self:
+            results.update(zip(block.indices, block.results))
+        return [results[i] for i in range(self.size)]
+
+    def map(self, change: Callable[[BlockResults[R]], Sequence[S]]) -> Stream[S]:
+        """The same blocks, each one's results changed as it is handed over (before the next runs)."""
+
+        def run() -> Iterator[BlockResults[S]]:
+            for block in self:
+                yield BlockResults(block.indices, tuple(change(block)), block.stats)
+
+        return Stream(self.size, self.blocks, run())
+
+    def grouped(self, owners: Sequence[int], size: int, combine: Callable[[list[R]], S]) -> Stream[S]:
+        """The items gathered into the `size` requests that own them (`owners[item]`, in item
+        order): a request is handed over with the block that finishes its last item."""
+        items: dict[int, list[int]] = {}
+        for item, owner in enumerate(owners):
+            items.setdefault(owner, []).append(item)
+        finished_in = {item: b for b, block in enumerate(self.blocks) for item in block}
+        last = {owner: max(finished_in[i] for i in its) for owner, its in items.items()}
+        blocks = [tuple(owner for owner in sorted(last) if last[owner] == b) for b in range(len(self.blocks))]
+
+        def run() -> Iterator[BlockResults[S]]:
+            done: dict[int, R] = {}
+            for block, owners_done in zip(self, blocks):
+                done.update(zip(block.indices, block.results))
+                results = tuple(combine([done.pop(i) for i in items[owner]]) for owner in owners_done)
+                yield BlockResults(owners_done, results, block.stats)
+
+        return Stream(size, blocks, run())
 
 
 def _make_tiers(
@@ -181,7 +280,7 @@ class Engine:
         self.score_readout = StreamedScoreReadout if policy.stream_unembedding else ScoreReadout
         self.io = Executors.make(policy.overlap)
         self.heap = Heap() if policy.bound_heap else None  # trimmed as it grows, under a RAM budget
-        self.stats = RunStats()
+        self._latest: Stream | None = None  # the latest call's, whose stats `stats` reads
         # told after each unit (layer, or attention and MLP) of every pass, with the pass's share
         # done: what a progress bar needs to move within a block
         self.on_unit: Callable[[float], None] | None = None
@@ -221,51 +320,15 @@ class Engine:
         shapes = product_shapes(model, units(model.layers, policy, dtype))
         gemm_rows = safe_gemm_rows(shapes, dtype, device, registry.cache_root(cache_dir))
         tokenizer = registry.load_tokenizer(directory)
-        if policy.native_weights and not any(
-            native(p, policy) for layer in model.layers for p in layer.params.values()
-        ):
-            raise FlexevalError(
-                f"compression=native keeps the llama.cpp blocks of a GGUF file; {spec} has none it can keep: "
-                "use compression=none or a quantizing preset (4bit-weights, ...)"
-            )
+        _check_native(spec, model, policy)
         checkpoint = open_checkpoint(directory)
-        gptq = policy.compress_weight and policy.comp_weight_config.fit == "gptq"  # fits need whole weights
-        layers = iter_weights(model, checkpoint, dtype, lambda param: native(param, policy), lazy=not gptq)
-        uses_disk = any(policy.split(kind)[2] > 0 for kind in ("w", "cache", "act"))
+        uses_disk = any(policy.split(kind)[2] > 0 for kind in TensorClass)
         on_disk = weight_bytes_per_tier(model.layers, policy, dtype)[2]
         fitted = None
-        if gptq:
-            if calibration is None:
-                raise FlexevalError(
-                    f"a gptq fit of {spec} needs text to fit to: pass calibration=Calibration(path=...)"
-                )
-            fitted = FittedWeights(
-                model,
-                checkpoint=directory,
-                config=replace(policy.comp_weight_config, kernel="dequantize"),  # codes by rows; tiled when stored
-                dtype=dtype,
-                device=device,
-                calibration=calibration,
-                tokenizer=tokenizer,
-                cache=registry.cache_root(cache_dir),
-            )
+        if policy.compress_weight and policy.comp_weight_config.fit == "gptq":
+            fitted = _gptq_fit(spec, model, directory, policy, dtype, device, calibration, tokenizer, cache_dir)
         workdir = _prepare_offload_dir(offload_dir, on_disk) if uses_disk else None
-        try:
-            tiers = {
-                name: _make_tiers(name, device, policy, workdir, durable=name == "weights") for name in TENSOR_CLASSES
-            }
-            store = WeightStore(model.layers, tiers["weights"], policy, dtype)
-            progress = tqdm(layers, total=len(model.layers), desc=_loading(spec, policy), unit="layer")
-            check = WeightCheck(model, checkpoint)
-            for j, bundle in enumerate(progress):
-                bundle = check(j, bundle)
-                store.put(j, bundle, fitted.layer(j, bundle) if fitted else None)
-            if fitted:
-                fitted.save()
-        except BaseException:
-            if workdir is not None:
-                ownership.remove(workdir)
-            raise
+        tiers, store = _store_weights(spec, model, checkpoint, policy, dtype, device, workdir, fitted)
         release_free_memory()
         if policy.bound_heap:
             reuse_compute_buffers()
@@ -286,7 +349,17 @@ class Engine:
     def context_length(self) -> int:
         return self.model.context_length
 
-    @torch.inference_mode()
+    @property
+    def stats(self) -> RunStats:
+        """What the latest call's blocks did so far, summed: for callers of the list-returning
+        methods. A stream's consumer reads each block's own `stats` as the block ends."""
+        return self._latest.stats if self._latest is not None else RunStats()
+
+    def _started(self, stream: Stream[R]) -> Stream[R]:
+        """The call's stream, whose stats `stats` reads."""
+        self._latest = stream
+        return stream
+
     def logprobs(self, sequences: Sequence[TokenSeq]) -> list[Tensor]:
         """lp[i][t] = log p(sequences[i][t + 1] | sequences[i][: t + 1]), as float32 on the CPU."""
         self._check_open()
@@ -294,39 +367,57 @@ class Engine:
         # the last token is only ever a target, so the model reads each sequence but its last token
         self._check_positions([len(s) - 1 for s in seqs], "logprobs")
         rows = {i: pack(s[:1], [s[1:]]) for i, s in enumerate(seqs) if len(s) > 1}
-        scored = self._score(rows)
-        return [scored[i][0] if i in scored else torch.empty(0) for i in range(len(seqs))]
+        unread = {i: (torch.empty(0), torch.empty(0)) for i in range(len(seqs)) if i not in rows}
+        return [logprobs for logprobs, _ in self._started(self._score_stream(rows, len(seqs), unread)).collect()]
 
-    @torch.inference_mode()
     def score(self, requests: Sequence[tuple[TokenSeq, Sequence[TokenSeq]]]) -> list[list[Scored]]:
+        """`score_blocks`' results, every block run, in the requests' order."""
+        return self.score_blocks(requests).collect()
+
+    def score_blocks(self, requests: Sequence[tuple[TokenSeq, Sequence[TokenSeq]]]) -> Stream[list[Scored]]:
         """For each (context, continuations): every continuation's log-likelihood given the context,
-        and whether greedy decoding would produce it. A request's context is computed once for all
-        of its continuations (a multiple-choice document's endings share one sequence)."""
+        and whether greedy decoding would produce it, handed over a block at a time. A request's
+        context is computed once for all of its continuations (a multiple-choice document's endings
+        share one sequence). The requests are checked now; iterating the stream runs the blocks."""
         self._check_open()
+        rows = {i: pack(context, continuations) for i, (context, continuations) in enumerate(self._pairs(requests))}
+        self._check_positions([int(r.positions.max()) + 1 for r in rows.values()], "score")
+
+        def scored(block: BlockResults[tuple[Tensor, Tensor]]) -> list[list[Scored]]:
+            found = []
+            for i, (logprobs, greedy) in zip(block.indices, block.results):
+                spans = zip(logprobs.split(rows[i].spans), greedy.split(rows[i].spans))
+                found.append([Scored(float(lp.sum()), bool(g.all())) for lp, g in spans])
+            return found
+
+        return self._started(self._score_stream(rows, len(rows)).map(scored))
+
+    def _pairs(self, requests: Sequence[tuple[TokenSeq, Sequence[TokenSeq]]], what: str = "score") -> list[Pair]:
+        """(context, continuations) requests as token tensors, checked alike by every scoring entry
+        point, so that a bad request is refused, by its number, before any block runs."""
         if not isinstance(requests, Sequence) or not requests:
-            raise FlexevalError("score takes a non-empty list of (context, continuations) pairs")
-        rows = {}
+            raise FlexevalError(f"{what} takes a non-empty list of (context, continuations) pairs")
+        vocab, pairs = self.model.vocab_size, []
         for i, request in enumerate(requests):
             if not (isinstance(request, Sequence) and len(request) == 2 and request[1]):
-                raise FlexevalError(f"score: request {i} is not a (context, [continuation, ...]) pair")
-            context, continuations = request
-            vocab = self.model.vocab_size
-            context = as_token_ids(context, vocab, f"score: request {i}'s context")
-            rows[i] = pack(context, as_token_lists(continuations, vocab, f"score: request {i}'s continuations"))
-        self._check_positions([int(r.positions.max()) + 1 for r in rows.values()], "score")
-        scored = self._score(rows)
-        results = []
-        for i in range(len(requests)):
-            logprobs, greedy = scored[i]
-            spans = zip(logprobs.split(rows[i].spans), greedy.split(rows[i].spans))
-            results.append([Scored(float(lp.sum()), bool(g.all())) for lp, g in spans])
-        return results
+                raise FlexevalError(f"{what}: request {i} is not a (context, [continuation, ...]) pair")
+            context = as_token_ids(request[0], vocab, f"{what}: request {i}'s context")
+            pairs.append((context, as_token_lists(request[1], vocab, f"{what}: request {i}'s continuations")))
+        return pairs
 
-    def _score(self, rows: dict[int, Packed]) -> dict[int, tuple[Tensor, Tensor]]:
-        """Every row's (log-probability, greedy) per target, through the block schedule."""
-        results = {}
-        timing, start = self._begin()
-        for block in self._blocks({i: len(row) for i, row in rows.items()}):
+    def _score_stream(
+        self, rows: dict[int, Packed], size: int, unread: Mapping[int, tuple[Tensor, Tensor]] | None = None
+    ) -> Stream[tuple[Tensor, Tensor]]:
+        """Every row's (log-probability, greedy) per target, a block at a time."""
+        blocks = self._cut({i: len(row) for i, row in rows.items()})
+        return _stream(size, blocks, self._run_scores(rows, blocks), unread or {})
+
+    @torch.inference_mode()
+    def _run_scores(
+        self, rows: dict[int, Packed], blocks: list[list[list[int]]]
+    ) -> Iterator[BlockResults[tuple[Tensor, Tensor]]]:
+        for block in blocks:
+            timing, start = self._begin()
             steps = [self._packed_step([rows[i] for i in mb]) for mb in block]
             state = self._block_state(len(block))
             try:
@@ -334,18 +425,21 @@ class Engine:
             finally:
                 state.close()
                 release_free_memory()  # the block's state and working memory, before the next block
+            found: dict[int, tuple[Tensor, Tensor]] = {}
             for mb, step, out in zip(block, steps, outputs):
                 counts = [len(rows[i].targets) for i in mb]
-                for i, lp, greedy in zip(mb, out.cpu().split(counts), step.readout.greedy().cpu().split(counts)):
-                    results[i] = (lp, greedy)
-        self.stats.sequences = len(rows)
-        self.stats.prefill_tokens = sum(len(row) for row in rows.values())
-        self.stats.prefill_seconds = time.perf_counter() - start
-        self._end(timing)
-        return results
+                found.update(zip(mb, zip(out.cpu().split(counts), step.readout.greedy().cpu().split(counts))))
+            tokens = sum(len(rows[i]) for i in found)
+            stats = RunStats(sequences=len(found), prefill_tokens=tokens, prefill_seconds=time.perf_counter() - start)
+            yield BlockResults(tuple(found), tuple(found.values()), self._end(timing, stats))
 
-    @torch.inference_mode()
     def generate(
+        self, prompts: Sequence[TokenSeq], max_new_tokens: int | Sequence[int] = 32, **settings: Any
+    ) -> list[list[int]]:
+        """`generate_blocks`' new tokens, every block run, in the prompts' order."""
+        return self.generate_blocks(prompts, max_new_tokens, **settings).collect()
+
+    def generate_blocks(
         self,
         prompts: Sequence[TokenSeq],
         max_new_tokens: int | Sequence[int] = 32,
@@ -356,13 +450,13 @@ class Engine:
         seed: int = 0,
         stop_token_ids: Sequence[int] | None = None,
         stop_strings: Sequence[str] = (),
-    ) -> list[list[int]]:
-        """New token ids for each prompt: greedy unless temperature > 0.
+    ) -> Stream[list[int]]:
+        """New token ids for each prompt, handed over a block at a time: greedy unless temperature > 0.
 
         A sequence ends after `max_new_tokens` (one number, or one per prompt), with a stop
         token (default: the tokenizer's end-of-sequence), or once its decoded text contains one
         of `stop_strings`; the stopping token is included in its output. A block stops as soon
-        as all of its sequences have.
+        as all of its sequences have. The arguments are checked now; iterating runs the blocks.
         """
         self._check_open()
         seqs = as_token_lists(prompts, self.model.vocab_size, "generate")
@@ -377,46 +471,47 @@ class Engine:
         def readout(mb: list[int], t: int) -> Readout:
             return TokenReadout(len(mb), self.model.vocab_size, sampling, generator, self.device)
 
-        return self._decode(seqs, torch.tensor(budgets), stops, stopped, readout)
+        return self._started(self._decode(seqs, torch.tensor(budgets), stops, stopped, readout))
 
-    @torch.inference_mode()
     def decode_logprobs(self, prompts: Sequence[TokenSeq], continuations: Sequence[TokenSeq]) -> list[Tensor]:
         """log p of each continuation token given the prompt and the tokens before it, computed as
         generation computes it: the prompt prefilled, then one decoding step per token against the
         KV cache (compressed, or read sparsely, as the policy says). `logprobs` scores a whole
         sequence in one exact pass; this measures what the cache's approximations cost."""
         self._check_open()
-        return [logprob for logprob, _ in self._decode_scored(prompts, continuations, "decode_logprobs")]
+        stream = self._started(self._decode_scored(prompts, continuations, "decode_logprobs"))
+        return [logprob for logprob, _ in stream.collect()]
 
     def decode_score(self, requests: Sequence[tuple[TokenSeq, Sequence[TokenSeq]]]) -> list[list[Scored]]:
-        """`score` computed through decoding steps, as `decode_logprobs` is: what a task's
+        """`decode_score_blocks`' results, every block run, in the requests' order."""
+        return self.decode_score_blocks(requests).collect()
+
+    def decode_score_blocks(self, requests: Sequence[tuple[TokenSeq, Sequence[TokenSeq]]]) -> Stream[list[Scored]]:
+        """`score_blocks` computed through decoding steps, as `decode_logprobs` is: what a task's
         log-likelihoods become when every continuation token is read against the KV cache as
-        generation keeps it (the lm-eval backend's `score_through_cache`)."""
+        generation keeps it (the lm-eval backend's `score_through_cache`). Each continuation is a
+        sequence of its own: a request is handed over with the block that finishes its last one."""
         self._check_open()
-        if not isinstance(requests, Sequence) or not requests:
-            raise FlexevalError("decode_score takes a non-empty list of (context, continuations) pairs")
-        prompts, continuations = [], []
-        for i, request in enumerate(requests):
-            if not (isinstance(request, Sequence) and len(request) == 2 and request[1]):
-                raise FlexevalError(f"decode_score: request {i} is not a (context, [continuation, ...]) pair")
-            prompts += [request[0]] * len(request[1])
-            continuations += list(request[1])
-        scored = iter(self._decode_scored(prompts, continuations, "decode_score"))
-        return [
-            [Scored(float(lp.sum()), bool(greedy.all())) for lp, greedy in islice(scored, len(conts))]
-            for _, conts in requests
-        ]
+        pairs = self._pairs(requests, "decode_score")
+        owners = [i for i, (_, continuations) in enumerate(pairs) for _ in continuations]
+        prompts = [context for context, continuations in pairs for _ in continuations]
+        scored = self._decode_scored(prompts, [c for _, continuations in pairs for c in continuations], "decode_score")
+
+        def combine(found: list[tuple[Tensor, Tensor]]) -> list[Scored]:
+            return [Scored(float(lp.sum()), bool(greedy.all())) for lp, greedy in found]
+
+        return self._started(scored.grouped(owners, len(pairs), combine))
 
     def _decode_scored(
         self, prompts: Sequence[TokenSeq], continuations: Sequence[TokenSeq], what: str
-    ) -> list[tuple[Tensor, Tensor]]:
+    ) -> Stream[tuple[Tensor, Tensor]]:
         """Each continuation's (log-probability, greedy) per token, through decoding steps."""
         seqs = as_token_lists(prompts, self.model.vocab_size, what)
         targets = as_token_lists(continuations, self.model.vocab_size, what)
         if len(targets) != len(seqs):
             raise FlexevalError(f"{what}: {len(seqs)} prompts but {len(targets)} continuations")
         self._check_positions([len(s) + len(c) - 1 for s, c in zip(seqs, targets)], what)
-        scored: list[tuple[list[int], int, ScoreReadout | StreamedScoreReadout]] = []
+        scored: list[tuple[list[int], int, ScoreReadout | StreamedScoreReadout]] = []  # the running block's
 
         def readout(mb: list[int], t: int) -> Readout:
             wanted = torch.tensor([int(targets[i][t]) if t < len(targets[i]) else 0 for i in mb], device=self.device)
@@ -424,14 +519,21 @@ class Engine:
             scored.append((mb, t, score))
             return ForcedReadout(score)
 
+        @torch.inference_mode()
+        def read(block: BlockResults[list[int]]) -> list[tuple[Tensor, Tensor]]:
+            """The block's readouts, read once it ended (the next block's are not made yet)."""
+            out = {
+                i: (torch.empty(len(targets[i])), torch.empty(len(targets[i]), dtype=torch.bool)) for i in block.indices
+            }
+            for mb, t, score in scored:
+                for i, lp, greedy in zip(mb, score.result().cpu().tolist(), score.greedy().cpu().tolist()):
+                    if t < len(targets[i]):
+                        out[i][0][t], out[i][1][t] = lp, greedy
+            scored.clear()
+            return [out[i] for i in block.indices]
+
         budgets = torch.tensor([len(c) for c in targets])
-        self._decode(seqs, budgets, torch.zeros(0, dtype=torch.long), None, readout)
-        out = [(torch.empty(len(c)), torch.empty(len(c), dtype=torch.bool)) for c in targets]
-        for mb, t, score in scored:
-            for i, lp, greedy in zip(mb, score.result().cpu().tolist(), score.greedy().cpu().tolist()):
-                if t < len(targets[i]):
-                    out[i][0][t], out[i][1][t] = lp, greedy
-        return out
+        return self._decode(seqs, budgets, torch.zeros(0, dtype=torch.long), None, readout).map(read)
 
     def _decode(
         self,
@@ -440,13 +542,28 @@ class Engine:
         stops: Tensor,
         stopped: Callable[[list[int]], bool] | None,
         readout: Callable[[list[int], int], Readout],
-    ) -> list[list[int]]:
+    ) -> Stream[list[int]]:
+        """Each sequence's new tokens, a block at a time; those with no budget come first, empty."""
+        lengths = {i: len(s) + int(budgets[i]) for i, s in enumerate(seqs) if budgets[i] > 0}
+        blocks = self._cut(lengths)
+        unread: dict[int, list[int]] = {i: [] for i in range(len(seqs)) if i not in lengths}
+        return _stream(len(seqs), blocks, self._run_decode(seqs, budgets, stops, stopped, readout, blocks), unread)
+
+    @torch.inference_mode()
+    def _run_decode(
+        self,
+        seqs: list[Tensor],
+        budgets: Tensor,
+        stops: Tensor,
+        stopped: Callable[[list[int]], bool] | None,
+        readout: Callable[[list[int], int], Readout],
+        blocks: list[list[list[int]]],
+    ) -> Iterator[BlockResults[list[int]]]:
         """Prefill each block's prompts, then decode step by step; `readout(micro_batch, t)` says
         what becomes of the logits predicting each sequence's t-th new token, and which tokens
         are fed on."""
-        results: list[list[int]] = [[] for _ in seqs]
-        timing, start = self._begin()
-        for block in self._blocks({i: len(s) + int(budgets[i]) for i, s in enumerate(seqs) if budgets[i] > 0}):
+        for block in blocks:
+            timing, start = self._begin()
             most = max(int(budgets[mb].max()) for mb in block)  # steps every micro-batch of the block takes
             runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device, stopped, most) for mb in block]
             steps = [
@@ -457,8 +574,7 @@ class Engine:
             try:
                 prefill = time.perf_counter()
                 outputs = self._pass(state, steps, timing, "new", lambda k, runs=runs: self._new_cache(runs[k]))
-                self.stats.prefill_seconds += time.perf_counter() - prefill
-                self.stats.prefill_tokens += sum(int(r.batch.lengths.sum()) for r in runs)
+                prefill = time.perf_counter() - prefill
                 while True:
                     fed = [r.record(out) for r, out in zip(runs, outputs)]
                     if all(r.done for r in runs):
@@ -468,32 +584,31 @@ class Engine:
             finally:
                 state.close()
                 release_free_memory()  # the block's state and working memory, before the next block
-            for mb, run in zip(block, runs):
-                for i, out in zip(mb, run.outputs):
-                    results[i] = out
-        elapsed = time.perf_counter() - start
-        self.stats.decode_seconds = elapsed - self.stats.prefill_seconds
-        self.stats.decode_tokens = sum(len(r) for r in results)
-        self.stats.sequences = int((budgets > 0).sum())
-        self._end(timing)
-        return results
+            found = {i: out for mb, run in zip(block, runs) for i, out in zip(mb, run.outputs)}
+            stats = RunStats(
+                sequences=len(found),
+                prefill_tokens=sum(int(r.batch.lengths.sum()) for r in runs),
+                decode_tokens=sum(len(out) for out in found.values()),
+                prefill_seconds=prefill,
+                decode_seconds=time.perf_counter() - start - prefill,
+            )
+            yield BlockResults(tuple(found), tuple(found.values()), self._end(timing, stats))
 
-    def _blocks(self, lengths: Mapping[int, int]) -> Iterator[list[list[int]]]:
+    def _cut(self, lengths: Mapping[int, int]) -> list[list[list[int]]]:
         """Sequence indices, longest first, cut into micro-batches (similar lengths share padding)
-        of at most `gpu_batch_size` sequences and `gpu_batch_tokens` tokens, and those into blocks."""
-        order = sorted(lengths, key=lambda i: -lengths[i])
-        policy, batches, start = self.policy, [], 0
-        for count in micro_batches([lengths[i] for i in order], policy.gpu_batch_size, policy.gpu_batch_tokens):
-            batches.append(order[start : start + count])
-            start += count
-        for b in range(0, len(batches), policy.num_gpu_batches):
-            yield batches[b : b + policy.num_gpu_batches]
+        of at most `gpu_batch_size` sequences and `gpu_batch_tokens` tokens, and those into blocks:
+        the one cut of a call's requests, which its stream announces before any block runs."""
+        keys, policy = list(lengths), self.policy
+        cut = cut_blocks(
+            [lengths[k] for k in keys], policy.gpu_batch_size, policy.gpu_batch_tokens, policy.num_gpu_batches
+        )
+        return [[[keys[i] for i in batch] for batch in block] for block in cut]
 
     def _block_state(self, micro_batches: int) -> BlockState:
         tiers, blocks = self.tiers, self.model.num_blocks
         return BlockState(tiers["act"], tiers["cache"], self.policy, micro_batches, blocks, self._restore_cache)
 
-    def _restore_cache(self, parts: Mapping[str, Tensor], stored: StoredValues | None) -> KVCache:
+    def _restore_cache(self, parts: Mapping[str, Tensor], stored: StoredValues | None) -> Cache:
         if self.policy.compress_cache:
             config = self.policy.comp_cache_config
             return QuantizedKVCache.from_parts(parts, self.model.head_dim, self.dtype, config, stored)
@@ -505,7 +620,7 @@ class Engine:
         steps: list[Step],
         timing: Timing,
         cache_mode: CacheMode = "none",
-        new_cache: Callable[[int], KVCache] | None = None,
+        new_cache: Callable[[int], Cache] | None = None,
     ) -> list[Tensor]:
         """One pass of the block schedule; its readouts' logits must be finite (`flexeval.engine.finite`):
         one reduction per micro-batch, and only when it fails the pass again, inspected layer by layer."""
@@ -529,9 +644,18 @@ class Engine:
         rows: Tensor,
         readout: Readout,
     ) -> Step:
-        rope = self.model.rotary(pos, self.dtype) if self.model.rotary else None
-        window = self.model.sliding_window
-        return Step(ids, pos, batch.pads, mask, cache_start, rows, readout, rope, window, gemm_rows=self.gemm_rows)
+        return Step.of(
+            self.model,
+            self.dtype,
+            ids,
+            pos,
+            pads=batch.pads,
+            attn_mask=mask,
+            cache_start=cache_start,
+            head_rows=rows,
+            readout=readout,
+            gemm_rows=self.gemm_rows,
+        )
 
     def _packed_step(self, rows: list[Packed]) -> Step:
         """A micro-batch of packed rows, left-padded; the head reads each row's `heads`."""
@@ -552,7 +676,7 @@ class Engine:
         step = self._step(run.batch, tokens, run.positions, None, column, rows, readout)
         return replace(step, attn_sparsity=self.policy.attn_sparsity)
 
-    def _new_cache(self, run: Decoding) -> KVCache:
+    def _new_cache(self, run: Decoding) -> Cache:
         shape = (len(run.outputs), self.model.kv_heads, run.cache_length, self.model.head_dim)
         if self.policy.compress_cache:
             return QuantizedKVCache.empty(shape, self.dtype, self.device, self.policy.comp_cache_config)
@@ -562,21 +686,27 @@ class Engine:
         )
 
     def _begin(self) -> tuple[Timing, float]:
-        self.stats = RunStats()
+        """A block's counting starts afresh, so that its stats are its own."""
         for tiers in self.tiers.values():
             for tier in tiers:
                 if tier is not None:
                     tier.stats.reset()
         return Timing(), time.perf_counter()
 
-    def _end(self, timing: Timing) -> None:
-        self.stats.compute_seconds = timing.compute_seconds
-        self.stats.io_wait_seconds = timing.wait_seconds
-        self.stats.tiers = {
+    def _end(self, timing: Timing, stats: RunStats) -> RunStats:
+        """A block's stats with what its passes' timing and the tiers counted."""
+        tiers = {
             name: {tier.name: tier.stats.as_dict() for tier in tiers if tier is not None}
             for name, tiers in self.tiers.items()
         }
-        self.stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return replace(
+            stats,
+            compute_seconds=timing.compute_seconds,
+            io_wait_seconds=timing.wait_seconds,
+            tiers=tiers,
+            peak_rss_bytes=peak_rss,
+        )
 
     def _budgets(self, max_new_tokens: int | Sequence[int], n: int) -> list[int]:
         """One budget per prompt, as Python ints: a huge one is then refused by `_check_positions`
@@ -643,12 +773,91 @@ class Engine:
         return [int(t) for t in ids]
 
 
+def _check_native(spec: str | Path, model: Model, policy: Policy) -> None:
+    """compression=native on a checkpoint with no llama.cpp blocks would silently load it dense."""
+    if policy.native_weights and not any(native(p, policy) for layer in model.layers for p in layer.params.values()):
+        raise FlexevalError(
+            f"compression=native keeps the llama.cpp blocks of a GGUF file; {spec} has none it can keep: "
+            "use compression=none or a quantizing preset (4bit-weights, ...)"
+        )
+
+
+def _gptq_fit(
+    spec: str | Path,
+    model: Model,
+    directory: Path,
+    policy: Policy,
+    dtype: torch.dtype,
+    device: torch.device,
+    calibration: Calibration | None,
+    tokenizer: PreTrainedTokenizerBase,
+    cache_dir: str | Path | None,
+) -> FittedWeights:
+    """The GPTQ fit the weights are stored through, made before any offload folder exists: a fit
+    without calibration text is refused while nothing is yet on disk."""
+    if calibration is None:
+        raise FlexevalError(f"a gptq fit of {spec} needs text to fit to: pass calibration=Calibration(path=...)")
+    return FittedWeights(
+        model,
+        checkpoint=directory,
+        config=replace(policy.comp_weight_config, kernel="dequantize"),  # codes by rows; tiled when stored
+        dtype=dtype,
+        device=device,
+        calibration=calibration,
+        tokenizer=tokenizer,
+        cache=registry.cache_root(cache_dir),
+    )
+
+
+def _store_weights(
+    spec: str | Path,
+    model: Model,
+    checkpoint: Source,
+    policy: Policy,
+    dtype: torch.dtype,
+    device: torch.device,
+    workdir: Path | None,
+    fitted: FittedWeights | None,
+) -> tuple[dict[str, tuple[Tier, Tier, Tier | None]], WeightStore]:
+    """Every layer's weights checked finite (`WeightCheck`) and put in their tiers. A fit needs
+    whole weights, so only an unfitted load reads them lazily. A load that fails part way removes
+    its offload folder at once: this process lives on, and only a dead one's folders are reclaimed."""
+    layers = iter_weights(model, checkpoint, dtype, lambda param: native(param, policy), lazy=fitted is None)
+    try:
+        tiers = {name: _make_tiers(name, device, policy, workdir, durable=name == "weights") for name in TENSOR_CLASSES}
+        store = WeightStore(model.layers, tiers["weights"], policy, dtype)
+        progress = tqdm(layers, total=len(model.layers), desc=_loading(spec, policy), unit="layer")
+        check = WeightCheck(model, checkpoint)
+        for j, bundle in enumerate(progress):
+            bundle = check(j, bundle)
+            store.put(j, bundle, fitted.layer(j, bundle) if fitted else None)
+        if fitted:
+            fitted.save()
+    except BaseException:
+        if workdir is not None:
+            ownership.remove(workdir)
+        raise
+    return tiers, store
+
+
+def _stream(
+    size: int, blocks: list[list[list[int]]], run: Iterator[BlockResults[R]], unread: Mapping[int, R]
+) -> Stream[R]:
+    """A call's stream over its blocks' micro-batches; items that need no pass (nothing to read,
+    nothing to generate) are handed over first, as they are, with no cost."""
+    planned = [tuple(i for mb in block for i in mb) for block in blocks]
+    if unread:
+        planned.insert(0, tuple(unread))
+        run = chain([BlockResults(tuple(unread), tuple(unread.values()), RunStats())], run)
+    return Stream(size, planned, run)
+
+
 def _loading(spec: str | Path, policy: Policy) -> str:
     """What the progress bar of `Engine.load` says it is doing."""
     doing = f"loading {Path(str(spec)).name}"
     if policy.compress_weight:
         doing += f", quantizing to {policy.comp_weight_config.num_bits} bits"
-    if policy.split("w")[2] > 0:
+    if policy.split(TensorClass.WEIGHTS)[2] > 0:
         doing += ", writing the disk share"
     return doing
 

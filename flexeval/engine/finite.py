@@ -33,7 +33,7 @@ from flexeval.engine.readout import all_finite
 from flexeval.engine.tiers import DiskTier
 from flexeval.errors import FlexevalError
 from flexeval.models.checkpoint import Lazy, Source
-from flexeval.models.common import KVCache, Layer, Model, Readout, Step, Weights
+from flexeval.models.common import Cache, Layer, Model, Readout, Step, Weights
 
 Found = Literal["weights", "output", "logits"]  # where in a layer `Inspection` first saw non-finite values
 
@@ -101,8 +101,8 @@ class Inspection:
         self.first: tuple[int, Found, list[str]] | None = None  # (layer index, where, weight names)
         self.layers = tuple(replace(layer, forward=self._inspected(j, layer)) for j, layer in enumerate(layers))
 
-    def _inspected(self, j: int, layer: Layer) -> Callable[[Weights, Tensor | None, Step, KVCache | None], Tensor]:
-        def forward(weights: Weights, h: Tensor | None, step: Step, cache: KVCache | None) -> Tensor:
+    def _inspected(self, j: int, layer: Layer) -> Callable[[Weights, Tensor | None, Step, Cache | None], Tensor]:
+        def forward(weights: Weights, h: Tensor | None, step: Step, cache: Cache | None) -> Tensor:
             if self.first is not None:
                 return layer.forward(weights, h, step, cache)
             bad = [n for n, w in weights.items() if isinstance(w, Tensor) and not is_finite(w)]

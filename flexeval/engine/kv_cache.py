@@ -15,12 +15,19 @@ import torch
 from torch import Tensor
 
 from flexeval.models.common import StoredValues
-from flexeval.quantization.compression import PARTS, Quantized, dequantize, packed_bytes, quantize, scale_dtype
+from flexeval.quantization.compression import (
+    Quantized,
+    dequantize,
+    packed_bytes,
+    part_name,
+    quantize,
+    scale_dtype,
+)
 from flexeval.quantization.config import CompressionConfig
 
 
 class QuantizedKVCache:
-    """The `KVCache` interface (write, rows, device, parts) over quantized keys and values.
+    """A `Cache` over quantized keys and values.
 
     With `stored`, the values stay on their tier and `v` holds only the columns written since
     the cache was fetched (see `KVCache`)."""
@@ -56,8 +63,8 @@ class QuantizedKVCache:
         stored: StoredValues | None = None,
     ) -> QuantizedKVCache:
         def one(name: str) -> Quantized:
-            codes, scale, minimum = (parts[f"{name}#{p}"] for p in PARTS)
-            return Quantized(codes, scale, minimum, (*scale.shape[:-1], head_dim), dtype, config)
+            scale = parts[part_name(name, "scale")]
+            return Quantized.from_parts(parts, name, (*scale.shape[:-1], head_dim), dtype, config)
 
         return cls(one("k"), one("v"), stored)
 
@@ -93,12 +100,12 @@ class QuantizedKVCache:
             return part.gather(2, columns[..., None].expand(-1, -1, -1, part.shape[-1]))
 
         v = self.v
+        shape = (*columns.shape, v.shape[-1])
         if self.stored is None:
-            codes, scale, minimum = take(v.codes), take(v.scale), take(v.minimum)
-        else:
-            fetched = self.stored.at(columns)
-            codes, scale, minimum = (fetched[f"v#{p}"] for p in PARTS)
-        return dequantize(replace(v, codes=codes, scale=scale, minimum=minimum, shape=(*columns.shape, v.shape[-1])))
+            return dequantize(
+                replace(v, codes=take(v.codes), scale=take(v.scale), minimum=take(v.minimum), shape=shape)
+            )
+        return dequantize(Quantized.from_parts(self.stored.at(columns), "v", shape, v.dtype, v.config))
 
     def rows(self, start: int, stop: int) -> QuantizedKVCache:
         """Sequences [start, stop) of the batch: views, so writes land in this cache."""
@@ -106,7 +113,7 @@ class QuantizedKVCache:
         return QuantizedKVCache(_rows(self.k, start, stop), _rows(self.v, start, stop), stored)
 
     def parts(self) -> dict[str, Tensor]:
-        return {f"{name}#{p}": getattr(q, p) for name, q in (("k", self.k), ("v", self.v)) for p in PARTS}
+        return self.k.to_parts("k") | self.v.to_parts("v")
 
 
 def _columns(q: Quantized, end: int) -> Quantized:

@@ -22,19 +22,20 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from flexeval.engine.policy import Policy
+from flexeval.engine.policy import Policy, TensorClass
 from flexeval.engine.tiers import BufferPool, Bundle, Fetched, Tier, distribute, nbytes
 from flexeval.models.checkpoint import Lazy
-from flexeval.models.common import ROWS, KVCache, Layer, Param, StoredValues
+from flexeval.models.common import ROWS, Cache, Layer, Param, StoredValues
 from flexeval.quantization import blocks, int4mm
 from flexeval.quantization.blocks import Blocks
 from flexeval.quantization.compression import (
-    PARTS,
     Quantized,
     as_tiles,
     dequantize,
+    part_name,
     quantize_rows,
     quantized_nbytes,
+    split_part_name,
     tileable,
 )
 from flexeval.quantization.config import CompressionConfig
@@ -97,7 +98,24 @@ def weight_tiers(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) ->
     """The tier of every stored weight tensor (owners only, see `owners`)."""
     names = [key for key, owner in owners(layers).items() if key == owner]
     sizes = [stored_nbytes(layers[j].params[name], policy, dtype) for j, name in names]
-    return dict(zip(names, distribute(sizes, policy.split("w"))))
+    return dict(zip(names, distribute(sizes, policy.split(TensorClass.WEIGHTS))))
+
+
+def placed_tiers(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> dict[WeightKey, int]:
+    """The tier every weight is read from: its own, or a tied one's owner's."""
+    tiers = weight_tiers(layers, policy, dtype)
+    return {key: tiers[owner] for key, owner in owners(layers).items()}
+
+
+def act_placement(policy: Policy, micro_batches: int) -> list[int]:
+    """The tier of each micro-batch's hidden state."""
+    return distribute([1] * micro_batches, policy.split(TensorClass.ACT))
+
+
+def cache_placement(policy: Policy, micro_batches: int, num_blocks: int) -> dict[tuple[int, int], int]:
+    """The tier of each (transformer block, micro-batch)'s KV cache."""
+    placed = distribute([1] * (num_blocks * micro_batches), policy.split(TensorClass.CACHE))
+    return {(b, k): placed[b * micro_batches + k] for b in range(num_blocks) for k in range(micro_batches)}
 
 
 def weight_bytes_per_tier(layers: Sequence[Layer], policy: Policy, dtype: torch.dtype) -> list[int]:
@@ -136,6 +154,7 @@ class WeightStore:
         self.dtype = dtype
         self.owner = owners(layers)
         self.tier_of = weight_tiers(layers, policy, dtype)
+        self.placed = placed_tiers(layers, policy, dtype)
         self.compression = {
             (j, n): compression(p, policy) for j, layer in enumerate(layers) for n, p in layer.params.items()
         }
@@ -156,14 +175,14 @@ class WeightStore:
         for name, tensor in bundle.items():
             config = self.compression[j, name]
             if self.native[j, name]:
-                stored |= {f"{name}#{i}": segment for i, segment in enumerate(tensor)}
+                stored |= {part_name(name, i): segment for i, segment in enumerate(tensor)}
             elif config is None:
                 stored[name] = tensor
             else:
                 q = as_tiles(fitted[name], config) if fitted and name in fitted else _quantize(tensor, config)
-                stored |= {f"{name}#{part}": getattr(q, part) for part in PARTS}
+                stored |= q.to_parts(name)
         for t, tier in enumerate(self.tiers):
-            part = {n: tensor for n, tensor in stored.items() if self.tier_of.get((j, n.split("#")[0])) == t}
+            part = {n: tensor for n, tensor in stored.items() if self.tier_of.get((j, split_part_name(n)[0])) == t}
             if part:
                 tier.put(self._key(j), part)
 
@@ -181,28 +200,27 @@ class WeightStore:
             requests: dict[tuple[int, int], dict[str, str]] = {}  # (tier, owning layer) -> stored name -> ours
             for name in layer.params:
                 owner, owner_name = self.owner[j, name]
-                parts = self._parts(j, name)
-                stored = [f"{owner_name}{p}" for p in parts]
-                ours = [f"{name}{p}" for p in parts]
+                stored, ours = self._stored_names(j, name, owner_name), self._stored_names(j, name, name)
                 requests.setdefault((self._tier(j, name), owner), {}).update(zip(stored, ours))
             for (t, owner), names in requests.items():
                 tier = self.tiers[t]
                 wanted_rows = {
-                    n: self._rows(j, ours, rows) for n, ours in names.items() if ours.split("#")[0] in wanted
+                    n: self._rows(j, ours, rows) for n, ours in names.items() if split_part_name(ours)[0] in wanted
                 }
                 fetched = tier.get(self._key(owner), wanted_rows, names=set(names))
                 bundle |= {names[n]: tensor for n, tensor in fetched.bundle.items()}
                 loaded.handles.append((tier, fetched))
             for name, param in layer.params.items():
                 if self.native[j, name]:
-                    segments = tuple(bundle.pop(f"{name}{p}") for p in self._parts(j, name))
+                    segments = tuple(bundle.pop(n) for n in self._stored_names(j, name, name))
                     shape = param.shape if name not in wanted else (len(rows), param.shape[1])
                     bundle[name] = Blocks(segments, tuple(f for f, _ in param.blocks), shape, self.dtype)
                     continue
                 config = self.compression[j, name]
                 if config is None:
                     continue
-                q = Quantized(*(bundle.pop(f"{name}#{p}") for p in PARTS), param.shape, self.dtype, config)
+                parts = {n: bundle.pop(n) for n in Quantized.part_names(name)}
+                q = Quantized.from_parts(parts, name, param.shape, self.dtype, config)
                 bundle[name] = q if name not in wanted else table_rows(q, rows)
             if wanted:
                 bundle[ROWS] = rows
@@ -236,18 +254,18 @@ class WeightStore:
         loaded.pooled.append((self.pool, buffer))
         return buffer[:nbytes].view(dtype).view(shape)
 
-    def _parts(self, j: int, name: str) -> list[str]:
-        """The suffixes of the stored tensors a weight is kept as: "" (itself), quantized parts
-        ("#codes", ...) or one "#i" per source of blocks."""
+    def _stored_names(self, j: int, name: str, called: str) -> list[str]:
+        """The stored tensors weight (j, name) is kept as, were it called `called` (a tied weight is
+        stored under its owner's name): itself, its quantized parts or one part per source of blocks."""
         if self.native[j, name]:
-            return [f"#{i}" for i in range(len(self.layers[j].params[name].blocks))]
+            return [part_name(called, i) for i in range(len(self.layers[j].params[name].blocks))]
         if self.compression[j, name] is not None:
-            return [f"#{p}" for p in PARTS]
-        return [""]
+            return Quantized.part_names(called)
+        return [called]
 
     def _rows(self, j: int, stored: str, rows: torch.Tensor) -> torch.Tensor:
         """The rows of a stored tensor or part that these rows of a token table need."""
-        name, _, part = stored.partition("#")
+        name, part = split_part_name(stored)
         if part in ("scale", "minimum"):
             return group_rows(rows, self.compression[j, name], len(self.layers[j].params[name].shape))
         return rows
@@ -256,7 +274,7 @@ class WeightStore:
         return f"w/{self.layers[j].name}"
 
     def _tier(self, j: int, name: str) -> int:
-        return self.tier_of[self.owner[j, name]]
+        return self.placed[j, name]
 
 
 def _quantize(tensor: torch.Tensor | Lazy, config: CompressionConfig) -> Quantized:
@@ -286,15 +304,12 @@ class BlockState:
         policy: Policy,
         micro_batches: int,
         num_blocks: int,
-        restore_cache: Callable[[Bundle, StoredValues | None], KVCache],
+        restore_cache: Callable[[Bundle, StoredValues | None], Cache],
     ) -> None:
         self.act_tiers, self.cache_tiers = act_tiers, cache_tiers
         self.restore_cache = restore_cache  # a cache from the parts it was stored as
-        self.act_tier = distribute([1] * micro_batches, policy.split("act"))
-        units = distribute([1] * (num_blocks * micro_batches), policy.split("cache"))
-        self.cache_tier = {
-            (b, k): units[b * micro_batches + k] for b in range(num_blocks) for k in range(micro_batches)
-        }
+        self.act_tier = act_placement(policy, micro_batches)
+        self.cache_tier = cache_placement(policy, micro_batches, num_blocks)
         self._stored: dict[str, Tier] = {}
         self._cache_parts: dict[str, dict[str, tuple[torch.Size, torch.dtype]]] = {}
         self._promised: dict[Tier, int] = {}  # bytes a tier had room for and has not yet received
@@ -319,19 +334,19 @@ class BlockState:
             self._promise(tier, h.nbytes, "activations")
         self._put(tier, key, {"h": h})
 
-    def load_cache(self, block: int, k: int, values: bool = True) -> tuple[KVCache, Loaded]:
+    def load_cache(self, block: int, k: int, values: bool = True) -> tuple[Cache, Loaded]:
         """Micro-batch k's cache of a block; without `values` (a sparse decoding step), a tier that
         copies sends only the keys, and attention fetches the values it chooses."""
         key = f"cache/{block}/{k}"
         tier, parts = self.cache_tiers[self.cache_tier[block, k]], self._cache_parts[key]
-        left = set() if values or tier.in_place else {n for n in parts if n.split("#")[0] == "v"}
+        left = set() if values or tier.in_place else {n for n in parts if split_part_name(n)[0] == "v"}
         fetched = tier.get(key, names=set(parts) - left if left else None)
         bundle = {n: t.view(parts[n][0]) for n, t in fetched.bundle.items()}
         bundle |= {n: torch.empty(parts[n][0], dtype=parts[n][1], device=tier.device) for n in left}
         stored = TierValues(tier, key, {n: parts[n] for n in sorted(left)}) if left else None
         return self.restore_cache(bundle, stored), Loaded([fetched.bundle], [(tier, fetched)])
 
-    def store_cache(self, block: int, k: int, cache: KVCache, columns: tuple[int, int] | None = None) -> None:
+    def store_cache(self, block: int, k: int, cache: Cache, columns: tuple[int, int] | None = None) -> None:
         """Store micro-batch k's cache of a block: whole, or (a decoding step) only its `columns`."""
         key = f"cache/{block}/{k}"
         tier, parts = self.cache_tiers[self.cache_tier[block, k]], cache.parts()

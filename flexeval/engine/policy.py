@@ -14,10 +14,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from enum import Enum
 from typing import Any
 
 from flexeval.errors import FlexevalError
 from flexeval.quantization.config import CompressionConfig
+
+
+class TensorClass(str, Enum):
+    """A class of tensors that a policy places by its own percentages; the value is the prefix of
+    its fields (`w_gpu_percent`, ...), so plain strings keep working where one is expected."""
+
+    WEIGHTS = "w"
+    CACHE = "cache"
+    ACT = "act"
+
+    def __str__(self) -> str:  # what `enum.StrEnum` (Python 3.11+) does: f-strings spell the value
+        return self.value
+
+    __format__ = str.__format__
 
 
 @dataclass(frozen=True)
@@ -61,14 +76,14 @@ class Policy:
         tokens = self.gpu_batch_tokens
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
             raise FlexevalError(f"policy: gpu_batch_tokens must be 0 (no limit) or a positive integer, got {tokens!r}")
-        for kind in ("w", "cache", "act"):
-            gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
-            for name, value in ((f"{kind}_gpu_percent", gpu), (f"{kind}_cpu_percent", cpu)):
+        for kind in TensorClass:
+            gpu, cpu = getattr(self, f"{kind.value}_gpu_percent"), getattr(self, f"{kind.value}_cpu_percent")
+            for name, value in ((f"{kind.value}_gpu_percent", gpu), (f"{kind.value}_cpu_percent", cpu)):
                 if not 0 <= value <= 100:
                     raise FlexevalError(f"policy: {name} must be between 0 and 100, got {value}")
             if gpu + cpu > 100:
                 raise FlexevalError(
-                    f"policy: {kind}_gpu_percent + {kind}_cpu_percent = {gpu + cpu} exceeds 100 "
+                    f"policy: {kind.value}_gpu_percent + {kind.value}_cpu_percent = {gpu + cpu} exceeds 100 "
                     "(the disk share is what remains)"
                 )
         if not 0 < self.attn_sparsity <= 1:
@@ -99,9 +114,10 @@ class Policy:
     def block_size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
 
-    def split(self, kind: str) -> tuple[float, float, float]:
-        """(compute, cpu, disk) shares in [0, 1] for 'w', 'cache' or 'act'."""
-        gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+    def split(self, kind: TensorClass) -> tuple[float, float, float]:
+        """(compute, cpu, disk) shares in [0, 1] of a tensor class."""
+        prefix = TensorClass(kind).value
+        gpu, cpu = getattr(self, f"{prefix}_gpu_percent"), getattr(self, f"{prefix}_cpu_percent")
         return gpu / 100, cpu / 100, max(0.0, 100 - gpu - cpu) / 100
 
     @classmethod

@@ -43,7 +43,11 @@ class ScoreReadout:
         self.argmax = torch.zeros(targets.shape, dtype=torch.long, device=targets.device)
 
     def update(self, logits: Tensor, rows: slice, first_token: int) -> None:
-        assert first_token == 0, "ScoreReadout takes whole rows; vocabulary slices need StreamedScoreReadout"
+        if first_token != 0:
+            raise ValueError(
+                f"ScoreReadout takes whole rows of logits, got a vocabulary slice from token {first_token}: "
+                "a streamed unembedding needs StreamedScoreReadout"
+            )
         self.logprob[rows] = torch.log_softmax(logits, -1).gather(1, self.targets[rows, None]).squeeze(1)
         self.argmax[rows] = logits.argmax(-1)  # the first maximum, as greedy decoding picks it
 

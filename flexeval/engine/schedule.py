@@ -22,7 +22,7 @@ from torch import Tensor
 from flexeval.engine.heap import Heap
 from flexeval.engine.placement import BlockState, Loaded, WeightStore
 from flexeval.engine.policy import Policy
-from flexeval.models.common import KVCache, Layer, Step, Weights
+from flexeval.models.common import Cache, Layer, Step, Weights
 
 CacheMode = Literal["none", "new", "stored"]  # scoring / prefill of a generation / decoding
 UNEMBED_SLICE_BYTES = 4 * 2**20  # weights of one vocabulary slice of the unembedding
@@ -165,7 +165,7 @@ def run_pass(
     io: Executors,
     timing: Timing,
     cache_mode: CacheMode = "none",
-    new_cache: Callable[[int], KVCache] | None = None,
+    new_cache: Callable[[int], Cache] | None = None,
     heap: Heap | None = None,
     on_unit: Callable[[int], None] | None = None,
 ) -> list[Tensor]:
@@ -175,67 +175,111 @@ def run_pass(
     `heap`, under a RAM budget (`Policy.bound_heap`), is settled after every unit; `on_unit(u)`
     is told when unit u is done (progress within a pass).
     """
-    n, last = len(steps), len(plan) - 1
-    token_ids = torch.unique(torch.cat([step.ids.flatten() for step in steps]).cpu())  # sorted
-    inline = Inline()  # what moves nothing is done on the spot: a thread hand-off would cost more
-    state_io = Sequenced(io.state if state.moves else inline)  # stores are not waited for: see `Sequenced`
-
-    def fetch(u: int, k: int) -> tuple[Tensor | None, dict[int, KVCache], list[Loaded]]:
-        h, loaded = state.load_hidden(k) if u > 0 else (None, Loaded([]))
-        caches, handles = {}, [loaded]
-        if cache_mode == "stored":
-            for block in (layers[j].block for j in plan[u].layers if layers[j].block is not None):
-                caches[block], handle = state.load_cache(block, k, values=not steps[k].sparse)
-                handles.append(handle)
-        return h, caches, handles
-
-    def store(u: int, k: int, h: Tensor, changed: bool, caches: dict[int, KVCache], handles: list[Loaded]) -> None:
-        if u < last and changed:
-            state.store_hidden(k, h)
-        columns = (steps[k].cache_start, steps[k].cache_start + steps[k].ids.shape[1])
-        for block, cache in caches.items():
-            state.store_cache(block, k, cache, columns if cache_mode == "stored" else None)
-        for handle in handles:
-            handle.release()
-
-    def load(u: int) -> Future:
-        executor = io.weights if weights.moves(plan[u].layers) else inline
-        return executor.submit(weights.load, plan[u].layers, plan[u].rows(token_ids))
-
-    next_weights = load(0)
-    next_state = state_io.submit(fetch, 0, 0)
-    for u, unit in enumerate(plan):
+    run = _Pass(layers, plan, weights, state, steps, io, timing, cache_mode, new_cache)
+    next_weights = run.load(0)
+    next_state = run.state_io.submit(run.fetch, 0, 0)
+    for u in range(len(plan)):
         loaded = timing.wait(next_weights)
-        if u < last:
-            next_weights = load(u + 1)
+        if u < run.last:
+            next_weights = run.load(u + 1)
         start = time.perf_counter()
         weights.dequantize(loaded, decoding=steps[0].cache_start > 0)
         timing.compute_seconds += time.perf_counter() - start
-        for k in range(n):
-            h, caches, handles = timing.wait(next_state)
-            following = (u, k + 1) if k + 1 < n else (u + 1, 0)
-            if n > 1 and following[0] <= last:  # k+1's input does not depend on this computation
-                next_state = state_io.submit(fetch, *following)
-            start, given = time.perf_counter(), h
-            for j, bundle in zip(unit.layers, loaded.bundles):
-                layer = layers[j]
-                if layer.block is not None and cache_mode == "new":
-                    caches[layer.block] = new_cache(k)
-                h = forward(layer, bundle, h, steps[k], caches.get(layer.block))
-            timing.compute_seconds += time.perf_counter() - start
-            state_io.submit(store, u, k, h, h is not given, caches, handles)
-            if n == 1 and u < last:
-                next_state = state_io.submit(fetch, u + 1, 0)
+        next_state = run.unit(u, loaded, next_state)
         loaded.release()
         if heap is not None:
             heap.settle()
         if on_unit is not None:
             on_unit(u)
-    timing.wait(state_io.submit(lambda: None))  # every store of this pass has landed
+    timing.wait(run.state_io.submit(lambda: None))  # every store of this pass has landed
     return [step.readout.result() for step in steps]
 
 
-def forward(layer: Layer, bundle: Weights, h: Tensor | None, step: Step, cache: KVCache | None) -> Tensor:
+State = tuple[Tensor | None, dict[int, Cache], list[Loaded]]  # a micro-batch's hidden state, caches, their handles
+
+
+@dataclass
+class _Pass:
+    """What the tasks of one `run_pass` share: they run on the I/O workers as well as on the
+    compute thread, so they take their context from here rather than from arguments."""
+
+    layers: Sequence[Layer]
+    plan: Sequence[Unit]
+    weights: WeightStore
+    state: BlockState
+    steps: Sequence[Step]
+    io: Executors
+    timing: Timing
+    cache_mode: CacheMode
+    new_cache: Callable[[int], Cache] | None
+
+    def __post_init__(self) -> None:
+        if self.cache_mode == "new" and self.new_cache is None:
+            raise ValueError("run_pass: cache_mode 'new' allocates caches, so it needs new_cache")
+        self.last = len(self.plan) - 1
+        self.token_ids = torch.unique(torch.cat([step.ids.flatten() for step in self.steps]).cpu())  # sorted
+        self.inline = Inline()  # what moves nothing is done on the spot: a thread hand-off would cost more
+        # stores are not waited for: see `Sequenced`
+        self.state_io = Sequenced(self.io.state if self.state.moves else self.inline)
+
+    def load(self, u: int) -> Future:
+        """Unit u's weights, read on the weights' worker when that copies, so that the read overlaps
+        the compute of the unit before."""
+        executor = self.io.weights if self.weights.moves(self.plan[u].layers) else self.inline
+        return executor.submit(self.weights.load, self.plan[u].layers, self.plan[u].rows(self.token_ids))
+
+    def fetch(self, u: int, k: int) -> State:
+        """Micro-batch k's input to unit u: the first unit has none, and only decoding reads caches
+        back (a prefill makes them)."""
+        h, loaded = self.state.load_hidden(k) if u > 0 else (None, Loaded([]))
+        caches, handles = {}, [loaded]
+        if self.cache_mode == "stored":
+            for block in (self.layers[j].block for j in self.plan[u].layers if self.layers[j].block is not None):
+                caches[block], handle = self.state.load_cache(block, k, values=not self.steps[k].sparse)
+                handles.append(handle)
+        return h, caches, handles
+
+    def store(self, u: int, k: int, h: Tensor, changed: bool, caches: dict[int, Cache], handles: list[Loaded]) -> None:
+        """Keep what the next unit needs: the last unit's output is read out, not passed on, and a
+        decoding step only wrote its own columns of each cache."""
+        if u < self.last and changed:
+            self.state.store_hidden(k, h)
+        step = self.steps[k]
+        columns = (step.cache_start, step.cache_start + step.ids.shape[1])
+        for block, cache in caches.items():
+            self.state.store_cache(block, k, cache, columns if self.cache_mode == "stored" else None)
+        for handle in handles:
+            handle.release()
+
+    def unit(self, u: int, loaded: Loaded, next_state: Future) -> Future:
+        """Every micro-batch through unit u, each one's successor fetched while it computes (FlexGen's
+        zig-zag); returns the fetch of the next unit's first micro-batch, already under way."""
+        n = len(self.steps)
+        for k in range(n):
+            h, caches, handles = self.timing.wait(next_state)
+            following = (u, k + 1) if k + 1 < n else (u + 1, 0)
+            if n > 1 and following[0] <= self.last:  # k+1's input does not depend on this computation
+                next_state = self.state_io.submit(self.fetch, *following)
+            start, given = time.perf_counter(), h
+            h = self.compute(u, k, loaded, h, caches)
+            self.timing.compute_seconds += time.perf_counter() - start
+            self.state_io.submit(self.store, u, k, h, h is not given, caches, handles)
+            if n == 1 and u < self.last:  # a lone micro-batch's next input is this output, stored
+                next_state = self.state_io.submit(self.fetch, u + 1, 0)
+        return next_state
+
+    def compute(self, u: int, k: int, loaded: Loaded, h: Tensor | None, caches: dict[int, Cache]) -> Tensor:
+        """Micro-batch k through unit u's layers; a prefill makes each attention layer's cache as it
+        reaches it, so that only one block's caches are alive beside the weights."""
+        for j, bundle in zip(self.plan[u].layers, loaded.bundles):
+            layer = self.layers[j]
+            if layer.block is not None and self.cache_mode == "new":
+                caches[layer.block] = self.new_cache(k)
+            h = forward(layer, bundle, h, self.steps[k], caches.get(layer.block))
+        return h
+
+
+def forward(layer: Layer, bundle: Weights, h: Tensor | None, step: Step, cache: Cache | None) -> Tensor:
     """One layer over one micro-batch. On the CPU, a large prefill's attention and MLP run a few
     sequences at a time, so that their elementwise work (norms, rotary, activations: a third of
     prefill time) stays in the caches instead of streaming activations of hundreds of megabytes

@@ -264,6 +264,16 @@ class MemoryTier(Tier):
         del self._data[key]
 
 
+def pool_pick(size: int, free: Sequence[int]) -> tuple[int, int | None]:
+    """`BufferPool`'s reuse rule, for a request of `size` bytes among free buffers of these
+    capacities: (the capacity it needs, the index of the free buffer it takes, None for a new one).
+    Capacities are rounded up to POOL_GRANULE, so near-equal sizes (embedding, head) share buffers;
+    the smallest free buffer of at least that capacity and at most twice it is taken."""
+    capacity = -(-size // POOL_GRANULE) * POOL_GRANULE
+    fits = [i for i, held in enumerate(free) if capacity <= held <= 2 * capacity]
+    return capacity, min(fits, key=lambda i: free[i]) if fits else None
+
+
 class BufferPool:
     """Reusable page-aligned staging buffers (pinned on CUDA) for disk reads.
 
@@ -277,11 +287,10 @@ class BufferPool:
         self._lock = threading.Lock()
 
     def acquire(self, size: int) -> Tensor:
-        capacity = -(-size // POOL_GRANULE) * POOL_GRANULE  # near-equal sizes (embedding, head) share buffers
         with self._lock:
-            fits = [i for i, b in enumerate(self._free) if capacity <= b.numel() <= 2 * capacity]
-            if fits:
-                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+            capacity, taken = pool_pick(size, [b.numel() for b in self._free])
+            if taken is not None:
+                return self._free.pop(taken)
         raw = torch.empty(capacity + ALIGN, dtype=torch.uint8, pin_memory=self.pin)
         start = -raw.data_ptr() % ALIGN
         return raw[start : start + capacity]

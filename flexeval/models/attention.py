@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexeval.models.common import KVCache, Step
+from flexeval.models.common import Cache, Step
 
 
 def visibility(pads: Tensor, queries: int, keys: int, window: int | None) -> Tensor | None:
@@ -49,7 +49,7 @@ def visibility(pads: Tensor, queries: int, keys: int, window: int | None) -> Ten
     return mask[:, None]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, scale: float | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: Cache | None, scale: float | None = None) -> Tensor:
     """Masked attention of this step's queries over the cached and new keys; returns (b, s, h * d).
 
     q is (b, h, s, d); k and v are (b, kv_heads, s, d) for this step's tokens only. Without a
@@ -69,7 +69,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache | None, s
     return out.transpose(1, 2).flatten(2).to(home)  # (b, s, h * d)
 
 
-def _sparse(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: KVCache, scale: float | None) -> Tensor:
+def _sparse(q: Tensor, k: Tensor, v: Tensor, step: Step, cache: Cache, scale: float | None) -> Tensor:
     """One decoding query per sequence attending to its own key and value and to the values of
     only the top `attn_sparsity` share of its earlier positions, by attention probability
     (FlexGen's sparse attention): all keys are read, but only the chosen values. As in FlexGen,

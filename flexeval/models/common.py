@@ -60,6 +60,33 @@ class StoredValues(Protocol):
         """(b, kv_heads, m) column indices -> each stored value part at them, (b, kv_heads, m, last)."""
 
 
+class Cache(Protocol):
+    """The keys and values of one attention layer for a padded batch, as attention reads and writes
+    them and a tier stores them: `KVCache`, or one kept quantized (`engine.kv_cache.QuantizedKVCache`)."""
+
+    stored: StoredValues | None
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def write(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new keys/values at columns [start, start + s) and return everything up to there."""
+
+    def store(self, start: int, k: Tensor, v: Tensor) -> None: ...
+
+    def keys(self, start: int, k: Tensor) -> Tensor:
+        """After `store(start, k, v)`: the keys of every column up to its new ones."""
+
+    def values_at(self, columns: Tensor) -> Tensor:
+        """(b, kv_heads, m) column indices -> (b, kv_heads, m, head_dim): only those values."""
+
+    def rows(self, start: int, stop: int) -> Cache:
+        """Sequences [start, stop) of the batch: views, so writes land in this cache."""
+
+    def parts(self) -> dict[str, Tensor]:
+        """The tensors that hold it, for storing it on a tier."""
+
+
 @dataclass
 class KVCache:
     """The keys and values of one attention layer for a padded batch; columns are time steps."""
@@ -115,6 +142,20 @@ class Readout(Protocol):
         """0-d bool: whether the logits reduced so far were finite (NaN and +inf always show)."""
 
 
+class NoReadout:
+    """The readout of a step whose layers stop before the head (GPTQ's calibration passes): any
+    logits reaching it are a caller's mistake, not something to reduce."""
+
+    def update(self, logits: Tensor, rows: slice, first_token: int) -> None:
+        raise ValueError("this step reads no logits: it was built without a readout")
+
+    def result(self) -> Tensor:
+        raise ValueError("this step reads no logits: it was built without a readout")
+
+    def finite(self) -> Tensor:
+        return torch.ones((), dtype=torch.bool)
+
+
 @dataclass
 class Step:
     """One forward pass over a left-padded batch: everything a layer needs besides its weights."""
@@ -130,6 +171,36 @@ class Step:
     window: int | None = None  # sliding attention window, in columns
     attn_sparsity: float = 1.0  # decoding: the share of earlier positions whose values each query reads
     gemm_rows: int = 1  # the fewest rows a matrix product is computed with (see `linear`)
+
+    @classmethod
+    def of(
+        cls,
+        model: Model,
+        dtype: torch.dtype,
+        ids: Tensor,
+        positions: Tensor,
+        *,
+        pads: tuple[int, ...] | None = None,
+        attn_mask: Tensor | None = None,
+        cache_start: int = 0,
+        head_rows: Tensor | None = None,
+        readout: Readout | None = None,
+        gemm_rows: int = 1,
+    ) -> Step:
+        """A step of `model` in `dtype`, with the model's rotary tables and attention window: no
+        padding, head rows or readout unless given (a step that stops before the head reads none)."""
+        return cls(
+            ids,
+            positions,
+            (0,) * ids.shape[0] if pads is None else pads,
+            attn_mask,
+            cache_start,
+            torch.empty(0, dtype=torch.long, device=ids.device) if head_rows is None else head_rows,
+            NoReadout() if readout is None else readout,
+            model.rotary(positions, dtype) if model.rotary else None,
+            model.sliding_window,
+            gemm_rows=gemm_rows,
+        )
 
     @property
     def sparse(self) -> bool:
@@ -156,7 +227,7 @@ class Layer:
     name: str  # e.g. "layers.3.attention"; unique within the model
     kind: LayerKind
     params: Mapping[str, Param]
-    forward: Callable[[Weights, Tensor | None, Step, KVCache | None], Tensor]
+    forward: Callable[[Weights, Tensor | None, Step, Cache | None], Tensor]
     block: int | None = None  # the transformer block an attention layer's KV cache belongs to
 
     def nbytes(self, dtype: torch.dtype) -> int:
@@ -172,6 +243,7 @@ class Model:
     num_blocks: int
     kv_heads: int
     head_dim: int
+    hidden_size: int  # the width of the hidden states between blocks
     vocab_size: int
     context_length: int
     sliding_window: int | None = None
@@ -242,7 +314,7 @@ def embed_tokens(w: Weights, name: str, ids: Tensor) -> Tensor:
     return F.embedding(ids if rows is None else torch.searchsorted(rows.to(ids.device), ids), w[name])
 
 
-def unembed(w: Weights, x: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+def unembed(w: Weights, x: Tensor, step: Step, cache: Cache | None) -> Tensor:
     """Logits of the head rows x (n, d), into the step's readout: for the whole vocabulary, or for
     the slice w[ROWS] when the unembedding streams (`Policy.stream_unembedding`).
 

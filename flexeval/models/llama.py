@@ -9,17 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from flexeval.errors import FlexevalError
 from flexeval.models.attention import attend
 from flexeval.models.common import (
-    KVCache,
+    Cache,
     Layer,
     Model,
     Param,
@@ -34,6 +32,9 @@ from flexeval.models.common import (
     split_heads,
     unembedding,
 )
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies do not depend on the sequence length being processed.
@@ -62,6 +63,9 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig) -> LlamaConfig:
+        from transformers.activations import ACT2FN
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
         rope = dict(hf.rope_parameters or {})
         rope_type = rope.get("rope_type", "default")
         if rope_type not in STATIC_ROPE_TYPES:
@@ -96,11 +100,11 @@ class LlamaConfig:
         )
 
 
-def embed(w: Weights, h: Tensor | None, step: Step, cache: KVCache | None) -> Tensor:
+def embed(w: Weights, h: Tensor | None, step: Step, cache: Cache | None) -> Tensor:
     return embed_tokens(w, "tokens", step.ids)  # (b, s, d)
 
 
-def attention(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+def attention(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: Cache | None) -> Tensor:
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     x = rms_norm(h, w["norm"], cfg.rms_norm_eps)
     q, k, v = linear(x, w["wqkv"], w.get("bqkv"), step.gemm_rows).split((q_size, kv_size, kv_size), dim=-1)
@@ -110,7 +114,7 @@ def attention(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCach
     return h + linear(attend(q, k, v, step, cache), w["wo"], w.get("bo"), step.gemm_rows)
 
 
-def mlp(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+def mlp(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: Cache | None) -> Tensor:
     x = rms_norm(h, w["norm"], cfg.rms_norm_eps)
     gate, up = linear(x, w["w13"], w.get("b13"), step.gemm_rows).chunk(2, dim=-1)  # (b, s, intermediate) each
     inner = cfg.hidden_act(gate).mul_(up)
@@ -118,7 +122,7 @@ def mlp(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | No
     return h + linear(inner, w["w2"], w.get("b2"), step.gemm_rows)
 
 
-def head(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+def head(cfg: LlamaConfig, w: Weights, h: Tensor, step: Step, cache: Cache | None) -> Tensor:
     return rms_norm(gather_rows(h, step), w["norm"], cfg.rms_norm_eps)  # (n, d): the unembedding's input
 
 
@@ -171,6 +175,7 @@ def build(hf: PretrainedConfig) -> Model:
         num_blocks=cfg.num_layers,
         kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
+        hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size,
         context_length=cfg.context_length,
         sliding_window=cfg.sliding_window,

@@ -10,16 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 
 from flexeval.errors import FlexevalError
 from flexeval.models.attention import attend
 from flexeval.models.common import (
-    KVCache,
+    Cache,
     Layer,
     Model,
     Param,
@@ -32,6 +31,9 @@ from flexeval.models.common import (
     split_heads,
     unembedding,
 )
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MODEL_TYPES = ("opt",)
 POSITION_OFFSET = 2  # OPT's position table reserves its first two rows
@@ -63,6 +65,8 @@ class OPTConfig:
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig) -> OPTConfig:
+        from transformers.activations import ACT2FN
+
         if not getattr(hf, "layer_norm_elementwise_affine", True):
             raise FlexevalError("OPT without LayerNorm weights (layer_norm_elementwise_affine=False) is not supported")
         return cls(
@@ -81,7 +85,7 @@ class OPTConfig:
         )
 
 
-def embed(cfg: OPTConfig, w: Weights, h: Tensor | None, step: Step, cache: KVCache | None) -> Tensor:
+def embed(cfg: OPTConfig, w: Weights, h: Tensor | None, step: Step, cache: Cache | None) -> Tensor:
     x = embed_tokens(w, "tokens", step.ids)  # (b, s, word_embed_proj_dim)
     if cfg.projects:
         x = linear(x, w["project_in"], None, step.gemm_rows)  # (b, s, d)
@@ -95,7 +99,7 @@ def residual(cfg: OPTConfig, w: Weights, h: Tensor, sublayer) -> Tensor:
     return layer_norm(h + sublayer(h), w["norm"], w["norm_bias"], LAYER_NORM_EPS)
 
 
-def attention(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+def attention(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: Cache | None) -> Tensor:
     def attn(x: Tensor) -> Tensor:
         q, k, v = linear(x, w["wqkv"], w.get("bqkv"), step.gemm_rows).chunk(3, dim=-1)
         q = q * cfg.head_dim**-0.5  # OPT scales queries, bias included, before the dot product
@@ -105,7 +109,7 @@ def attention(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache 
     return residual(cfg, w, h, attn)
 
 
-def mlp(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+def mlp(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: Cache | None) -> Tensor:
     def feed_forward(x: Tensor) -> Tensor:
         inner = cfg.activation(linear(x, w["fc1"], w.get("b1"), step.gemm_rows))  # (b, s, ffn_dim)
         return linear(inner, w["fc2"], w.get("b2"), step.gemm_rows)
@@ -113,7 +117,7 @@ def mlp(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None
     return residual(cfg, w, h, feed_forward)
 
 
-def head(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+def head(cfg: OPTConfig, w: Weights, h: Tensor, step: Step, cache: Cache | None) -> Tensor:
     x = gather_rows(h, step)  # (n, d)
     if cfg.final_norm:
         x = layer_norm(x, w["norm"], w["norm_bias"], LAYER_NORM_EPS)
@@ -168,6 +172,7 @@ def build(hf: PretrainedConfig) -> Model:
         num_blocks=cfg.num_layers,
         kv_heads=cfg.num_heads,
         head_dim=cfg.head_dim,
+        hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size,
         context_length=cfg.context_length,
         ignored_sources=frozenset({"lm_head.weight"} if cfg.tie_word_embeddings else ()),

@@ -93,14 +93,36 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
+# A random Llama of 134 MB (fp32): large enough that a budget of a tenth of it is measurable in
+# a process's resident memory, small enough to run in seconds (`flexeval.auto_memory`)
+WIDE_LLAMA = (
+    "llama",
+    dict(
+        _COMMON,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+)
+
+
 def write_tiny(name: str, directory: Path, seed: int = 0) -> None:
     """Write the tiny model `name` (a key of CONFIGS), initialised from `seed`, as a checkpoint."""
+    write(*CONFIGS[name], directory, seed)
+
+
+def write(model_type: str, values: dict[str, Any], directory: Path, seed: int = 0) -> None:
+    """A random model of transformers' `model_type` with config `values` and the byte tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model_type, values = CONFIGS[name]
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values), dtype=torch.float32)
     model.save_pretrained(directory)
     tokenizer = byte_tokenizer()
-    assert len(tokenizer) == VOCAB, len(tokenizer)
+    if len(tokenizer) != VOCAB:
+        raise RuntimeError(f"the byte tokenizer has {len(tokenizer)} tokens, not {VOCAB}")
     tokenizer.save_pretrained(directory)

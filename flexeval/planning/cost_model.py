@@ -27,12 +27,20 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from flexeval.engine.batch import micro_batches
-from flexeval.engine.placement import WeightKey, compression, owners, stored_nbytes, weight_tiers
-from flexeval.engine.policy import Policy
+from flexeval.engine.batch import cut_blocks
+from flexeval.engine.placement import (
+    WeightKey,
+    act_placement,
+    cache_placement,
+    compression,
+    placed_tiers,
+    stored_nbytes,
+    weight_bytes_per_tier,
+)
+from flexeval.engine.policy import Policy, TensorClass
 from flexeval.engine.schedule import CPU_CHUNK_TOKENS, Unit, units
 from flexeval.engine.tiers import ALIGN as PAGE
-from flexeval.engine.tiers import POOL_GRANULE, distribute
+from flexeval.engine.tiers import pool_pick
 from flexeval.models.common import LOGITS_CHUNK_BYTES, LOGITS_CHUNK_ROWS, Model, Param
 from flexeval.planning.hardware import HardwareProfile
 from flexeval.planning.timing import LayerTimes
@@ -215,8 +223,7 @@ class CostModel:
         self.profile = profile
         self.workload = workload
         self.cuda = profile.device == "cuda"
-        attention = next(layer for layer in model.layers if layer.kind == "attention")
-        self.width = next(p.shape[0] for p in attention.params.values() if len(p.shape) == 1)
+        self.width = model.hidden_size
         self.heads = max(1, self.width // model.head_dim)
         mlp = next(layer for layer in model.layers if layer.kind == "mlp")
         # each MLP matrix's side beyond the width: (2I, I) with Llama's fused gate/up, (I, I) for OPT
@@ -243,7 +250,7 @@ class CostModel:
         LP's view), or (`exact`) unit by unit with each tensor's bytes where it really goes."""
         w = self.workload
         plan = units(self.model.layers, policy, self.dtype)
-        placed = self._placed(policy) if exact else None
+        placed = placed_tiers(self.model.layers, policy, self.dtype) if exact else None
         prefill = Stage(self._unit_costs(plan, policy, False, placed), 1)
         if w.gen_len <= 1:
             return [prefill]
@@ -255,21 +262,14 @@ class CostModel:
 
     def shapes(self, policy: Policy) -> Counter[Block]:
         """The run's blocks, counted, each as its micro-batches' (sequences, padded length): the
-        backend hands the engine `block_size` sequences at a time, longest first; the engine cuts
-        them into micro-batches (`batch.micro_batches`), and those into blocks."""
+        engine cuts all of a call's sequences at once (`batch.cut_blocks`), and so does this."""
         key = (policy.gpu_batch_size, policy.gpu_batch_tokens, policy.num_gpu_batches)
         if key not in self._blocks:
-            lengths, gen = self.workload.longest_first(), self.workload.gen_len
-            found: Counter[Block] = Counter()
-            for start in range(0, len(lengths), policy.block_size):
-                chunk = lengths[start : start + policy.block_size]
-                batches, first = [], 0
-                for count in micro_batches([n + gen for n in chunk], policy.gpu_batch_size, policy.gpu_batch_tokens):
-                    batches.append((count, chunk[first]))
-                    first += count
-                for b in range(0, len(batches), policy.num_gpu_batches):
-                    found[tuple(batches[b : b + policy.num_gpu_batches])] += 1
-            self._blocks[key] = found
+            prompts, gen = self.workload.longest_first(), self.workload.gen_len
+            cut = cut_blocks(
+                [n + gen for n in prompts], policy.gpu_batch_size, policy.gpu_batch_tokens, policy.num_gpu_batches
+            )
+            self._blocks[key] = Counter(tuple((len(batch), prompts[batch[0]]) for batch in block) for block in cut)
         return self._blocks[key]
 
     def batches(self, policy: Policy) -> Counter[tuple[int, int]]:
@@ -323,26 +323,27 @@ class CostModel:
             breakdowns.append(whole)
         prefill, decode = breakdowns[0], breakdowns[1] if len(breakdowns) > 1 else Breakdown()
         seconds = prefill.seconds + decode.seconds
-        peaks = self.peaks(policy, self._placed(policy))
+        peaks = self.peaks(policy, placed_tiers(self.model.layers, policy, self.dtype))
         stored = self.weight_bytes(policy)
         peak = {t: int(peaks[t].at(fractions) + stored[i]) for i, t in enumerate(TIERS)}
         return Prediction(seconds, self.workload.tokens / seconds, prefill, decode, peak)
 
     def fractions(self, policy: Policy) -> np.ndarray:
-        shares = {kind: policy.split(kind) for kind in ("w", "cache", "act")}
-        cache_units = self.model.num_blocks * policy.num_gpu_batches
-        shares["cache"] = _counted(shares["cache"], cache_units)
-        shares["act"] = _counted(shares["act"], policy.num_gpu_batches)
-        return np.array([shares[k][1 if f.endswith("cpu") else 2] for k, f in (n.split("_") for n in FRACTIONS)])
+        """The placement fractions of a concrete policy, the KV cache's and activations' as their
+        units really go (`placement.cache_placement`, `placement.act_placement`)."""
+        shares = {kind: policy.split(kind) for kind in TensorClass}
+        shares[TensorClass.CACHE] = _counted(
+            list(cache_placement(policy, policy.num_gpu_batches, self.model.num_blocks).values())
+        )
+        shares[TensorClass.ACT] = _counted(act_placement(policy, policy.num_gpu_batches))
+        pairs = (name.split("_") for name in FRACTIONS)
+        return np.array([shares[TensorClass(kind)][1 if tier == "cpu" else 2] for kind, tier in pairs])
 
     # --- memory ------------------------------------------------------------------------------
 
     def weight_bytes(self, policy: Policy) -> list[float]:
         """Stored weight bytes per tier, placed exactly as `WeightStore` places them."""
-        placed = [0.0, 0.0, 0.0]
-        for (j, name), tier in weight_tiers(self.model.layers, policy, self.dtype).items():
-            placed[tier] += stored_nbytes(self.model.layers[j].params[name], policy, self.dtype)
-        return placed
+        return [float(size) for size in weight_bytes_per_tier(self.model.layers, policy, self.dtype)]
 
     def weight_terms(self, policy: Policy) -> dict[str, Term]:
         """Stored weight bytes per tier as the LP sees them: the total times each tier's fraction."""
@@ -565,7 +566,7 @@ class CostModel:
         if policy.compress_cache:
             seconds += cache / p.dequantize
         if self.cuda and policy.cpu_cache_compute:
-            share = policy.split("cache")[1]
+            share = policy.split(TensorClass.CACHE)[1]
             seconds += share * (
                 p.decode_attention_seconds(cache, self.dtype, on_cpu=True)
                 - p.decode_attention_seconds(cache, self.dtype)
@@ -623,11 +624,6 @@ class CostModel:
                     total += stored_nbytes(param, policy, self.dtype) * self._read_share(unit, param.by_token, policy)
         return total
 
-    def _placed(self, policy: Policy) -> dict[WeightKey, int]:
-        """Every weight's tier, tied ones at their owner's (where they are read from)."""
-        tiers = weight_tiers(self.model.layers, policy, self.dtype)
-        return {key: tiers[owner] for key, owner in owners(self.model.layers).items()}
-
     def _state_io(self, unit: Unit, kinds: list[str], policy: Policy, decoding: bool) -> dict[str, Term]:
         """Seconds the hidden states and KV cache of every micro-batch of the mean block take to
         move through a unit."""
@@ -662,10 +658,9 @@ class CostModel:
         return io
 
 
-def _counted(shares: tuple[float, float, float], units: int) -> tuple[float, float, float]:
-    """The shares `tiers.distribute` really gives `units` equal items."""
-    placed = distribute([1] * units, shares)
-    return tuple(placed.count(t) / units for t in range(3))
+def _counted(placed: list[int]) -> tuple[float, ...]:
+    """Each tier's share of equal units placed on these tiers."""
+    return tuple(placed.count(t) / len(placed) for t in range(3))
 
 
 def _signature(terms: dict[str, Term]) -> tuple[float, ...]:
@@ -674,8 +669,8 @@ def _signature(terms: dict[str, Term]) -> tuple[float, ...]:
 
 def _pooled(sizes: Sequence[float], in_flight: int) -> float:
     """Bytes a `BufferPool` ends up holding when units of these sizes pass through it in order,
-    `in_flight` at a time, over two passes: it reuses a free buffer of the same or up to twice
-    the (granule-rounded) size, else allocates one, and never frees."""
+    `in_flight` at a time, over two passes: it reuses a free buffer as `tiers.pool_pick` says,
+    else allocates one, and never frees."""
     pool: list[int] = []
     free: list[int] = []
     held: list[int] = []
@@ -685,11 +680,9 @@ def _pooled(sizes: Sequence[float], in_flight: int) -> float:
         if size <= 0:
             held.append(0)
             continue
-        capacity = -(-int(size) // POOL_GRANULE) * POOL_GRANULE
-        fits = [b for b in free if capacity <= b <= 2 * capacity]
-        if fits:
-            free.remove(min(fits))
-            held.append(min(fits))
+        capacity, taken = pool_pick(int(size), free)
+        if taken is not None:
+            held.append(free.pop(taken))
         else:
             pool.append(capacity)
             held.append(capacity)

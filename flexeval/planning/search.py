@@ -25,7 +25,7 @@ import torch
 from scipy.optimize import linprog
 
 from flexeval.engine.device import AUTO, resolve_device, resolve_dtype
-from flexeval.engine.policy import Policy
+from flexeval.engine.policy import Policy, TensorClass
 from flexeval.errors import FlexevalError
 from flexeval.models import registry
 from flexeval.planning import hardware, timing
@@ -94,7 +94,7 @@ class Choice:
 
     def summary(self) -> str:
         p, predicted = self.policy, self.prediction
-        percents = {kind: [max(0.0, round(100 * x, 1)) for x in p.split(kind)] for kind in ("w", "cache", "act")}
+        percents = {kind: [max(0.0, round(100 * x, 1)) for x in p.split(kind)] for kind in TensorClass}
         shares = "  ".join(f"{kind} {'/'.join(f'{x:g}' for x in xs)}" for kind, xs in percents.items())
         peaks = ", ".join(f"{tier} {nbytes / GB:.3g} GB" for tier, nbytes in predicted.peak_bytes.items())
         return (
@@ -189,7 +189,7 @@ def _policy(base: Policy, shape: Shape, workload: Workload, fractions: np.ndarra
         sep_layer=shape.sep_layer,
     )
     x = np.zeros(len(FRACTIONS)) if fractions is None else fractions
-    for kind in ("w", "cache", "act"):
+    for kind in TensorClass:
         cpu = round(100 * float(x[FRACTIONS.index(f"{kind}_cpu")]), 1)
         disk = round(100 * float(x[FRACTIONS.index(f"{kind}_disk")]), 1)
         cpu, disk = min(max(0.0, cpu), 100.0), min(max(0.0, disk), 100.0)  # 0.0 first: never -0.0
@@ -242,7 +242,7 @@ def _memory(
     if not costs.cuda:  # both tiers are RAM: together within what the machine has
         ram = weights["compute"] + peaks["compute"] + weights["cpu"] + peaks["cpu"]
         constraints.append((ram, float(costs.profile.memory["cpu"])))
-    return constraints + [(_pair(kind), 1.0) for kind in ("w", "cache", "act")]
+    return constraints + [(_pair(kind), 1.0) for kind in TensorClass]
 
 
 def _preference() -> np.ndarray:
@@ -253,7 +253,7 @@ def _fraction_bounds(costs: CostModel) -> list[tuple[float, float | None]]:
     return [(0.0, 0.0 if _unused(costs, f) else 1.0) for f in FRACTIONS]
 
 
-def _pair(kind: str) -> Term:
+def _pair(kind: TensorClass) -> Term:
     vector = np.zeros(len(FRACTIONS))
     vector[FRACTIONS.index(f"{kind}_cpu")] = vector[FRACTIONS.index(f"{kind}_disk")] = 1.0
     return Term(0.0, vector)

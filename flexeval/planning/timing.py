@@ -79,8 +79,7 @@ def _layer_call(
         if decoding
         else ScoreReadout(torch.randint(0, model.vocab_size, (len(rows),), device=device))
     )
-    rope = model.rotary(positions, dtype) if model.rotary else None
-    step = Step(ids, positions, (0,) * b, None, start, rows, readout, rope, model.sliding_window)
+    step = Step.of(model, dtype, ids, positions, cache_start=start, head_rows=rows, readout=readout)
     cache = None
     if layer.kind == "attention" and decoding:
         # allocated for the tokens still to come, as generation allocates it: attention then reads
@@ -91,8 +90,7 @@ def _layer_call(
     if layer.kind == "unembed":
         hidden = torch.randn(len(rows), layer.params["lm_head"].shape[1], device=device).to(dtype)
     elif layer.kind != "embed":
-        width = next(p.shape[0] for p in layer.params.values() if len(p.shape) == 1)  # a norm's
-        hidden = torch.randn(b, s, width, device=device).to(dtype)
+        hidden = torch.randn(b, s, model.hidden_size, device=device).to(dtype)
     turn = itertools.cycle(bundles)
     return lambda: forward(layer, next(turn), hidden, step, cache)
 

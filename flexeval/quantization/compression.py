@@ -19,7 +19,7 @@ normal range the scale rounds up, where its absolute error is tiny.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,6 +39,18 @@ CLIP_RATIOS = torch.linspace(1.0, 0.5, 21).tolist()  # the ranges that the "mse"
 PARTS = ("codes", "scale", "minimum")  # the tensors of a `Quantized`; stored as `name#codes`, ...
 
 
+def part_name(name: str, part: str | int) -> str:
+    """The name one of several tensors that together hold `name` is stored under: its quantized parts
+    (`name#codes`, ...), or each source's llama.cpp blocks (`name#0`, ...)."""
+    return f"{name}#{part}"
+
+
+def split_part_name(stored: str) -> tuple[str, str]:
+    """(name, part) of a name `part_name` made; part is "" for a tensor stored whole."""
+    name, _, part = stored.partition("#")
+    return name, part
+
+
 @dataclass(frozen=True)
 class Quantized:
     """A tensor as packed codes plus per-group scale and minimum; its shape and dtype."""
@@ -53,6 +65,27 @@ class Quantized:
     @property
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scale.nbytes + self.minimum.nbytes
+
+    @staticmethod
+    def part_names(name: str) -> list[str]:
+        """The names `to_parts` stores a tensor called `name` under."""
+        return [part_name(name, part) for part in PARTS]
+
+    def to_parts(self, name: str) -> dict[str, Tensor]:
+        """Its tensors, named for storing beside others (see `part_name`)."""
+        return {part_name(name, part): getattr(self, part) for part in PARTS}
+
+    @classmethod
+    def from_parts(
+        cls,
+        parts: Mapping[str, Tensor],
+        name: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        config: CompressionConfig,
+    ) -> Quantized:
+        """The tensor `to_parts(name)` stored, from those parts."""
+        return cls(*(parts[n] for n in cls.part_names(name)), shape, dtype, config)
 
 
 def quantize(x: Tensor, config: CompressionConfig) -> Quantized:

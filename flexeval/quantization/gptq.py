@@ -23,6 +23,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +32,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from flexeval.atomic import atomic_file
 from flexeval.models.common import Layer, Model, Step
 from flexeval.quantization.calibration import Calibration
-from flexeval.quantization.compression import PARTS, Quantized, dequantize, pack, quantize
+from flexeval.quantization.compression import Quantized, dequantize, pack, quantize
 from flexeval.quantization.config import CompressionConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 VERSION = 1  # of the fitting procedure: part of the cache key
 DAMPING = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse well conditioned
@@ -119,12 +122,9 @@ class Fitter:
         self.hidden: list[Tensor | None] = [None] * len(self.steps)
 
     def _step(self, ids: Tensor) -> Step:
+        """A prefill of calibration sequences; no head runs, so it reads no logits."""
         b, s = ids.shape
-        pos = torch.arange(s, device=ids.device).expand(b, s)
-        rope = self.model.rotary(pos, self.dtype) if self.model.rotary else None
-        no_rows = torch.empty(0, dtype=torch.long, device=ids.device)
-        no_readout = None  # no head runs: nothing reads logits
-        return Step(ids, pos, (0,) * b, None, 0, no_rows, no_readout, rope, self.model.sliding_window)  # type: ignore[arg-type]
+        return Step.of(self.model, self.dtype, ids, torch.arange(s, device=ids.device).expand(b, s))
 
     @torch.inference_mode()
     def layer(self, layer: Layer, bundle: Mapping[str, Tensor]) -> dict[str, Quantized]:
@@ -197,10 +197,10 @@ class FittedWeights:
             return
         self.progress.close()
         tensors = {
-            f"{j}.{name}#{part}": getattr(q, part).contiguous()
+            stored: tensor.contiguous()
             for j, layer in self.fitted.items()
             for name, q in layer.items()
-            for part in PARTS
+            for stored, tensor in q.to_parts(f"{j}.{name}").items()
         }
         with atomic_file(self.path) as scratch:
             save_file(tensors, scratch, metadata={"version": str(VERSION)})
@@ -210,9 +210,10 @@ class FittedWeights:
         with safe_open(self.path, framework="pt") as f:
             keys = set(f.keys())
             for name, p in layer.params.items():
-                if f"{j}.{name}#codes" in keys:
-                    parts = (f.get_tensor(f"{j}.{name}#{part}") for part in PARTS)
-                    yield name, Quantized(*parts, p.shape, self.dtype, self.config)
+                names = Quantized.part_names(f"{j}.{name}")
+                if names[0] in keys:
+                    parts = {n: f.get_tensor(n) for n in names}
+                    yield name, Quantized.from_parts(parts, f"{j}.{name}", p.shape, self.dtype, self.config)
 
 
 def _key(checkpoint: Path, config: CompressionConfig, dtype: torch.dtype, calibration: Calibration) -> str:

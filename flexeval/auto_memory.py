@@ -1,8 +1,8 @@
 """One `policy=auto` run in a fresh process, printing its measured RAM peak as JSON (for
-`test_policy_search.test_auto_policies_run_within_their_budget` and
-`benchmarks/auto_memory.py`), and the model they run it on.
+`tests/test_search.py::test_auto_policies_run_within_their_budget` and
+`benchmarks/auto_memory.py`, on `flexeval.models.tiny.WIDE_LLAMA`'s model).
 
-    python -m tests.auto_memory CHECKPOINT_DIR BUDGET_BYTES OFFLOAD_DIR
+    python -m flexeval.auto_memory CHECKPOINT_DIR BUDGET_BYTES OFFLOAD_DIR
 
 The budget is split evenly between the compute and CPU tiers (both RAM here). The peak is the
 process's resident high-water mark during generation (reset once the model is loaded, through
@@ -23,31 +23,6 @@ from flexeval.planning.cost_model import Workload
 from flexeval.planning.search import Budget, plan
 
 WORKLOAD = Workload(sequences=16, prompt_len=64, gen_len=8, uniform=True)
-
-
-def write_wide_llama(directory: Path) -> None:
-    """A random Llama of 134 MB (fp32): large enough that a budget of a tenth of it is measurable
-    in a process's resident memory, small enough to run in seconds."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from flexeval.models import tiny
-
-    config = LlamaConfig(
-        vocab_size=tiny.VOCAB,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=256,
-        bos_token_id=tiny.BOS,
-        eos_token_id=tiny.EOS,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
-    tiny.byte_tokenizer().save_pretrained(directory)
 
 
 def status(field: str) -> int:
