@@ -46,6 +46,13 @@ def test_declared_dependencies_are_what_the_package_imports() -> None:
     assert imported_distributions([ROOT / "flexeval", ROOT / "tasks"]) == declared
 
 
+def test_every_package_of_the_code_is_declared() -> None:
+    """setuptools ships only the packages listed, and an editable install hides a missing one."""
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "flexeval").rglob("__init__.py")}
+    assert found - declared == set()
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Built from a copy of what the build reads, so that setuptools' build/ stays out of the checkout."""
