@@ -10,10 +10,12 @@ a sequence's log-probabilities and generations are bitwise the same whatever bat
 placement computed them. On CUDA, cuBLAS picks kernels by shape, so that exactness is out of
 reach there; one masked call over the whole batch is faster.
 
-A decoding step's single query per sequence takes its own path on the CPU in bf16 with grouped
-heads (`one_query`): torch's CPU flash kernel runs it 4-10x slower than two batched products (25
-against 6 ms for 256 SmolLM2 sequences over 130 keys, 8.4 against 0.6 for 32 of Qwen2.5-1.5B's
-over 140; Zen 4, 2 threads), which keep a sequence's bits under any batch only where a probe says so.
+A decoding step's single query per sequence takes its own path on the CPU with grouped heads
+(`one_query`): torch's CPU flash kernel runs it slower than two batched products, 4-10x in bf16
+(25 against 6 ms for 256 SmolLM2 sequences over 130 keys, 8.4 against 0.6 for 32 of
+Qwen2.5-1.5B's over 140) and 1.1-2x in fp32 (3.3 against 3.1 ms for 128 SmolLM2 sequences over
+140 keys, 0.96 against 0.50 for 32 of Qwen2.5-1.5B's; Zen 4, 2 threads). The products keep a
+sequence's bits under any batch only where a probe says so.
 """
 
 from __future__ import annotations
@@ -157,11 +159,10 @@ def one_query_invariant(dtype: torch.dtype, heads: int, kv_heads: int, head_dim:
     """Whether `_one_query` is the faster path here and gives a sequence the same bits among any
     number of others: batched products may pick kernels by their batch size (torch's CPU `bmm`
     hands large enough batches to oneDNN), so that is probed, once a process, on batches of 1 to
-    9 sequences over key counts from 1 to 300, before it is relied on. fp32 keeps the flash
-    kernel, which is as fast there; so do models with a key head per query head, whose keys,
-    upcast for every query, cost more than the kernel (Llama-2-7B's heads, 16 sequences over 140
-    keys: 14.6 ms against 9.0; Qwen2.5-1.5B's 6 query heads a key head: 0.4 against 4.2)."""
-    if dtype != torch.bfloat16 or kv_heads == heads:
+    9 sequences over key counts from 1 to 300, before it is relied on. Models with a key head per
+    query head keep the flash kernel: their keys, upcast for every query, cost more than the
+    kernel (Llama-2-7B's heads in bf16, 16 sequences over 140 keys: 14.6 ms against 9.0)."""
+    if kv_heads == heads:
         return False
     g = torch.Generator().manual_seed(0)
     for keys in (1, 2, 5, 9, 33, 130, 300):
