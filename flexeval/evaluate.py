@@ -14,7 +14,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +52,8 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
     the output disk fails, every metric is still printed before the error.
     """
     tasks = build_tasks(run.manager, run.tasks)  # the data are read and checked before the model loads
-    resume.start(out_dir, run.config)
+    with _run_directory(out_dir):
+        resume.start(out_dir, run.config)
     finished = {name: record for name in tasks if (record := _finished(out_dir, name)) is not None}
     if finished:
         print(f"resume: {', '.join(finished)} finished in {out_dir}, kept", flush=True)
@@ -60,9 +62,10 @@ def evaluate(run: Run, out_dir: Path, overrides: list[str] | None = None) -> dic
     combined = None
     todo = {name: task for name, task in tasks.items() if name not in finished}
     if todo:
-        requests = resume.RequestLog(out_dir / resume.REQUESTS)
-        lm = resume.ResumableLM(_backend(run), requests)
+        with _run_directory(out_dir):
+            requests = resume.RequestLog(out_dir / resume.REQUESTS)
         try:
+            lm = resume.ResumableLM(_backend(run), requests)
             for name, task in todo.items():
                 try:
                     finished[name], samples = _evaluate_task(run, lm, name, task)
@@ -159,6 +162,19 @@ def _write_run(
     _keep(unwritten, write_text, out_dir / RESULTS, _json(combined))
     _keep(unwritten, report.write_tables, report.rows(combined, out_dir.name), out_dir)
     return combined
+
+
+@contextmanager
+def _run_directory(out_dir: Path) -> Iterator[None]:
+    """A run directory that cannot be written (read-only, or full before the run starts) said in
+    one line before the model loads, rather than as a traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise FlexevalError(
+            f"cannot write the run directory {out_dir} ({err.filename or out_dir}: {err.strerror or err}): "
+            "free space there, or run into a writable directory (hydra.run.dir=...)"
+        ) from err
 
 
 def _keep(unwritten: list[OSError], write: Callable[..., None], *args: Any) -> None:

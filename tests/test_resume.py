@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flexeval import FlexevalError
+from flexeval import FlexevalError, resume
 from flexeval import evaluate as app
 from flexeval.resolve import resolve
 from flexeval.resume import REQUESTS, RequestLog
@@ -58,6 +58,25 @@ def test_a_full_output_disk_still_prints_every_metric(tmp_path: Path, monkeypatc
         app.evaluate(resolve(compose_run(*SUITE)), tmp_path)
     printed = capsys.readouterr().out
     assert "| boolq | acc |" in printed and "| piqa | acc_norm |" in printed
+
+
+@pytest.mark.parametrize("where", ["write_text", "RequestLog"])
+def test_a_run_directory_that_cannot_be_written_is_one_line_before_the_model_loads(
+    tmp_path: Path, monkeypatch, where: str
+) -> None:
+    """As root a read-only mode does not stop writes, so the failures are made where they land:
+    `run.json`'s write, and the request log's opening."""
+
+    def refused(path: Path, *args) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def no_model(run) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(resume, where, refused)
+    monkeypatch.setattr(app, "_backend", no_model)
+    with pytest.raises(FlexevalError, match=r"cannot write the run directory .*: Read-only file system\): free"):
+        app.evaluate(resolve(compose_run(*SUITE)), tmp_path)
 
 
 def test_a_suite_killed_in_its_second_task_resumes_without_computing_anything_twice(tmp_path: Path) -> None:

@@ -175,11 +175,14 @@ def compression_fields(preset: str) -> dict[str, Any]:
     return dict(COMPRESSIONS[preset])
 
 
+KINDS = {int: "an integer", float: "a number", bool: "true or false"}  # a field's type, in words
+
+
 def _convert(name: str, value: Any, kind: type) -> Any:
     if kind is CompressionConfig:
         return _compression_config(name, value)
     if value is None or (isinstance(value, bool) and kind is not bool):  # lm-eval reads "none" and "true" so
-        raise FlexevalError(f"policy: {name} must be a {kind.__name__}, got {value!r}")
+        raise FlexevalError(f"policy: {name} must be {KINDS[kind]}, got {value!r}")
     if not isinstance(value, str):
         return kind(value) if kind is float and isinstance(value, int) else value
     text = value.strip().lower()
@@ -190,7 +193,7 @@ def _convert(name: str, value: Any, kind: type) -> Any:
             return text in ("true", "1", "yes")
         return kind(text)
     except ValueError:
-        raise FlexevalError(f"policy: {name} must be a {kind.__name__}, got {value!r}") from None
+        raise FlexevalError(f"policy: {name} must be {KINDS[kind]}, got {value!r}") from None
 
 
 def _compression_config(name: str, value: Any) -> CompressionConfig:
