@@ -129,6 +129,19 @@ def _add_figures(ours: Mapping[str, float], theirs: Mapping[str, float]) -> dict
 
 
 @dataclass(frozen=True)
+class DecodeCall:
+    """What a call that decodes asks for: generation, or continuations forced through decoding
+    steps. `readout(micro_batch, t)` says what becomes of the logits predicting each sequence's
+    t-th new token, and which tokens are fed on."""
+
+    seqs: list[Tensor]
+    budgets: Tensor  # new tokens per sequence, at most
+    readout: Callable[[list[int], int], Readout]
+    stops: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # token ids that end a sequence
+    stopped: Callable[[list[int]], bool] | None = None  # whether a sequence's new tokens end it (stop strings)
+
+
+@dataclass(frozen=True)
 class BlockResults(Generic[R]):
     """What one block finished, handed over as soon as it ends: a caller records its results at
     once (a killed run resumes after them) and counts the block's cost beside them, with no
@@ -471,7 +484,7 @@ class Engine:
         def readout(mb: list[int], t: int) -> Readout:
             return TokenReadout(len(mb), self.model.vocab_size, sampling, generator, self.device)
 
-        return self._started(self._decode(seqs, torch.tensor(budgets), stops, stopped, readout))
+        return self._started(self._decode(DecodeCall(seqs, torch.tensor(budgets), readout, stops, stopped)))
 
     def decode_logprobs(self, prompts: Sequence[TokenSeq], continuations: Sequence[TokenSeq]) -> list[Tensor]:
         """log p of each continuation token given the prompt and the tokens before it, computed as
@@ -532,40 +545,25 @@ class Engine:
             scored.clear()
             return [out[i] for i in block.indices]
 
-        budgets = torch.tensor([len(c) for c in targets])
-        return self._decode(seqs, budgets, torch.zeros(0, dtype=torch.long), None, readout).map(read)
+        return self._decode(DecodeCall(seqs, torch.tensor([len(c) for c in targets]), readout)).map(read)
 
-    def _decode(
-        self,
-        seqs: list[Tensor],
-        budgets: Tensor,
-        stops: Tensor,
-        stopped: Callable[[list[int]], bool] | None,
-        readout: Callable[[list[int], int], Readout],
-    ) -> Stream[list[int]]:
+    def _decode(self, call: DecodeCall) -> Stream[list[int]]:
         """Each sequence's new tokens, a block at a time; those with no budget come first, empty."""
-        lengths = {i: len(s) + int(budgets[i]) for i, s in enumerate(seqs) if budgets[i] > 0}
+        lengths = {i: len(s) + int(call.budgets[i]) for i, s in enumerate(call.seqs) if call.budgets[i] > 0}
         blocks = self._cut(lengths)
-        unread: dict[int, list[int]] = {i: [] for i in range(len(seqs)) if i not in lengths}
-        return _stream(len(seqs), blocks, self._run_decode(seqs, budgets, stops, stopped, readout, blocks), unread)
+        unread: dict[int, list[int]] = {i: [] for i in range(len(call.seqs)) if i not in lengths}
+        return _stream(len(call.seqs), blocks, self._run_decode(call, blocks), unread)
 
     @torch.inference_mode()
-    def _run_decode(
-        self,
-        seqs: list[Tensor],
-        budgets: Tensor,
-        stops: Tensor,
-        stopped: Callable[[list[int]], bool] | None,
-        readout: Callable[[list[int], int], Readout],
-        blocks: list[list[list[int]]],
-    ) -> Iterator[BlockResults[list[int]]]:
-        """Prefill each block's prompts, then decode step by step; `readout(micro_batch, t)` says
-        what becomes of the logits predicting each sequence's t-th new token, and which tokens
-        are fed on."""
+    def _run_decode(self, call: DecodeCall, blocks: list[list[list[int]]]) -> Iterator[BlockResults[list[int]]]:
+        """Prefill each block's prompts, then decode step by step."""
+        seqs, budgets, readout, stops = call.seqs, call.budgets, call.readout, call.stops
         for block in blocks:
             timing, start = self._begin()
             most = max(int(budgets[mb].max()) for mb in block)  # steps every micro-batch of the block takes
-            runs = [Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device, stopped, most) for mb in block]
+            runs = [
+                Decoding([seqs[i] for i in mb], budgets[mb], stops, self.device, call.stopped, most) for mb in block
+            ]
             steps = [
                 self._step(r.batch, r.batch.ids, r.positions, None, 0, r.prefill_rows(), readout(mb, 0))
                 for mb, r in zip(block, runs)
