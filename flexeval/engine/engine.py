@@ -18,6 +18,7 @@ import shutil
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
@@ -432,12 +433,8 @@ class Engine:
         for block in blocks:
             timing, start = self._begin()
             steps = [self._packed_step([rows[i] for i in mb]) for mb in block]
-            state = self._block_state(len(block))
-            try:
+            with self._block_state(len(block)) as state:
                 outputs = self._pass(state, steps, timing)
-            finally:
-                state.close()
-                release_free_memory()  # the block's state and working memory, before the next block
             found: dict[int, tuple[Tensor, Tensor]] = {}
             for mb, step, out in zip(block, steps, outputs):
                 counts = [len(rows[i].targets) for i in mb]
@@ -568,8 +565,7 @@ class Engine:
                 self._step(r.batch, r.batch.ids, r.positions, None, 0, r.prefill_rows(), readout(mb, 0))
                 for mb, r in zip(block, runs)
             ]
-            state = self._block_state(len(block))
-            try:
+            with self._block_state(len(block)) as state:
                 prefill = time.perf_counter()
                 outputs = self._pass(state, steps, timing, "new", lambda k, runs=runs: self._new_cache(runs[k]))
                 prefill = time.perf_counter() - prefill
@@ -579,9 +575,6 @@ class Engine:
                         break
                     steps = [self._decode_step(r, tokens, readout(mb, r.t)) for mb, r, tokens in zip(block, runs, fed)]
                     outputs = self._pass(state, steps, timing, "stored")
-            finally:
-                state.close()
-                release_free_memory()  # the block's state and working memory, before the next block
             found = {i: out for mb, run in zip(block, runs) for i, out in zip(mb, run.outputs)}
             stats = RunStats(
                 sequences=len(found),
@@ -602,9 +595,16 @@ class Engine:
         )
         return [[[keys[i] for i in batch] for batch in block] for block in cut]
 
-    def _block_state(self, micro_batches: int) -> BlockState:
+    @contextmanager
+    def _block_state(self, micro_batches: int) -> Iterator[BlockState]:
+        """A block's hidden states and caches, closed with its working memory before the next block."""
         tiers, blocks = self.tiers, self.model.num_blocks
-        return BlockState(tiers["act"], tiers["cache"], self.policy, micro_batches, blocks, self._restore_cache)
+        state = BlockState(tiers["act"], tiers["cache"], self.policy, micro_batches, blocks, self._restore_cache)
+        try:
+            yield state
+        finally:
+            state.close()
+            release_free_memory()
 
     def _restore_cache(self, parts: Mapping[str, Tensor], stored: StoredValues | None) -> Cache:
         if self.policy.compress_cache:
